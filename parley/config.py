@@ -1,0 +1,141 @@
+"""Frozen configuration values. Stdlib only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder (Llama, Mistral, SmolLM, Qwen2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
+        arch = archs[0]
+        if arch not in cls.SUPPORTED:
+            raise ValueError(
+                f"unsupported architecture {arch!r}; Parley serves {', '.join(cls.SUPPORTED)}"
+            )
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _env(name: str, default, cast=str):
+    value = os.environ.get(name)
+    return default if value in (None, "") else cast(value)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings; limit names follow TGI's launcher."""
+
+    model_id: str | None = None  # local HF folder or GGUF file; None: the default SmolLM2 wheel
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    num_threads: int | None = None  # torch intra-op threads; None: all cores
+    block_size: int = 16
+    max_concurrent_requests: int = 128
+    max_input_tokens: int | None = None  # None: derived from the model's context
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int = 512
+    max_batch_total_tokens: int | None = None  # KV cache size in tokens; None: from max_batch_size
+    max_batch_size: int = 64  # sequences running at once
+    max_best_of: int = 4
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_n: int = 16  # sequences per request (OpenAI n)
+    waiting_served_ratio: float = 1.2
+    max_waiting_tokens: int = 20
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
+    lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path)
+    max_lora_rank: int = 64
+
+    @classmethod
+    def from_env(cls, **overrides) -> "EngineConfig":
+        """Defaults, then PARLEY_*/TGI-style environment variables, then explicit overrides."""
+        values = dict(
+            model_id=_env("MODEL_ID", None),
+            dtype=_env("DTYPE", cls.dtype),
+            device=_env("DEVICE", cls.device),
+            num_threads=_env("NUM_THREADS", None, int),
+            max_concurrent_requests=_env("MAX_CONCURRENT_REQUESTS", cls.max_concurrent_requests, int),
+            max_input_tokens=_env("MAX_INPUT_TOKENS", None, int),
+            max_total_tokens=_env("MAX_TOTAL_TOKENS", None, int),
+            max_batch_prefill_tokens=_env("MAX_BATCH_PREFILL_TOKENS", cls.max_batch_prefill_tokens, int),
+            max_batch_total_tokens=_env("MAX_BATCH_TOTAL_TOKENS", None, int),
+            max_batch_size=_env("MAX_BATCH_SIZE", cls.max_batch_size, int),
+            max_best_of=_env("MAX_BEST_OF", cls.max_best_of, int),
+            max_stop_sequences=_env("MAX_STOP_SEQUENCES", cls.max_stop_sequences, int),
+            max_top_n_tokens=_env("MAX_TOP_N_TOKENS", cls.max_top_n_tokens, int),
+            waiting_served_ratio=_env("WAITING_SERVED_RATIO", cls.waiting_served_ratio, float),
+            max_waiting_tokens=_env("MAX_WAITING_TOKENS", cls.max_waiting_tokens, int),
+            watermark_gamma=_env("WATERMARK_GAMMA", cls.watermark_gamma, float),
+            watermark_delta=_env("WATERMARK_DELTA", cls.watermark_delta, float),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    max_client_batch_size: int = 4
+    model_name: str | None = None  # served model name; None: derived from model_id
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ServerConfig":
+        origins = _env("CORS_ALLOW_ORIGIN", "")
+        values = dict(
+            hostname=_env("HOSTNAME_BIND", cls.hostname),
+            port=_env("PORT", cls.port, int),
+            api_key=_env("API_KEY", None),
+            cors_allow_origin=tuple(o for o in origins.split(",") if o),
+            max_client_batch_size=_env("MAX_CLIENT_BATCH_SIZE", cls.max_client_batch_size, int),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

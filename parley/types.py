@@ -1,0 +1,143 @@
+"""Leaf values passed between layers: what a request asks for and what the engine answers.
+
+Stdlib only. Every API dialect is translated into a `GenerationRequest`; the engine answers with
+`TokenEvent`s and one `FinalEvent` per generated sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen. Defaults are neutral (greedy, no penalties)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/TGI: divides positive logits of seen tokens (prompt included)
+    frequency_penalty: float = 0.0  # OpenAI: subtract penalty * count of the token in the output
+    presence_penalty: float = 0.0  # OpenAI: subtract penalty once if the token is in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    watermark: bool = False
+    top_n_tokens: int = 0  # how many most likely alternatives to report per generated token
+
+
+@dataclass
+class StoppingCriteria:
+    max_new_tokens: int = 100
+    min_new_tokens: int = 0  # EOS and stop tokens are masked until this many tokens exist
+    stop_sequences: list[str] = field(default_factory=list)
+    extra_eos_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class Grammar:
+    """A constraint on the output. kind: "json" (value = JSON Schema text), "regex", "lark",
+    or "json_object" (any JSON object, value unused)."""
+
+    kind: str
+    value: str = ""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | list[int]  # text, or token ids already encoded
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    n: int = 1  # independent sequences generated for the prompt (OpenAI n, TGI best_of)
+    seeds: list[int] | None = None  # one per sequence; None: random seeds, reported back
+    add_special_tokens: bool = True  # False for prompts rendered by a chat template
+    truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    decoder_input_details: bool = False  # report the prompt tokens with their logprobs
+    grammar: Grammar | None = None
+    adapter_id: str | None = None
+    timeout_s: float | None = None  # a request still queued or running past it fails with TimeoutError
+    draft_text: str | None = None  # predicted output, verified as speculative draft tokens
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float | None
+    special: bool = False
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of sequence `index`."""
+
+    index: int
+    token: Token
+    text: str  # the output text that may be shown now (stop-string prefixes are held back)
+    top_tokens: list[Token] = field(default_factory=list)
+
+
+@dataclass
+class FinalEvent:
+    """Sequence `index` ended. `text` is its whole output, stop sequence excluded."""
+
+    index: int
+    finish_reason: FinishReason
+    text: str
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None
+    tokens: list[Token] = field(default_factory=list)
+    top_tokens: list[list[Token]] = field(default_factory=list)
+    prefill: list[Token] | None = None  # with decoder_input_details
+    text_tail: str = ""  # output text held back until the end and not yet sent in a TokenEvent
+    queue_s: float = 0.0  # seconds between arrival and the first scheduled step
+    inference_s: float = 0.0  # seconds between the first scheduled step and the end
+
+
+@dataclass
+class ToolCall:
+    """A function call the model made; `arguments` is the JSON text of the arguments."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class ParleyError(Exception):
+    """Base of the errors the engine raises to the API layer."""
+
+
+class ValidationError(ParleyError):
+    """The request breaks a rule or a limit; `field` names the offending field (422)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class OverloadedError(ParleyError):
+    """Too many requests at once (429)."""
+
+
+class RequestTimeoutError(ParleyError):
+    """The request outlived its timeout (429, per Friendli's timeout_microseconds)."""
+
+
+class GenerationError(ParleyError):
+    """The engine failed while running this request (424)."""
+
+
+class NotFoundError(ParleyError):
+    """The request names something that does not exist, e.g. an unknown adapter (404)."""
