@@ -1,0 +1,158 @@
+"""The asyncio facade over the engine: the one engine object the HTTP layer talks to.
+
+The engine loop runs in its own thread (torch releases the GIL in its kernels), so the event loop
+serving HTTP never waits on a forward pass. Each request gets an async iterator of events;
+closing it early aborts the request and frees its KV blocks at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from parley.config import EngineConfig, ModelConfig
+from parley.engine.block_manager import BlockManager
+from parley.engine.core import EngineCore
+from parley.engine.runner import ModelRunner
+from parley.engine.scheduler import Scheduler
+from parley.engine.validation import Limits, prepare
+from parley.models.loader import default_model_path, load_model
+from parley.sampling.sampler import Sampler
+from parley.tokenization.chat_template import ChatTemplate
+from parley.tokenization.tokenizer import load_tokenizer
+from parley.types import FinalEvent, GenerationRequest, NotFoundError, OverloadedError, TokenEvent
+
+log = logging.getLogger("parley.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+DEFAULT_KV_CACHE_TOKENS = 65536
+
+
+@dataclass
+class EngineStats:
+    kv_blocks_used: int
+    kv_blocks_total: int
+    waiting: int
+    running: int
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, core: EngineCore, tokenizer, chat_template: ChatTemplate,
+                 model_config: ModelConfig, limits: Limits, model_path: str, grammar_compiler=None):
+        self.config = config
+        self.core = core
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.model_config = model_config
+        self.limits = limits
+        self.model_path = model_path
+        self.model_id = config.model_id or os.path.basename(model_path)
+        self.dtype = str(DTYPES[config.dtype])
+        self.device = str(config.device)
+        self.grammar_compiler = grammar_compiler
+        self._thread: threading.Thread | None = None
+        self._in_flight = 0
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> "AsyncEngine":
+        if config.dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+        threads = config.num_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        device = torch.device(config.device)
+        path = config.model_id or default_model_path()
+        started = time.monotonic()
+        model, model_config = load_model(path, DTYPES[config.dtype], device)
+        tokenizer = load_tokenizer(path)
+        chat_template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token) \
+            if tokenizer.chat_template else ChatTemplate.default(tokenizer.bos_token, tokenizer.eos_token)
+
+        max_total = config.max_total_tokens or min(model_config.max_position_embeddings, DEFAULT_MAX_TOTAL_TOKENS)
+        max_input = config.max_input_tokens or max_total - 1
+        if not 0 < max_input < max_total:
+            raise ValueError(f"max_input_tokens ({max_input}) must be below max_total_tokens ({max_total})")
+        if max_total > model_config.max_position_embeddings:
+            raise ValueError(f"max_total_tokens ({max_total}) exceeds the model's context "
+                             f"({model_config.max_position_embeddings})")
+        kv_tokens = config.max_batch_total_tokens or max(DEFAULT_KV_CACHE_TOKENS, max_total)
+        if kv_tokens < max_total:
+            raise ValueError(f"max_batch_total_tokens ({kv_tokens}) must hold one full sequence ({max_total})")
+        num_blocks = -(-kv_tokens // config.block_size)
+        config = dataclasses.replace(config, num_threads=threads, max_input_tokens=max_input,
+                                     max_total_tokens=max_total, max_batch_total_tokens=num_blocks * config.block_size)
+
+        sampler = Sampler(model_config.vocab_size, device, config.watermark_gamma, config.watermark_delta)
+        runner = ModelRunner(model, model_config, sampler, num_blocks=num_blocks, block_size=config.block_size,
+                             dtype=DTYPES[config.dtype], device=device)
+        scheduler = Scheduler(BlockManager(num_blocks, config.block_size), max_batch_size=config.max_batch_size,
+                              max_batch_prefill_tokens=config.max_batch_prefill_tokens)
+        grammar_compiler, masker = _grammar_support(tokenizer, model_config.vocab_size)
+        core = EngineCore(scheduler, runner, tokenizer, masker)
+        limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
+                        max(config.max_n, config.max_best_of), model_config.vocab_size)
+        log.info("engine ready in %.1fs: %s (%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB)",
+                 time.monotonic() - started, path, config.dtype, device, threads, num_blocks, config.block_size,
+                 runner.kv_cache_bytes / 2**20)
+        return cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.core.run_forever, args=(self.config.num_threads,),
+                                            name="parley-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is not None:
+            self.core.stop()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Events of all `request.n` sequences, interleaved; one FinalEvent per sequence, then the end."""
+        if request.adapter_id not in (None, "", self.model_id):
+            raise NotFoundError(f"adapter {request.adapter_id!r} is not loaded")
+        prepared = prepare(request, self.tokenizer, self.limits, self.grammar_compiler)
+        if self._in_flight >= self.config.max_concurrent_requests:
+            raise OverloadedError("Model is overloaded")
+        self._in_flight += 1
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.core.submit(prepared, lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+        remaining = len(prepared.seeds)
+        try:
+            while remaining:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    remaining = 0  # the engine already dropped the request
+                    raise item
+                for event in item:
+                    if isinstance(event, FinalEvent):
+                        remaining -= 1
+                    yield event
+        finally:
+            self._in_flight -= 1
+            if remaining:
+                self.core.abort(request.request_id)
+
+    def stats(self) -> EngineStats:
+        blocks = self.core.scheduler.blocks
+        return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running)
+
+
+def _grammar_support(tokenizer, vocab_size: int):
+    """The grammar compiler and the batch masker, when structured output is available."""
+    try:
+        from parley.structured import GrammarCompiler, grammar_masker
+    except ImportError:
+        return None, None
+    compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
+    return compiler, grammar_masker(vocab_size)

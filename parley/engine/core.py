@@ -1,0 +1,287 @@
+"""The engine loop: schedule -> grammar mask -> run -> update, one step at a time, in its own thread.
+
+Requests arrive and are aborted through an inbox (thread-safe); each request's events leave
+through its `sink`, called once per step with the events of that step (or with an exception).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from parley.engine.runner import ModelRunner
+from parley.engine.scheduler import Scheduler, SchedulerOutput
+from parley.engine.sequence import Sequence
+from parley.sampling.metadata import SamplingRow
+from parley.sampling.sampler import SamplerOutput
+from parley.tokenization.detokenizer import IncrementalDetokenizer
+from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, RequestTimeoutError,
+                          Token, TokenEvent)
+
+log = logging.getLogger("parley.engine")
+
+Sink = Callable[[object], None]  # receives a list of events, or an exception that ends the request
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request: prompt tokenized, seeds chosen, grammar compiled."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    seeds: list[int | None]
+    matchers: list  # one grammar matcher per sequence, or empty
+    cache_salt: int = 0
+
+
+@dataclass
+class SequenceState:
+    """Everything about one sequence's output that the scheduler does not need."""
+
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    seed: int | None
+    matcher: object | None = None
+    tokens: list[Token] = field(default_factory=list)
+    top_tokens: list[list[Token]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RequestState:
+    prepared: PreparedRequest
+    sink: Sink
+    arrival: float
+    deadline: float | None
+    sequences: list[Sequence] = field(default_factory=list)
+    waiting_siblings: list[Sequence] = field(default_factory=list)  # started once the prompt is cached
+    first_scheduled: float | None = None
+    events: list = field(default_factory=list)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.prepared.request
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, grammar_masker=None):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.grammar_masker = grammar_masker  # callable(matchers: list) -> Tensor[B, V] bool | None
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.requests: dict[str, RequestState] = {}
+        self.states: dict[int, SequenceState] = {}
+        self.special_ids = tokenizer.special_ids
+        self.model_eos_ids = frozenset(tokenizer.eos_token_ids)
+        self._stopping = False
+
+    # -- thread-safe entry points ------------------------------------------------------------
+    def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
+        self.inbox.put(("add", prepared, sink, time.monotonic()))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.inbox.put(("stop",))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run_forever(self, num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)  # OpenMP thread settings are per calling thread
+        while not self._stopping:
+            self._drain_inbox(block=not self.scheduler.has_work)
+            if self.scheduler.has_work and not self._stopping:
+                self.step()
+
+    def step(self) -> None:
+        self._expire_deadlines()
+        try:
+            sched = self.scheduler.schedule()
+        except RuntimeError as exc:  # the head of the queue can never fit in the KV cache
+            self._fail(self.scheduler.waiting[0].group, GenerationError(str(exc)))
+            return
+        if sched.is_empty:
+            return
+        now = time.monotonic()
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        try:
+            allowed = self._grammar_mask(sampling)
+            result = self.runner.execute(sched, [self._sampling_row(seq) for seq in sampling], allowed)
+        except Exception as exc:  # a failed forward: fail the requests in it, keep serving the rest
+            log.exception("engine step failed")
+            for req in {id(s.seq.group): s.seq.group for s in sched.scheduled}.values():
+                self._fail(req, GenerationError(f"generation failed: {exc}"))
+            return
+        self.scheduler.update(sched)
+        for s in sched.scheduled:
+            req = s.seq.group
+            if req.first_scheduled is None:
+                req.first_scheduled = now
+            if s.seq.seq_id in result.prompt_logprobs:
+                self.states[s.seq.seq_id].prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
+        for row, seq in enumerate(sampling):
+            if not seq.is_finished:
+                try:
+                    self._append_token(seq, result.sampled, row)
+                except Exception as exc:
+                    log.exception("request %s failed", seq.group.request.request_id)
+                    self._fail(seq.group, GenerationError(str(exc)))
+        self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
+
+    # -- requests ----------------------------------------------------------------------------
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(block=block)
+            while True:
+                self._handle(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "add":
+            self._add(*item[1:])
+        elif item[0] == "abort":
+            req = self.requests.get(item[1])
+            if req is not None:
+                self._finish_request(req)
+
+    def _add(self, prepared: PreparedRequest, sink: Sink, arrival: float) -> None:
+        request = prepared.request
+        deadline = arrival + request.timeout_s if request.timeout_s is not None else None
+        req = RequestState(prepared, sink, arrival, deadline)
+        tail = prepared.prompt_ids[-4:]
+        for index, seed in enumerate(prepared.seeds):
+            seq = Sequence(prepared.prompt_ids, group=req, index=index, cache_salt=prepared.cache_salt,
+                           needs_prompt_logprobs=request.decoder_input_details and index == 0)
+            generator = None
+            if request.sampling.do_sample:
+                generator = torch.Generator(device=self.runner.device)
+                generator.manual_seed(seed)
+            self.states[seq.seq_id] = SequenceState(
+                IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, prompt_tail_ids=tail),
+                generator, seed, prepared.matchers[index] if prepared.matchers else None)
+            req.sequences.append(seq)
+        self.requests[request.request_id] = req
+        self.scheduler.add(req.sequences[0])
+        req.waiting_siblings = req.sequences[1:]
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for req in [r for r in self.requests.values() if r.deadline is not None and now > r.deadline]:
+            self._fail(req, RequestTimeoutError(
+                f"request timed out after {req.request.timeout_s * 1e6:.0f} microseconds"))
+
+    def _fail(self, req: RequestState, error: Exception) -> None:
+        self._finish_request(req)
+        req.events.clear()
+        req.sink(error)
+
+    def _finish_request(self, req: RequestState) -> None:
+        for seq in req.sequences:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+            self.states.pop(seq.seq_id, None)
+        req.waiting_siblings = []
+        self.requests.pop(req.request.request_id, None)
+
+    # -- one sampled token -------------------------------------------------------------------
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        req: RequestState = seq.group
+        state = self.states[seq.seq_id]
+        params, stopping = req.request.sampling, req.request.stopping
+        needs_history = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+        suppressed = ()
+        if seq.num_output_tokens < stopping.min_new_tokens:
+            suppressed = tuple(self.model_eos_ids.union(stopping.extra_eos_token_ids))
+        return SamplingRow(
+            params=params,
+            generator=state.generator,
+            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if needs_history else [],
+            output_ids=seq.output_ids if needs_history or params.watermark else [],
+            suppressed_ids=suppressed,
+        )
+
+    def _grammar_mask(self, sampling: list[Sequence]):
+        matchers = [self.states[seq.seq_id].matcher for seq in sampling]
+        if self.grammar_masker is None or not any(m is not None for m in matchers):
+            return None
+        return self.grammar_masker(matchers)
+
+    def _append_token(self, seq: Sequence, sampled: SamplerOutput, row: int) -> None:
+        req: RequestState = seq.group
+        state = self.states[seq.seq_id]
+        stopping = req.request.stopping
+        token_id = sampled.token_ids[row]
+        seq.token_ids.append(token_id)
+        token = self._token(token_id, sampled.logprobs[row])
+        state.tokens.append(token)
+        top = [self._token(i, lp) for i, lp in zip(sampled.top_ids[row], sampled.top_logprobs[row])]
+        state.top_tokens.append(top)
+        if state.matcher is not None and not state.matcher.accept(token_id):
+            raise GenerationError(f"token {token_id} rejected by the grammar")
+        text = state.detokenizer.add(token_id)
+
+        if req.waiting_siblings and seq is req.sequences[0]:
+            for sibling in req.waiting_siblings:  # the prompt is cached now: siblings reuse its blocks
+                self.scheduler.add(sibling)
+            req.waiting_siblings = []
+
+        reason = None
+        is_eos = token_id in self.model_eos_ids or token_id in stopping.extra_eos_token_ids
+        if is_eos and not stopping.ignore_eos:
+            reason = FinishReason.EOS_TOKEN
+        elif state.detokenizer.stopped:
+            reason = FinishReason.STOP_SEQUENCE
+        elif state.matcher is not None and state.matcher.is_terminated():
+            reason = FinishReason.EOS_TOKEN
+        elif seq.num_output_tokens >= stopping.max_new_tokens:
+            reason = FinishReason.LENGTH
+        req.events.append(TokenEvent(seq.index, token, text, top))
+        if reason is not None:
+            self._finish_sequence(seq, reason)
+
+    def _finish_sequence(self, seq: Sequence, reason: FinishReason) -> None:
+        req: RequestState = seq.group
+        state = self.states.pop(seq.seq_id)
+        self.scheduler.finish(seq)
+        tail = "" if state.detokenizer.stopped else state.detokenizer.flush()
+        now = time.monotonic()
+        first = req.first_scheduled or now
+        prefill = None
+        if req.request.decoder_input_details and seq.index == 0:
+            ids = seq.token_ids[: seq.num_prompt_tokens]
+            logprobs = [None] + state.prompt_logprobs
+            prefill = [Token(i, self.tokenizer.token_text(i), lp, i in self.special_ids) for i, lp in zip(ids, logprobs)]
+        req.events.append(FinalEvent(
+            index=seq.index, finish_reason=reason, text=state.detokenizer.output_text,
+            generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
+            tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
+            queue_s=first - req.arrival, inference_s=now - first))
+        if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
+            self.requests.pop(req.request.request_id, None)
+
+    def _token(self, token_id: int, logprob: float | None) -> Token:
+        return Token(token_id, self.tokenizer.token_text(token_id), logprob, token_id in self.special_ids)
+
+    def _flush_events(self, reqs) -> None:
+        for req in reqs:
+            if req.events:
+                events, req.events = req.events, []
+                req.sink(events)

@@ -1,0 +1,101 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and samples.
+
+The only engine file that touches torch, the model and the sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from parley.config import ModelConfig
+from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
+from parley.models.attention import AttentionMetadata, PrefillChunk
+from parley.sampling.metadata import SamplingRow
+from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs
+
+
+@dataclass
+class StepResult:
+    sampled: SamplerOutput | None  # one row per scheduled sequence that samples, in schedule order
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> logprobs of prompt tokens
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, sampler: Sampler, *,
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.sampler = sampler
+        self.block_size = block_size
+        self.device = device
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_layers)
+        ]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, rows: list[SamplingRow],
+                allowed: torch.Tensor | None = None) -> StepResult:
+        """`rows` holds the sampling state of every scheduled sequence that samples, in schedule order."""
+        input_ids, positions, slots = [], [], []
+        sample_index = []  # flat-batch index of each sampling sequence's last token
+        for s in sched.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            table, bs = seq.block_table, self.block_size
+            for pos in range(start, start + s.num_new_tokens):
+                slots.append(table[pos // bs] * bs + pos % bs)
+            input_ids.extend(seq.token_ids[start : start + s.num_new_tokens])
+            positions.extend(range(start, start + s.num_new_tokens))
+            if s.samples:
+                sample_index.append(len(input_ids) - 1)
+
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
+        if sched.decodes:
+            meta.decode_block_tables, meta.decode_bias = self._decode_tables(sched.decodes)
+        chunks, offset = [], len(sched.decodes)
+        for s in sched.prefills:
+            context = s.seq.num_computed_tokens + s.num_new_tokens
+            table = s.seq.block_table[: -(-context // self.block_size)]
+            chunks.append(PrefillChunk(offset, s.num_new_tokens, context, self._tensor(table)))
+            offset += s.num_new_tokens
+        meta.prefill_chunks = tuple(chunks)
+
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+
+        result = StepResult(sampled=None)
+        for s, chunk in zip(sched.prefills, chunks):
+            if s.seq.needs_prompt_logprobs:
+                result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, chunk, hidden)
+        if sample_index:
+            logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
+            result.sampled = self.sampler(logits, rows, allowed)
+        return result
+
+    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        widest = max(len(s.seq.block_table) for s in decodes)
+        tables = self._tensor([s.seq.block_table + [0] * (widest - len(s.seq.block_table)) for s in decodes])
+        context_lens = self._tensor([len(s.seq) for s in decodes])
+        key_pos = torch.arange(widest * self.block_size, device=self.device)
+        visible = key_pos.unsqueeze(0) < context_lens.unsqueeze(1)  # [B, L]
+        dtype = self.kv_caches[0][0].dtype
+        bias = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        return tables, bias.view(len(decodes), 1, 1, -1)
+
+    def _prompt_logprobs(self, s: ScheduledSequence, chunk: PrefillChunk, hidden: torch.Tensor) -> list[float]:
+        """Logprob of each prompt token given the ones before it, for the positions in this chunk."""
+        seq, start = s.seq, s.seq.num_computed_tokens
+        end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)  # last position predicting a prompt token
+        if end <= start:
+            return []
+        logits = self.model.compute_logits(hidden[chunk.start : chunk.start + end - start])
+        next_ids = self._tensor(seq.token_ids[start + 1 : end + 1])
+        return prompt_logprobs(logits, next_ids)
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

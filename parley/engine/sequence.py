@@ -1,0 +1,56 @@
+"""One generated sequence: its tokens, how many of them have K/V in the cache, and its blocks."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids are prompt + output. The scheduler only reasons about `num_computed_tokens`:
+    a sequence needs `len(token_ids) - num_computed_tokens` more tokens through the model, which is
+    the whole prompt on arrival, 1 while decoding, and everything again after a preemption."""
+
+    def __init__(self, prompt_ids: list[int], *, group=None, index: int = 0, cache_salt: int = 0,
+                 needs_prompt_logprobs: bool = False):
+        self.seq_id = next(_ids)
+        self.group = group  # the request this sequence belongs to (opaque to the scheduler)
+        self.index = index  # position among the request's sequences
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.cache_salt = cache_salt  # prefix-cache namespace (e.g. the LoRA adapter)
+        self.needs_prompt_logprobs = needs_prompt_logprobs
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, len={len(self)}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table}, {self.status.value})")

@@ -1,0 +1,220 @@
+"""The engine end to end on a tiny random model, against a plain transformers forward of the same weights."""
+
+import asyncio
+
+import pytest
+import torch
+from tiny_model import make_tiny_model
+
+from parley.config import EngineConfig
+from parley.engine.async_engine import AsyncEngine
+from parley.types import (FinalEvent, FinishReason, GenerationRequest, RequestTimeoutError, SamplingParams,
+                          StoppingCriteria, TokenEvent, ValidationError)
+
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time there was a little robot who",
+    "1 2 3 4 5",
+    "Hello",
+    "In the beginning the universe was created. This has made a lot of people very angry and been widely",
+    "A",
+    "What is the capital of France? The capital of France is",
+    "def fibonacci(n):\n    return",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), arch="llama", seed=0)
+
+
+def start_engine(model_dir, **overrides):
+    config = dict(model_id=model_dir, dtype="float32", num_threads=1, max_total_tokens=256,
+                  max_batch_total_tokens=4096, max_batch_prefill_tokens=64)
+    config.update(overrides)
+    engine = AsyncEngine.load(EngineConfig(**config))
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    engine = start_engine(model_dir)
+    yield engine
+    engine.core.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+def greedy(prompt, max_new_tokens=12, **kw) -> GenerationRequest:
+    # min_new_tokens bans EOS, as HF's min_new_tokens does on the reference side
+    return GenerationRequest(prompt, stopping=StoppingCriteria(max_new_tokens=max_new_tokens,
+                                                               min_new_tokens=max_new_tokens), **kw)
+
+
+async def collect(engine, request):
+    finals, tokens = {}, {}
+    async for event in engine.generate(request):
+        if isinstance(event, TokenEvent):
+            tokens.setdefault(event.index, []).append(event)
+        else:
+            finals[event.index] = event
+    return finals, tokens
+
+
+def reference_greedy(reference, prompt_ids, max_new_tokens):
+    out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    ids = out.sequences[0, len(prompt_ids):].tolist()
+    logprobs = [torch.log_softmax(s[0].float(), -1)[i].item() for s, i in zip(out.scores, ids)]
+    return ids, logprobs
+
+
+async def test_greedy_matches_reference_alone(engine, reference):
+    for prompt in PROMPTS[:3]:
+        ids = engine.tokenizer.encode(prompt)
+        finals, _ = await collect(engine, greedy(prompt))
+        ref_ids, ref_logprobs = reference_greedy(reference, ids, 12)
+        got = finals[0]
+        assert [t.id for t in got.tokens] == ref_ids
+        assert max(abs(t.logprob - r) for t, r in zip(got.tokens, ref_logprobs)) < 1e-3
+        assert got.finish_reason is FinishReason.LENGTH and got.generated_tokens == 12
+        assert got.prompt_tokens == len(ids)
+
+
+async def test_greedy_matches_reference_in_a_staggered_batch_of_16(engine, reference):
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+
+    async def late(i, prompt):
+        await asyncio.sleep(0.01 * i)  # arrive while the others decode
+        return await collect(engine, greedy(prompt, max_new_tokens=10 + i % 5))
+
+    results = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
+    for i, (prompt, (finals, _)) in enumerate(zip(prompts, results)):
+        ref_ids, _ = reference_greedy(reference, engine.tokenizer.encode(prompt), 10 + i % 5)
+        assert [t.id for t in finals[0].tokens] == ref_ids, prompt
+    assert engine.stats().kv_blocks_used == 0
+
+
+async def test_streamed_text_equals_final_text(engine):
+    finals, tokens = await collect(engine, greedy(PROMPTS[1], max_new_tokens=30))
+    streamed = "".join(e.text for e in tokens[0]) + finals[0].text_tail
+    assert streamed == finals[0].text == engine.tokenizer.decode([t.id for t in finals[0].tokens],
+                                                                 skip_special_tokens=True)
+
+
+async def test_stop_sequence_is_excluded_and_never_streamed(engine):
+    finals, _ = await collect(engine, greedy(PROMPTS[1], max_new_tokens=30))
+    full = finals[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    request = greedy(PROMPTS[1], max_new_tokens=30)
+    request.stopping.stop_sequences = [stop]
+    finals, tokens = await collect(engine, request)
+    assert finals[0].finish_reason is FinishReason.STOP_SEQUENCE
+    assert finals[0].text == full[: full.index(stop)]
+    assert stop not in "".join(e.text for e in tokens[0])
+
+
+async def test_decoder_input_details_match_reference(engine, reference):
+    ids = engine.tokenizer.encode(PROMPTS[4])
+    finals, _ = await collect(engine, greedy(PROMPTS[4], max_new_tokens=2, decoder_input_details=True))
+    prefill = finals[0].prefill
+    assert [t.id for t in prefill] == ids and prefill[0].logprob is None
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert max(abs(t.logprob - e) for t, e in zip(prefill[1:], expected.tolist())) < 1e-3
+
+
+def sampled(prompt, seed, n=1, **params):
+    return GenerationRequest(prompt, sampling=SamplingParams(do_sample=True, temperature=1.5, **params),
+                             stopping=StoppingCriteria(max_new_tokens=16, min_new_tokens=16), n=n,
+                             seeds=[seed] if seed is not None else None)
+
+
+async def test_same_seed_same_tokens_alone_or_in_a_busy_batch(engine):
+    alone, _ = await collect(engine, sampled(PROMPTS[0], 1234))
+    noise = [collect(engine, sampled(p, i, top_k=5)) for i, p in enumerate(PROMPTS)]
+    busy, *_ = await asyncio.gather(collect(engine, sampled(PROMPTS[0], 1234)), *noise)
+    assert [t.id for t in alone[0].tokens] == [t.id for t in busy[0][0].tokens]
+    assert alone[0].seed == 1234
+    other, _ = await collect(engine, sampled(PROMPTS[0], 4321))
+    assert [t.id for t in other[0].tokens] != [t.id for t in alone[0].tokens]
+
+
+async def test_n_sequences_differ_and_report_their_seeds(engine):
+    finals, _ = await collect(engine, sampled(PROMPTS[2], 7, n=3))
+    assert sorted(finals) == [0, 1, 2]
+    texts = {tuple(t.id for t in f.tokens) for f in finals.values()}
+    assert len(texts) == 3
+    assert [finals[i].seed for i in range(3)] == [7, 8, 9]
+    alone, _ = await collect(engine, sampled(PROMPTS[2], 8))
+    assert [t.id for t in alone[0].tokens] == [t.id for t in finals[1].tokens]
+
+
+async def test_seed_list_gives_one_seed_per_sequence(engine):
+    request = sampled(PROMPTS[2], None, n=2)
+    request.seeds = [11, 99]
+    finals, _ = await collect(engine, request)
+    assert [finals[0].seed, finals[1].seed] == [11, 99]
+
+
+async def test_cancelling_the_consumer_frees_every_block(engine):
+    request = greedy(PROMPTS[1], max_new_tokens=200)
+    request.stopping.min_new_tokens = 200
+    stream = engine.generate(request)
+    seen = 0
+    async for event in stream:
+        seen += 1
+        if seen == 3:
+            assert engine.stats().kv_blocks_used > 0
+            break
+    await stream.aclose()
+    for _ in range(100):
+        if engine.stats().kv_blocks_used == 0 and engine.stats().running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
+
+
+async def test_preemption_under_a_tiny_block_budget_keeps_outputs_exact(model_dir, engine):
+    small = start_engine(model_dir, max_total_tokens=128, max_batch_total_tokens=128, block_size=16)
+    try:
+        requests = [greedy(p, max_new_tokens=40) for p in PROMPTS[:4]]
+        results = await asyncio.gather(*(collect(small, r) for r in requests))
+        expected = await asyncio.gather(*(collect(engine, greedy(p, max_new_tokens=40)) for p in PROMPTS[:4]))
+        for (got, _), (want, _) in zip(results, expected):
+            assert [t.id for t in got[0].tokens] == [t.id for t in want[0].tokens]
+        assert small.stats().kv_blocks_used == 0
+    finally:
+        small.core.stop()
+
+
+async def test_limits_are_validation_errors_naming_the_field(engine):
+    cases = [
+        (GenerationRequest("x" * 2000), "inputs"),
+        (GenerationRequest("hi", stopping=StoppingCriteria(max_new_tokens=1000)), "max_new_tokens"),
+        (GenerationRequest("hi", stopping=StoppingCriteria(stop_sequences=list("abcde"))), "stop"),
+        (GenerationRequest("hi", sampling=SamplingParams(do_sample=True, temperature=0)), "temperature"),
+        (GenerationRequest("hi", sampling=SamplingParams(top_p=1.5)), "top_p"),
+        (GenerationRequest("hi", sampling=SamplingParams(top_n_tokens=50)), "top_n_tokens"),
+        (GenerationRequest(""), "inputs"),
+    ]
+    for request, field in cases:
+        with pytest.raises(ValidationError) as info:
+            await collect(engine, request)
+        assert info.value.field == field
+
+
+async def test_timeout_ends_the_request_and_frees_it(engine):
+    request = greedy(PROMPTS[1], max_new_tokens=200, timeout_s=0.05)
+    with pytest.raises(RequestTimeoutError):
+        await collect(engine, request)
+    await asyncio.sleep(0.05)
+    assert engine.stats().kv_blocks_used == 0

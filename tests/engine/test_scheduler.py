@@ -1,0 +1,120 @@
+"""Scheduler and block manager, driven without a model (pure Python, like vLLM's CPU scheduler tests)."""
+
+import pytest
+
+from parley.engine.block_manager import BlockManager
+from parley.engine.scheduler import Scheduler
+from parley.engine.sequence import Sequence, SequenceStatus
+
+
+def make(num_blocks=16, block_size=4, max_batch_size=8, prefill=8):
+    return Scheduler(BlockManager(num_blocks, block_size), max_batch_size=max_batch_size,
+                     max_batch_prefill_tokens=prefill)
+
+
+def run_step(sched: Scheduler, next_token=7):
+    """One step with a fake runner: every sampling sequence gets `next_token`."""
+    out = sched.schedule()
+    sched.update(out)
+    for s in out.scheduled:
+        if s.seq.num_computed_tokens == len(s.seq):
+            s.seq.token_ids.append(next_token)
+    return out
+
+
+def test_long_prompt_is_chunked_and_decodes_keep_running():
+    sched = make(prefill=8)
+    short = Sequence([1, 2, 3])
+    sched.add(short)
+    run_step(sched)  # short prefilled, sampled its first token
+    long = Sequence(list(range(100, 120)))  # 20 tokens: 3 chunks of at most 8
+    sched.add(long)
+    chunks = []
+    for _ in range(3):
+        out = run_step(sched)
+        assert [s.seq for s in out.decodes] == [short]  # the decode never waits for the long prompt
+        chunks.append(sum(s.num_new_tokens for s in out.prefills if s.seq is long))
+    assert chunks == [8, 8, 4]
+    assert long.num_computed_tokens == 20 and len(long) == 21
+
+
+def test_blocks_follow_sequence_growth_and_are_freed():
+    sched = make(block_size=4)
+    seq = Sequence([1, 2, 3, 4, 5])
+    sched.add(seq)
+    run_step(sched)
+    assert len(seq.block_table) == 2  # 5 tokens
+    for _ in range(3):
+        run_step(sched)
+    assert len(seq.block_table) == 2 and len(seq) == 9  # 8 computed + 1 pending
+    run_step(sched)
+    assert len(seq.block_table) == 3
+    sched.finish(seq)
+    assert sched.blocks.num_used_blocks == 0 and not sched.has_work
+
+
+def test_preemption_frees_the_newest_and_it_resumes_from_the_prefix_cache():
+    sched = make(num_blocks=4, block_size=4, prefill=64)
+    old, new = Sequence(list(range(1, 8))), Sequence(list(range(20, 27)))  # 2 blocks each
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)
+    run_step(sched)
+    assert sched.blocks.num_free_blocks == 0
+    out = run_step(sched)  # both at 9 tokens: each needs a 3rd block; none free
+    assert out.preempted == [new]
+    assert new.status is SequenceStatus.WAITING and new.block_table == []
+    assert [s.seq for s in out.scheduled] == [old]
+    sched.finish(old)
+    out = run_step(sched)
+    # new recomputes only its last block: its first full block is still cached
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(new, 5)]
+    assert new.num_computed_tokens == 9
+
+
+def test_siblings_share_prompt_blocks():
+    sched = make(block_size=4, prefill=64)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks + 2
+    a = Sequence(prompt)
+    sched.add(a)
+    run_step(sched)
+    b = Sequence(prompt)
+    sched.add(b)
+    out = run_step(sched)
+    assert [(s.seq, s.num_new_tokens) for s in out.prefills] == [(b, 2)]
+    assert b.block_table[:2] == a.block_table[:2]
+    assert sched.blocks.blocks[a.block_table[0]].ref_count == 2
+    sched.finish(a)
+    assert sched.blocks.blocks[b.block_table[0]].ref_count == 1
+
+
+def test_cache_is_namespaced_by_salt_and_prompt_logprobs_never_hit():
+    sched = make(block_size=4, prefill=64)
+    prompt = list(range(1, 11))
+    sched.add(Sequence(prompt))
+    run_step(sched)
+    other = Sequence(prompt, cache_salt=99)
+    needs_logprobs = Sequence(prompt, needs_prompt_logprobs=True)
+    same = Sequence(prompt)
+    for seq in (other, needs_logprobs, same):
+        sched.add(seq)
+    out = run_step(sched)
+    assert {s.seq.seq_id: s.num_new_tokens for s in out.prefills} == {
+        other.seq_id: 10, needs_logprobs.seq_id: 10, same.seq_id: 2}
+
+
+def test_waiting_sequences_respect_max_batch_size():
+    sched = make(max_batch_size=2, prefill=100)
+    seqs = [Sequence([i, i + 1]) for i in range(1, 8, 2)]
+    for s in seqs:
+        sched.add(s)
+    out = run_step(sched)
+    assert len(out.scheduled) == 2 and len(sched.waiting) == 2
+
+
+def test_a_sequence_larger_than_the_whole_cache_is_an_error_not_a_hang():
+    sched = make(num_blocks=2, block_size=4)
+    sched.add(Sequence(list(range(1, 20))))
+    with pytest.raises(RuntimeError, match="KV cache too small"):
+        for _ in range(10):
+            run_step(sched)
