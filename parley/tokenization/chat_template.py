@@ -1,0 +1,103 @@
+"""A model's Jinja chat template, rendered with Hugging Face transformers' semantics."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used when the model ships no template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The messages cannot be rendered: the template refused them or failed on them."""
+
+
+def _raise_exception(message: str):
+    raise ChatTemplateError(message)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+class ChatTemplate:
+    """Compiled once per model; `render` turns OpenAI-style messages into the prompt text."""
+
+    def __init__(self, template: str | None, bos_token: str | None, eos_token: str | None):
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        self._template = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+        self._special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
+
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **extra,
+    ) -> str:
+        try:
+            return self._template.render(
+                messages=[_prepare(m) for m in messages],
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                **{**self._special_tokens, **extra},
+            )
+        except (jinja2.TemplateError, TypeError) as e:  # e.g. sandbox violations, None + str
+            raise ChatTemplateError(f"chat template failed: {e}") from e
+
+
+def _prepare(message: dict) -> dict:
+    """A copy of the message in the shape templates expect: content as one string (the model is
+    text-only, so a chunk list is only text) and tool call arguments as objects, not JSON text
+    (templates `tojson` them)."""
+    message = dict(message)
+    content = message.get("content")
+    if isinstance(content, list):
+        message["content"] = "".join(_chunk_text(chunk) for chunk in content)
+    if message.get("tool_calls"):
+        message["tool_calls"] = [_parse_arguments(call) for call in message["tool_calls"]]
+    return message
+
+
+def _chunk_text(chunk: dict) -> str:
+    kind = chunk.get("type")
+    if kind == "text":
+        return chunk["text"]
+    if kind in ("image_url", "image"):
+        raise ChatTemplateError("image content is not supported: this model is text-only")
+    raise ChatTemplateError(f"unsupported content chunk type {kind!r}")
+
+
+def _parse_arguments(call: dict) -> dict:
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call  # left as text: the template shows what the client sent
+    return {**call, "function": {**function, "arguments": arguments}}
