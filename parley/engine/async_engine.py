@@ -26,6 +26,7 @@ from parley.engine.scheduler import Scheduler
 from parley.engine.validation import Limits, prepare
 from parley.models.loader import default_model_path, load_model
 from parley.sampling.sampler import Sampler
+from parley.structured import GrammarCompiler
 from parley.tokenization.chat_template import ChatTemplate
 from parley.tokenization.tokenizer import load_tokenizer
 from parley.types import FinalEvent, GenerationRequest, NotFoundError, OverloadedError, TokenEvent
@@ -95,8 +96,8 @@ class AsyncEngine:
                              dtype=DTYPES[config.dtype], device=device)
         scheduler = Scheduler(BlockManager(num_blocks, config.block_size), max_batch_size=config.max_batch_size,
                               max_batch_prefill_tokens=config.max_batch_prefill_tokens)
-        grammar_compiler, masker = _grammar_support(tokenizer, model_config.vocab_size)
-        core = EngineCore(scheduler, runner, tokenizer, masker)
+        grammar_compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, model_config.vocab_size)
+        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size)
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
         log.info("engine ready in %.1fs: %s (%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB)",
@@ -147,12 +148,3 @@ class AsyncEngine:
         blocks = self.core.scheduler.blocks
         return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running)
 
-
-def _grammar_support(tokenizer, vocab_size: int):
-    """The grammar compiler and the batch masker, when structured output is available."""
-    try:
-        from parley.structured import GrammarCompiler, grammar_masker
-    except ImportError:
-        return None, None
-    compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
-    return compiler, grammar_masker(vocab_size)

@@ -19,6 +19,7 @@ from parley.engine.scheduler import Scheduler, SchedulerOutput
 from parley.engine.sequence import Sequence
 from parley.sampling.metadata import SamplingRow
 from parley.sampling.sampler import SamplerOutput
+from parley.structured import allocate_bitmask, bitmask_to_bool, fill_bitmasks
 from parley.tokenization.detokenizer import IncrementalDetokenizer
 from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, RequestTimeoutError,
                           Token, TokenEvent)
@@ -69,11 +70,11 @@ class RequestState:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, grammar_masker=None):
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, vocab_size: int):
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
-        self.grammar_masker = grammar_masker  # callable(matchers: list) -> Tensor[B, V] bool | None
+        self.vocab_size = vocab_size
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.requests: dict[str, RequestState] = {}
         self.states: dict[int, SequenceState] = {}
@@ -218,11 +219,14 @@ class EngineCore:
             suppressed_ids=suppressed,
         )
 
-    def _grammar_mask(self, sampling: list[Sequence]):
+    def _grammar_mask(self, sampling: list[Sequence]) -> torch.Tensor | None:
+        """[B, V] allowed tokens of the sampling rows, or None when no row is constrained."""
         matchers = [self.states[seq.seq_id].matcher for seq in sampling]
-        if self.grammar_masker is None or not any(m is not None for m in matchers):
+        if all(m is None for m in matchers):
             return None
-        return self.grammar_masker(matchers)
+        bitmask = allocate_bitmask(len(matchers), self.vocab_size)
+        fill_bitmasks(matchers, bitmask)
+        return bitmask_to_bool(bitmask, self.vocab_size).to(self.runner.device)
 
     def _append_token(self, seq: Sequence, sampled: SamplerOutput, row: int) -> None:
         req: RequestState = seq.group

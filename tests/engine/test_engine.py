@@ -218,3 +218,35 @@ async def test_timeout_ends_the_request_and_frees_it(engine):
         await collect(engine, request)
     await asyncio.sleep(0.05)
     assert engine.stats().kv_blocks_used == 0
+
+
+async def test_grammar_constrains_every_sequence(engine):
+    import json
+    import re
+
+    from parley.types import Grammar
+
+    regex = GenerationRequest("Code:", grammar=Grammar("regex", "[0-9]{3}-(yes|no)"),
+                              stopping=StoppingCriteria(max_new_tokens=20))
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    as_json = GenerationRequest("JSON:", grammar=Grammar("json", json.dumps(schema)), n=3, seeds=[5],
+                                sampling=SamplingParams(do_sample=True, temperature=2.0),
+                                stopping=StoppingCriteria(max_new_tokens=40))
+    (regex_final, _), (json_final, _) = await asyncio.gather(collect(engine, regex), collect(engine, as_json))
+    assert re.fullmatch("[0-9]{3}-(yes|no)", regex_final[0].text)
+    assert regex_final[0].finish_reason is FinishReason.EOS_TOKEN
+    for final in json_final.values():
+        value = json.loads(final.text)
+        assert isinstance(value["ok"], bool) and value["n"] in (1, 2, 3) and set(value) == {"ok", "n"}
+
+
+async def test_an_unsupported_schema_is_a_validation_error(engine):
+    import json
+
+    from parley.types import Grammar
+
+    request = GenerationRequest("x", grammar=Grammar("json", json.dumps({"type": "array", "uniqueItems": True})))
+    with pytest.raises(ValidationError, match="uniqueItems") as info:
+        await collect(engine, request)
+    assert info.value.field == "grammar"

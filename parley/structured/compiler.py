@@ -1,0 +1,90 @@
+"""Grammars compiled for one tokenizer, cached so each distinct grammar is built once."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import llguidance
+import tokenizers
+
+from parley.structured.matcher import GrammarMatcher
+from parley.structured.tokenizer import build_llg_tokenizer
+from parley.types import Grammar
+
+# JSON may have whitespace between tokens, but at most this much at each place: unbounded
+# whitespace lets a small model loop on newlines forever. A schema's "x-guidance" overrides it.
+_JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,32}"}
+# Short errors: llguidance otherwise appends its parser state and the whole grammar.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+
+
+class GrammarError(ValueError):
+    """The grammar is malformed or uses something llguidance cannot enforce (the message names it)."""
+
+
+class GrammarCompiler:
+    """Turns `Grammar`s into `GrammarMatcher`s for one model's vocabulary."""
+
+    def __init__(
+        self,
+        tokenizer_backend: tokenizers.Tokenizer,
+        eos_token_ids: list[int],
+        vocab_size: int,
+        cache_size: int = 256,
+    ):
+        self.vocab_size = vocab_size
+        self._tokenizer = build_llg_tokenizer(tokenizer_backend, eos_token_ids, vocab_size)
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def validate(self, grammar: Grammar) -> None:
+        """Raise `GrammarError` unless `grammar` compiles (and then keep it compiled)."""
+        self._compiled(grammar)
+
+    def matcher(self, grammar: Grammar) -> GrammarMatcher:
+        """A fresh matcher at the start of `grammar`. Raises `GrammarError` like `validate`."""
+        return GrammarMatcher(self._compiled(grammar).deep_copy())
+
+    def _compiled(self, grammar: Grammar) -> llguidance.LLMatcher:
+        """A matcher left at the grammar's start, copied for each request. Copies share the lexer
+        built lazily while masks are computed, so later requests start warm."""
+        key = (grammar.kind, grammar.value)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        # Compiled outside the lock: a large grammar takes up to a second (the GIL is released).
+        compiled = llguidance.LLMatcher(
+            self._tokenizer, _to_llguidance(grammar), log_level=0, limits=_LIMITS
+        )
+        if compiled.is_error():
+            raise GrammarError(f"invalid {grammar.kind} grammar: {compiled.get_error()}")
+        with self._lock:
+            self._cache[key] = compiled
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+
+def _to_llguidance(grammar: Grammar) -> str:
+    match grammar.kind:
+        case "json":
+            try:
+                return llguidance.LLMatcher.grammar_from_json_schema(
+                    grammar.value, defaults=_JSON_DEFAULTS
+                )
+            except ValueError as e:  # not JSON text
+                raise GrammarError(f"invalid json grammar: {e}") from None
+        case "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"}, defaults=_JSON_DEFAULTS
+            )
+        case "regex":
+            return llguidance.LLMatcher.grammar_from_regex(grammar.value)
+        case "lark":
+            return llguidance.LLMatcher.grammar_from_lark(grammar.value)
+    raise GrammarError(
+        f"unknown grammar kind {grammar.kind!r}: expected json, json_object, regex or lark"
+    )

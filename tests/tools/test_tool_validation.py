@@ -1,0 +1,52 @@
+import pytest
+
+from parley.tools import MAX_TOOLS, ToolSpecError, validate_tools
+
+
+def tool(name="get_weather", **function):
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+@pytest.mark.parametrize(
+    "tools, tool_choice, field",
+    [
+        ("not a list", "auto", "tools"),
+        ([tool(f"f{i}") for i in range(MAX_TOOLS + 1)], "auto", "tools"),
+        (["get_weather"], "auto", "tools[0]"),
+        ([{"type": "retrieval", "function": {"name": "f"}}], "auto", "tools[0].type"),
+        ([{"type": "function"}], "auto", "tools[0].function"),
+        ([tool("has space")], "auto", "tools[0].function.name"),
+        ([tool("x" * 65)], "auto", "tools[0].function.name"),
+        ([tool(""), tool()], "auto", "tools[0].function.name"),
+        ([tool(), tool("café")], "auto", "tools[1].function.name"),
+        ([tool(), tool()], "auto", "tools[1].function.name"),
+        ([tool(description=3)], "auto", "tools[0].function.description"),
+        ([tool(parameters="{}")], "auto", "tools[0].function.parameters"),
+        ([tool(parameters={"type": "array"})], "auto", "tools[0].function.parameters.type"),
+        ([tool()], "sometimes", "tool_choice"),
+        ([], "required", "tool_choice"),
+        ([tool()], {"type": "function", "function": {"name": "get_time"}}, "tool_choice.function.name"),
+        ([tool()], {"type": "function"}, "tool_choice.function.name"),
+        ([tool()], {"type": "code_interpreter"}, "tool_choice"),
+    ],
+)
+def test_bad_tools_name_the_field(tools, tool_choice, field):
+    with pytest.raises(ToolSpecError) as raised:
+        validate_tools(tools, tool_choice)
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ")
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["none", "auto", "required", {"type": "function", "function": {"name": "a-b_9"}}]
+)
+def test_good_tools_pass(tool_choice):
+    validate_tools(
+        [tool("a-b_9", parameters={"type": "object", "properties": {}}), tool("x" * 64)], tool_choice
+    )
+
+
+def test_no_tools_with_auto_or_none_is_fine():
+    validate_tools([], "auto")
+    validate_tools([], "none")
