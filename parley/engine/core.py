@@ -14,17 +14,19 @@ from typing import Callable
 
 import torch
 
+from parley.engine.drafts import propose
 from parley.engine.runner import ModelRunner
 from parley.engine.scheduler import Scheduler, SchedulerOutput
 from parley.engine.sequence import Sequence
 from parley.sampling.metadata import SamplingRow
-from parley.sampling.sampler import SamplerOutput
 from parley.structured import allocate_bitmask, bitmask_to_bool, fill_bitmasks
 from parley.tokenization.detokenizer import IncrementalDetokenizer
 from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, RequestTimeoutError,
                           Token, TokenEvent)
 
 log = logging.getLogger("parley.engine")
+
+MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
 
 Sink = Callable[[object], None]  # receives a list of events, or an exception that ends the request
 
@@ -37,6 +39,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     seeds: list[int | None]
     matchers: list  # one grammar matcher per sequence, or empty
+    draft_ids: list[int] = field(default_factory=list)  # predicted output, verified as draft tokens
     cache_salt: int = 0
 
 
@@ -51,6 +54,8 @@ class SequenceState:
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)
+    draft: list[int] = field(default_factory=list)  # empty unless the sequence can speculate exactly
+    draft_cursor: int = 0
 
 
 @dataclass
@@ -81,6 +86,7 @@ class EngineCore:
         self.special_ids = tokenizer.special_ids
         self.model_eos_ids = frozenset(tokenizer.eos_token_ids)
         self._stopping = False
+        self.num_steps = 0  # forward passes run
 
     # -- thread-safe entry points ------------------------------------------------------------
     def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
@@ -120,7 +126,7 @@ class EngineCore:
         if sched.is_empty:
             return
         now = time.monotonic()
-        sampling = [s.seq for s in sched.scheduled if s.samples]
+        sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
         try:
             allowed = self._grammar_mask(sampling)
             result = self.runner.execute(sched, [self._sampling_row(seq) for seq in sampling], allowed)
@@ -129,6 +135,7 @@ class EngineCore:
             for req in {id(s.seq.group): s.seq.group for s in sched.scheduled}.values():
                 self._fail(req, GenerationError(f"generation failed: {exc}"))
             return
+        self.num_steps += 1
         self.scheduler.update(sched)
         for s in sched.scheduled:
             req = s.seq.group
@@ -137,13 +144,25 @@ class EngineCore:
             if s.seq.seq_id in result.prompt_logprobs:
                 self.states[s.seq.seq_id].prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
         for row, seq in enumerate(sampling):
-            if not seq.is_finished:
-                try:
-                    self._append_token(seq, result.sampled, row)
-                except Exception as exc:
-                    log.exception("request %s failed", seq.group.request.request_id)
-                    self._fail(seq.group, GenerationError(str(exc)))
+            out = result.sampled
+            self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],
+                         out.top_ids[row], out.top_logprobs[row])
+        for seq_id, (tokens, logprobs) in result.verified.items():
+            self._safely(self._append_verified, self._scheduled_seq(sched, seq_id), tokens, logprobs)
         self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
+
+    def _safely(self, append, seq: Sequence, *args) -> None:
+        if seq.is_finished:
+            return
+        try:
+            append(seq, *args)
+        except Exception as exc:  # one request's failure (grammar, detokenizer) ends that request only
+            log.exception("request %s failed", seq.group.request.request_id)
+            self._fail(seq.group, GenerationError(str(exc)))
+
+    @staticmethod
+    def _scheduled_seq(sched: SchedulerOutput, seq_id: int) -> Sequence:
+        return next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
 
     # -- requests ----------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> None:
@@ -175,9 +194,12 @@ class EngineCore:
             if request.sampling.do_sample:
                 generator = torch.Generator(device=self.runner.device)
                 generator.manual_seed(seed)
-            self.states[seq.seq_id] = SequenceState(
+            state = SequenceState(
                 IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, prompt_tail_ids=tail),
                 generator, seed, prepared.matchers[index] if prepared.matchers else None)
+            if prepared.draft_ids and self._verifies_exactly(request, state):
+                state.draft = prepared.draft_ids
+            self.states[seq.seq_id] = state
             req.sequences.append(seq)
         self.requests[request.request_id] = req
         self.scheduler.add(req.sequences[0])
@@ -228,15 +250,37 @@ class EngineCore:
         fill_bitmasks(matchers, bitmask)
         return bitmask_to_bool(bitmask, self.vocab_size).to(self.runner.device)
 
-    def _append_token(self, seq: Sequence, sampled: SamplerOutput, row: int) -> None:
+    @staticmethod
+    def _verifies_exactly(request: GenerationRequest, state: SequenceState) -> bool:
+        """Draft tokens are checked by greedy argmax, which is exact only for plain greedy decoding."""
+        p = request.sampling
+        plain = not (p.do_sample or p.frequency_penalty or p.presence_penalty or p.logit_bias or p.watermark
+                     or p.top_n_tokens or p.repetition_penalty != 1.0)
+        return plain and state.matcher is None
+
+    def _append_verified(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
+        """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
+        for token_id, logprob in zip(tokens, logprobs):
+            self._append_token(seq, token_id, logprob, (), ())
+            if seq.is_finished:
+                return
+        self.scheduler.advance(seq, len(tokens) - 1)
+
+    def _propose_drafts(self, seq: Sequence, state: SequenceState) -> None:
+        stopping = seq.group.request.stopping
+        room = min(MAX_DRAFT_TOKENS, stopping.max_new_tokens - seq.num_output_tokens - 1)
+        if seq.num_output_tokens < stopping.min_new_tokens:
+            room = 0  # EOS is suppressed until then, which greedy verification does not model
+        seq.spec_tokens, state.draft_cursor = propose(state.draft, state.draft_cursor, seq.output_ids, room)
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float, top_ids, top_logprobs) -> None:
         req: RequestState = seq.group
         state = self.states[seq.seq_id]
         stopping = req.request.stopping
-        token_id = sampled.token_ids[row]
         seq.token_ids.append(token_id)
-        token = self._token(token_id, sampled.logprobs[row])
+        token = self._token(token_id, logprob)
         state.tokens.append(token)
-        top = [self._token(i, lp) for i, lp in zip(sampled.top_ids[row], sampled.top_logprobs[row])]
+        top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]
         state.top_tokens.append(top)
         if state.matcher is not None and not state.matcher.accept(token_id):
             raise GenerationError(f"token {token_id} rejected by the grammar")
@@ -260,6 +304,8 @@ class EngineCore:
         req.events.append(TokenEvent(seq.index, token, text, top))
         if reason is not None:
             self._finish_sequence(seq, reason)
+        elif state.draft:
+            self._propose_drafts(seq, state)
 
     def _finish_sequence(self, seq: Sequence, reason: FinishReason) -> None:
         req: RequestState = seq.group

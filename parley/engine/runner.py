@@ -18,8 +18,9 @@ from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs
 
 @dataclass
 class StepResult:
-    sampled: SamplerOutput | None  # one row per scheduled sequence that samples, in schedule order
+    sampled: SamplerOutput | None  # one row per sampling sequence without drafts, in schedule order
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> logprobs of prompt tokens
+    verified: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # seq_id -> tokens, logprobs
 
 
 class ModelRunner:
@@ -42,18 +43,23 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow],
                 allowed: torch.Tensor | None = None) -> StepResult:
-        """`rows` holds the sampling state of every scheduled sequence that samples, in schedule order."""
+        """`rows` holds the sampling state of every scheduled sequence that samples without drafts,
+        in schedule order. Sequences with draft tokens are verified greedily instead."""
         input_ids, positions, slots = [], [], []
         sample_index = []  # flat-batch index of each sampling sequence's last token
+        verify_spans = []  # (scheduled sequence, flat index of its last real token)
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             table, bs = seq.block_table, self.block_size
             for pos in range(start, start + s.num_new_tokens):
                 slots.append(table[pos // bs] * bs + pos % bs)
-            input_ids.extend(seq.token_ids[start : start + s.num_new_tokens])
-            positions.extend(range(start, start + s.num_new_tokens))
-            if s.samples:
+            input_ids.extend(seq.token_ids[start : start + s.num_new_tokens - len(s.spec_tokens)])
+            if s.spec_tokens:
+                verify_spans.append((s, len(input_ids) - 1))
+                input_ids.extend(s.spec_tokens)
+            elif s.samples:
                 sample_index.append(len(input_ids) - 1)
+            positions.extend(range(start, start + s.num_new_tokens))
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
         if sched.decodes:
@@ -75,7 +81,20 @@ class ModelRunner:
         if sample_index:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
             result.sampled = self.sampler(logits, rows, allowed)
+        for s, first in verify_spans:
+            result.verified[s.seq.seq_id] = self._verify(s.spec_tokens, hidden[first : first + len(s.spec_tokens) + 1])
         return result
+
+    def _verify(self, drafts: list[int], hidden: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Greedy verification: keep drafts while each is the model's argmax, then add the model's own
+        next token, so the output is exactly what plain greedy decoding gives."""
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)  # [1 + k, V]
+        best = logprobs.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and best[accepted] == drafts[accepted]:
+            accepted += 1
+        tokens = drafts[:accepted] + [best[accepted]]
+        return tokens, logprobs[torch.arange(len(tokens)), self._tensor(tokens)].tolist()
 
     def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
         widest = max(len(s.seq.block_table) for s in decodes)

@@ -21,12 +21,13 @@ from parley.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # includes the speculative tokens
+    spec_tokens: list[int] = field(default_factory=list)  # draft tokens fed after the last real token
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the sequence's last token, so its logits pick the next one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.spec_tokens) == len(self.seq)
 
 
 @dataclass
@@ -67,7 +68,8 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            num_new = seq.num_pending_tokens if seq.num_pending_tokens == 1 else min(seq.num_pending_tokens, budget)
+            pending = seq.num_pending_tokens
+            num_new = pending + len(seq.spec_tokens) if pending == 1 else min(pending, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -103,25 +105,30 @@ class Scheduler:
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         is_decode = num_new == 1 and seq.num_computed_tokens + 1 == len(seq)
-        (out.decodes if is_decode else out.prefills).append(ScheduledSequence(seq, num_new))
+        spec = seq.spec_tokens if seq.num_pending_tokens == 1 else []
+        (out.decodes if is_decode else out.prefills).append(ScheduledSequence(seq, num_new, spec))
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
+        seq.spec_tokens = []
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
         for bucket in (out.decodes, out.prefills):
             bucket[:] = [s for s in bucket if s.seq is not seq]
 
     def update(self, out: SchedulerOutput) -> None:
-        """After the step ran: the scheduled tokens are now in the cache."""
+        """After the step ran: the scheduled real tokens are now in the cache (drafts: see `advance`)."""
         for s in out.scheduled:
-            if s.seq.is_finished:
-                continue
-            old = s.seq.num_computed_tokens
-            s.seq.num_computed_tokens = old + s.num_new_tokens
-            self.blocks.register_computed(s.seq, old)
+            if not s.seq.is_finished:
+                self.advance(s.seq, s.num_new_tokens - len(s.spec_tokens))
+
+    def advance(self, seq: Sequence, num_tokens: int) -> None:
+        """Count `num_tokens` more tokens of `seq` as computed (e.g. accepted draft tokens)."""
+        old = seq.num_computed_tokens
+        seq.num_computed_tokens = old + num_tokens
+        self.blocks.register_computed(seq, old)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence that ended or was aborted and free its blocks at once."""

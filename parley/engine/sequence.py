@@ -31,6 +31,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.cache_salt = cache_salt  # prefix-cache namespace (e.g. the LoRA adapter)
         self.needs_prompt_logprobs = needs_prompt_logprobs
+        self.spec_tokens: list[int] = []  # draft tokens to verify after the next token, if any
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -88,7 +88,8 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
             matchers = [grammar_compiler.matcher(request.grammar) for _ in range(n)]
         except ValueError as exc:
             raise ValidationError(f"Input validation error: grammar: {exc}", "grammar") from exc
-    return PreparedRequest(request, prompt_ids, seeds, matchers)
+    draft_ids = tokenizer.encode(request.draft_text, add_special_tokens=False) if request.draft_text else []
+    return PreparedRequest(request, prompt_ids, seeds, matchers, draft_ids)
 
 
 def _seeds(request: GenerationRequest, n: int) -> list[int | None]:

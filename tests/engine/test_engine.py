@@ -250,3 +250,25 @@ async def test_an_unsupported_schema_is_a_validation_error(engine):
     with pytest.raises(ValidationError, match="uniqueItems") as info:
         await collect(engine, request)
     assert info.value.field == "grammar"
+
+
+async def test_a_correct_prediction_gives_the_same_output_in_fewer_steps(engine):
+    plain, _ = await collect(engine, greedy(PROMPTS[0], max_new_tokens=40))  # its text re-tokenizes to the same ids
+    expected = [t.id for t in plain[0].tokens]
+    text = plain[0].text
+
+    async def steps_for(prediction):
+        await asyncio.sleep(0.05)  # let other tests' work drain so the step count is this request's
+        before = engine.core.num_steps
+        request = greedy(PROMPTS[0], max_new_tokens=40, draft_text=prediction)
+        request.stopping.min_new_tokens = 0
+        finals, tokens = await collect(engine, request)
+        assert [t.id for t in finals[0].tokens][: len(expected)] == expected[: finals[0].generated_tokens]
+        assert "".join(e.text for e in tokens[0]) + finals[0].text_tail == finals[0].text
+        return engine.core.num_steps - before
+
+    exact = await steps_for(text)
+    wrong = await steps_for("something else entirely " * 5)
+    half = await steps_for(text[: len(text) // 2] + " unrelated words")
+    assert exact < wrong / 3
+    assert exact <= half <= wrong
