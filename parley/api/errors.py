@@ -1,0 +1,144 @@
+"""Every failure the HTTP layer answers, as one `ApiError`, written in the caller's dialect.
+
+TGI-native routes answer `{"error": "...", "error_type": "..."}`. OpenAI-style routes (chat and
+completions, under any prefix, and /v1/*) answer `{"error": {"message", "type", "param", "code"},
+"error_type": "..."}`: the object feeds the OpenAI/Azure mappers, the top-level `error_type` the
+TGI ones (huggingface_hub, text-generation). See SDK-WIRE §1.7.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from parley.api.jsonio import JSONBody
+from parley.types import (GenerationError, NotFoundError, OverloadedError, ParleyError, RequestTimeoutError,
+                          ValidationError)
+
+log = logging.getLogger("parley.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.param = param
+
+
+class ClientDisconnected(ApiError):
+    """The client went away; nobody reads the answer (499, nginx's code for it)."""
+
+    def __init__(self):
+        super().__init__(499, "Client closed the request", "cancelled")
+
+
+def validation_error(message: str, param: str | None = None) -> ApiError:
+    return ApiError(422, message, "validation", param)
+
+
+def require(condition: bool, message: str, param: str) -> None:
+    """A request rule checked in the HTTP layer (dialect rules the engine cannot know)."""
+    if not condition:
+        raise validation_error(message, param)
+
+
+_ENGINE_ERRORS: dict[type, tuple[int, str]] = {
+    ValidationError: (422, "validation"),
+    OverloadedError: (429, "overloaded"),
+    RequestTimeoutError: (429, "timeout"),
+    GenerationError: (424, "generation"),
+    NotFoundError: (404, "not_found"),
+}
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    for kind, (status, error_type) in _ENGINE_ERRORS.items():
+        if isinstance(exc, kind):
+            return ApiError(status, str(exc), error_type, getattr(exc, "field", None))
+    if isinstance(exc, ParleyError):
+        return ApiError(424, str(exc), "generation")
+    return ApiError(500, f"Internal server error: {type(exc).__name__}: {exc}", "incomplete_generation")
+
+
+# -- wire forms ---------------------------------------------------------------------------------
+def tgi_body(err: ApiError) -> dict:
+    return {"error": err.message, "error_type": err.error_type}
+
+
+def openai_body(err: ApiError) -> dict:
+    return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.error_type},
+            "error_type": err.error_type}
+
+
+def speaks_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path.endswith("/completions")
+
+
+def error_body(path: str, err: ApiError) -> dict:
+    return openai_body(err) if speaks_openai(path) else tgi_body(err)
+
+
+def error_response(path: str, err: ApiError, headers: dict | None = None) -> JSONBody:
+    return JSONBody(error_body(path, err), status_code=err.status, headers=headers)
+
+
+class ErrorResponse(BaseModel):
+    """TGI's error body (OpenAI-style routes put an object with `message` under `error`)."""
+
+    error: str | dict
+    error_type: str
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in ((422, "Input validation error"), (424, "Generation error"),
+                                (429, "Model is overloaded"), (500, "Incomplete generation"))
+}
+
+
+# -- request validation (pydantic) ---------------------------------------------------------------
+def describe_validation(exc: RequestValidationError) -> ApiError:
+    """One message naming each offending field and the rule it broke."""
+    parts, first_field = [], None
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error", "")
+            parts.append(f"Malformed JSON body: {detail}".rstrip(": "))
+            continue
+        field = ".".join(loc) or "body"
+        first_field = first_field or field
+        parts.append(f"`{field}`: {error.get('msg', 'invalid value')}")
+    return validation_error("Input validation error: " + "; ".join(parts), first_field)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_body(request: Request, exc: RequestValidationError):
+        return error_response(request.url.path, describe_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Not found: {request.method} {request.url.path}"
+        return error_response(request.url.path, ApiError(exc.status_code, message, error_type), exc.headers)
+
+    @app.exception_handler(ApiError)
+    @app.exception_handler(ParleyError)
+    async def on_api_error(request: Request, exc: Exception):
+        return error_response(request.url.path, as_api_error(exc))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request.url.path, as_api_error(exc))

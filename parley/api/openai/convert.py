@@ -1,0 +1,77 @@
+"""OpenAI chat/completions requests -> GenerationRequest: the whole mapping, in one place."""
+
+from __future__ import annotations
+
+from parley.api.budget import room_for_output
+from parley.api.errors import require, validation_error
+from parley.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
+from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
+
+
+def generation_request(body: SamplingFields, prompt: str, engine, *, add_special_tokens: bool,
+                       top_n_tokens: int) -> GenerationRequest:
+    n = body.n or 1
+    require(n <= engine.config.max_n, f"Input validation error: `n` must be <= {engine.config.max_n}. Given: {n}",
+            "n")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    max_new_tokens = body.max_completion_tokens or body.max_tokens or room_for_output(
+        engine, prompt, add_special_tokens=add_special_tokens)
+    return GenerationRequest(
+        prompt=prompt,
+        add_special_tokens=add_special_tokens,
+        sampling=SamplingParams(
+            do_sample=temperature > 0,
+            temperature=temperature or 1.0,  # 0 means greedy, not a division by zero
+            top_p=body.top_p or 1.0,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            logit_bias=_logit_bias(body.logit_bias),
+            top_n_tokens=top_n_tokens,
+        ),
+        stopping=StoppingCriteria(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=body.min_tokens or 0,
+            stop_sequences=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        ),
+        n=n,
+        seeds=None if body.seed is None else [body.seed],
+    )
+
+
+def chat_request(body: ChatRequest, engine) -> GenerationRequest:
+    """Messages go through the model's chat template; the rendered text already holds any BOS."""
+    messages = [_template_message(m.model_dump(exclude_none=True)) for m in body.messages]
+    try:
+        prompt = engine.chat_template.render(messages, add_generation_prompt=True)
+    except ValueError as exc:  # the template refused the messages (e.g. an image for a text model)
+        raise validation_error(f"Input validation error: `messages`: {exc}", "messages") from exc
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    return generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
+
+
+def completion_requests(body: CompletionRequest, engine, max_client_batch_size: int) -> list[GenerationRequest]:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    require(len(prompts) > 0, "Input validation error: `prompt` cannot be an empty list", "prompt")
+    require(len(prompts) <= max_client_batch_size,
+            f"Input validation error: `prompt` holds {len(prompts)} prompts; at most {max_client_batch_size} "
+            "are allowed (max_client_batch_size)", "prompt")
+    require(body.suffix is None, "Input validation error: `suffix` is not supported by this model", "suffix")
+    return [generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0)
+            for p in prompts]
+
+
+def _template_message(message: dict) -> dict:
+    if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know "system"
+        message["role"] = "system"
+    return message
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    if not bias:
+        return {}
+    require(all(k.strip().isdigit() for k in bias),
+            "Input validation error: `logit_bias` keys must be token ids (integers as strings)", "logit_bias")
+    return {int(k): v for k, v in bias.items()}

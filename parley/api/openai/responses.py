@@ -1,0 +1,150 @@
+"""Engine events -> OpenAI chat.completion(.chunk) and text_completion objects.
+
+Shapes follow SDK-WIRE §1.5: int `created`, string `system_fingerprint`, `usage` on every answer,
+the `logprobs` key on every choice, `delta.role` and `delta.tool_calls` on every chunk, and only
+OpenAI's finish reasons. Choice i of prompt p is index p * n + i (several prompts: completions).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from parley.types import FinalEvent, FinishReason, Token, TokenEvent
+
+FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop"}
+
+
+@dataclass
+class Envelope:
+    """The fields every response object and chunk of one request share."""
+
+    model: str
+    system_fingerprint: str
+    id_prefix: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.id = self.id or f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def wrap(self, object_name: str, choices: list[dict], usage: dict | None) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
+                "system_fingerprint": self.system_fingerprint, "choices": choices, "usage": usage}
+
+
+class Usage:
+    def __init__(self):
+        self.prompt_tokens = self.completion_tokens = 0
+        self._prompts_counted: set[int] = set()
+
+    def add(self, request_index: int, final: FinalEvent) -> None:
+        if request_index not in self._prompts_counted:  # n sequences share one prompt
+            self._prompts_counted.add(request_index)
+            self.prompt_tokens += final.prompt_tokens
+        self.completion_tokens += final.generated_tokens
+
+    def json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class ChatShape:
+    response_object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, tokenizer, logprobs: bool):
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+
+    def _entry(self, t: Token) -> dict:
+        return {"token": t.text, "logprob": t.logprob, "bytes": list(self.tokenizer.token_bytes(t.id)),
+                "token_id": t.id}
+
+    def _logprob(self, token: Token, top: list[Token]) -> dict:
+        return {**self._entry(token), "top_logprobs": [self._entry(t) for t in top]}
+
+    def choice(self, index: int, final: FinalEvent) -> dict:
+        logprobs = None
+        if self.logprobs:
+            tops = final.top_tokens or [[] for _ in final.tokens]
+            logprobs = {"content": [self._logprob(t, top) for t, top in zip(final.tokens, tops)]}
+        return {"index": index, "message": {"role": "assistant", "content": final.text, "tool_calls": None},
+                "logprobs": logprobs, "finish_reason": FINISH_REASONS[final.finish_reason]}
+
+    def token_choice(self, index: int, event: TokenEvent) -> dict:
+        logprobs = {"content": [self._logprob(event.token, event.top_tokens)]} if self.logprobs else None
+        return {"index": index, "delta": {"role": "assistant", "content": event.text, "tool_calls": None},
+                "logprobs": logprobs, "finish_reason": None}
+
+    def final_choice(self, index: int, final: FinalEvent) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": final.text_tail, "tool_calls": None},
+                "logprobs": None, "finish_reason": FINISH_REASONS[final.finish_reason]}
+
+
+class CompletionShape:
+    """Legacy completions; logprobs in their legacy form (tokens, token_logprobs, top_logprobs,
+    text_offset)."""
+
+    response_object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, logprobs: bool):
+        self.logprobs = logprobs
+        self._offsets: dict[int, int] = {}  # streamed text length per choice, for text_offset
+
+    def _legacy(self, index: int, tokens: list[Token], tops: list[list[Token]]) -> dict:
+        offset, offsets = self._offsets.get(index, 0), []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+        self._offsets[index] = offset
+        return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{t.text: t.logprob for t in top} for top in tops], "text_offset": offsets}
+
+    def choice(self, index: int, final: FinalEvent) -> dict:
+        logprobs = self._legacy(index, final.tokens, final.top_tokens) if self.logprobs else None
+        return {"index": index, "text": final.text, "logprobs": logprobs,
+                "finish_reason": FINISH_REASONS[final.finish_reason]}
+
+    def token_choice(self, index: int, event: TokenEvent) -> dict:
+        logprobs = self._legacy(index, [event.token], [event.top_tokens]) if self.logprobs else None
+        return {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": None}
+
+    def final_choice(self, index: int, final: FinalEvent) -> dict:
+        return {"index": index, "text": final.text_tail, "logprobs": None,
+                "finish_reason": FINISH_REASONS[final.finish_reason]}
+
+
+Shape = ChatShape | CompletionShape
+
+
+def response(shape: Shape, env: Envelope, finals: list[list[FinalEvent]], n: int) -> dict:
+    usage, choices = Usage(), []
+    for i, group in enumerate(finals):
+        for final in group:
+            usage.add(i, final)
+            choices.append(shape.choice(i * n + final.index, final))
+    return env.wrap(shape.response_object, choices, usage.json())
+
+
+async def stream_payloads(shape: Shape, env: Envelope, batches: AsyncIterator[list[tuple[int, object]]],
+                          n: int, num_requests: int, include_usage: bool) -> AsyncIterator[list[dict]]:
+    """One chunk per token and one per finished choice. Usage rides on the last choice's final
+    chunk (as TGI does), or, with stream_options.include_usage, on a last chunk with no choices."""
+    usage, unfinished = Usage(), n * num_requests
+    async for batch in batches:
+        chunks = []
+        for i, event in batch:
+            index = i * n + event.index
+            if isinstance(event, TokenEvent):
+                chunks.append(env.wrap(shape.chunk_object, [shape.token_choice(index, event)], None))
+                continue
+            usage.add(i, event)
+            unfinished -= 1
+            last_usage = usage.json() if unfinished == 0 and not include_usage else None
+            chunks.append(env.wrap(shape.chunk_object, [shape.final_choice(index, event)], last_usage))
+        yield chunks
+    if include_usage:
+        yield [env.wrap(shape.chunk_object, [], usage.json())]

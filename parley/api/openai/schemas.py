@@ -1,0 +1,69 @@
+"""OpenAI-style request bodies for chat and completions.
+
+Every optional field accepts null and unknown fields are ignored, since every SDK sends some of
+its own (SDK-WIRE §1.4). Vendor dialects extend these models with their fields (Mistral's
+random_seed, Friendli's seed lists, Azure's extra parameters...) and map them in their convert.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Bias = Annotated[float, Field(ge=-100, le=100)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class ContentPart(BaseModel):
+    """A chunk of a message's content; the chat template decides which types the model takes."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    image_url: dict | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingFields(BaseModel):
+    """What chat and completions share: the output budget, sampling and stopping."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0: off")
+    min_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[str, Bias] | None = Field(None, description="token id (as a string) -> bias added to its logit")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20, description="how many alternatives to report per token")
+    suffix: str | None = None

@@ -1,0 +1,76 @@
+"""What the running server holds: its settings, the engine once loaded, admission and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Callable
+
+from fastapi import Request
+
+from parley.api.admission import Admission
+from parley.api.errors import ApiError
+from parley.config import EngineConfig, ServerConfig
+from parley.observability.metrics import Metrics
+
+if TYPE_CHECKING:
+    from parley.engine.async_engine import AsyncEngine
+
+log = logging.getLogger("parley.api")
+
+try:
+    VERSION = version("parley")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0.0.0"
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig, load_engine: Callable[[], "AsyncEngine"]):
+        self.config = config
+        self.engine_config = engine_config
+        self.engine: AsyncEngine | None = None  # set once loaded and started: /health is 200 from then on
+        self.load_error: BaseException | None = None
+        self.admission = Admission(engine_config.max_concurrent_requests)
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None)
+        self.created = int(time.time())
+        self.system_fingerprint = f"parley-{VERSION}"
+        self._load_engine = load_engine
+
+    @property
+    def model_name(self) -> str:
+        """The name responses and /v1/models report."""
+        return self.config.model_name or self.ready_engine().model_id
+
+    def ready_engine(self) -> "AsyncEngine":
+        if self.engine is None:
+            message = f"Model failed to load: {self.load_error}" if self.load_error else "Model is loading"
+            raise ApiError(503, message, "unhealthy")
+        return self.engine
+
+    async def load(self) -> None:
+        """Loads the model off the event loop (the socket already answers /health with 503)."""
+        started = time.monotonic()
+        log.info("loading model %s (dtype %s, device %s)", self.engine_config.model_id or "<default SmolLM2>",
+                 self.engine_config.dtype, self.engine_config.device)
+        try:
+            engine = await asyncio.to_thread(self._load_engine)
+            engine.start()
+        except Exception as exc:
+            self.load_error = exc
+            raise
+        self.engine = engine
+        cfg = engine.config
+        log.info("model ready in %.1fs: %s (%s on %s), max_input_tokens=%s max_total_tokens=%s "
+                 "max_concurrent_requests=%s", time.monotonic() - started, engine.model_id, engine.dtype,
+                 engine.device, cfg.max_input_tokens, cfg.max_total_tokens, cfg.max_concurrent_requests)
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await engine.shutdown()
+
+
+def server_of(request: Request) -> ServerState:
+    return request.app.state.server

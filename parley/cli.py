@@ -1,0 +1,94 @@
+"""`parley serve`: flags named like TGI's launcher; each also read from its environment variable
+(MODEL_ID, PORT, MAX_TOTAL_TOKENS, ...; see parley/config.py). Flags win over the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from parley.config import EngineConfig, ServerConfig
+
+log = logging.getLogger("parley")
+
+# flag -> (EngineConfig field, type, help); every flag defaults to None so the environment applies
+ENGINE_FLAGS = {
+    "--model-id": (str, "local HF model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"),
+    "--dtype": (str, "bfloat16 | float16 | float32"),
+    "--device": (str, "torch device, e.g. cpu or cuda"),
+    "--num-threads": (int, "torch threads for the engine (default: all cores)"),
+    "--max-concurrent-requests": (int, "requests in flight before answering 429"),
+    "--max-input-tokens": (int, "longest prompt, in tokens"),
+    "--max-total-tokens": (int, "longest prompt + output, in tokens"),
+    "--max-batch-prefill-tokens": (int, "prompt tokens per engine step"),
+    "--max-batch-total-tokens": (int, "KV-cache size, in tokens"),
+    "--max-best-of": (int, "largest best_of"),
+    "--max-stop-sequences": (int, "most stop sequences per request"),
+}
+SERVER_FLAGS = {
+    "--hostname": (str, "address to bind (default 127.0.0.1)"),
+    "--port": (int, "port to listen on (default 8080)"),
+    "--max-client-batch-size": (int, "most prompts in one /v1/completions request"),
+    "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="Parley LLM inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the model over HTTP (TGI and OpenAI APIs)")
+    for flag, (kind, help_text) in {**ENGINE_FLAGS, **SERVER_FLAGS}.items():
+        serve.add_argument(flag, type=kind, default=None, help=help_text)
+    serve.add_argument("--cors-allow-origin", action="append", default=None,
+                       help="allowed CORS origin; repeat the flag or separate with commas")
+    return parser
+
+
+def _options(args: argparse.Namespace, flags: dict) -> dict:
+    return {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in flags}
+
+
+def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    origins = [o.strip() for value in args.cors_allow_origin or [] for o in value.split(",") if o.strip()]
+    engine = EngineConfig.from_env(**_options(args, ENGINE_FLAGS))
+    server = ServerConfig.from_env(**_options(args, SERVER_FLAGS), cors_allow_origin=tuple(origins) or None)
+    return engine, server
+
+
+def _load_real_engine(config: EngineConfig):
+    from parley.engine.async_engine import AsyncEngine  # imports torch: done in the loading thread
+
+    return AsyncEngine.load(config)
+
+
+def serve(args: argparse.Namespace, engine_loader: Callable = _load_real_engine) -> int:
+    import uvicorn
+
+    from parley.api import create_app
+
+    engine_config, server_config = configs(args)
+    failures: list[BaseException] = []
+
+    def on_load_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = create_app(server_config, engine_config, lambda: engine_loader(engine_config), on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    log.info("Parley listening on http://%s:%d; /health answers 503 until the model is loaded",
+             server_config.hostname, server_config.port)
+    server.run()
+    return 1 if failures or not server.started else 0
+
+
+def main(argv: list[str] | None = None, engine_loader: Callable | None = None) -> int:
+    """`engine_loader(EngineConfig) -> engine` replaces the real engine (tests use a fake)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return serve(args, engine_loader or _load_real_engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Prometheus metrics under TGI's names, plus Parley's KV-cache gauges.
+
+Each server owns its own registry, so tests can build several apps. Counters are written under
+their exact TGI names (`tgi_request_count`, not prometheus_client's `tgi_request_count_total`), so
+they are rendered here by hand; gauges are read from the engine at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from typing import Callable, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from parley.types import FinalEvent
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class EngineGauges(Protocol):
+    """What the engine reports at scrape time (its `stats()`)."""
+
+    kv_blocks_used: int
+    kv_blocks_total: int
+    waiting: int
+    running: int
+
+
+class Metrics:
+    COUNTERS = {
+        "tgi_request_count": "Generation requests received",
+        "tgi_request_success": "Generation requests answered in full",
+        "parley_request_cancelled": "Generation requests whose client went away before the end",
+    }
+
+    def __init__(self, read_engine: Callable[[], EngineGauges | None] = lambda: None):
+        disable_created_metrics()  # no `*_created` series next to every histogram
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.counts: Tally[str] = Tally()
+        self.failures: Tally[str] = Tally()
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=self.registry)
+
+        self.duration = histogram("tgi_request_duration", "Request duration, arrival to last byte (s)",
+                                  DURATION_BUCKETS)
+        self.queue_duration = histogram("tgi_request_queue_duration", "Time waiting for the first step (s)",
+                                        DURATION_BUCKETS)
+        self.inference_duration = histogram("tgi_request_inference_duration",
+                                            "Time from the first step to the end (s)", DURATION_BUCKETS)
+        self.time_per_token = histogram("tgi_request_mean_time_per_token_duration",
+                                        "Inference time per generated token (s)", DURATION_BUCKETS)
+        self.input_length = histogram("tgi_request_input_length", "Prompt tokens per request", TOKEN_BUCKETS)
+        self.generated_tokens = histogram("tgi_request_generated_tokens", "Generated tokens per request",
+                                          TOKEN_BUCKETS)
+        self.registry.register(_EngineCollector(read_engine))
+
+    def record_request(self) -> "RequestRecord":
+        self.counts["tgi_request_count"] += 1
+        return RequestRecord(self)
+
+    # -- exposition ------------------------------------------------------------------------------
+    def render(self) -> tuple[bytes, str]:
+        lines = []
+        for name, doc in self.COUNTERS.items():
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter", f"{name} {self.counts[name]}"]
+        lines += ["# HELP tgi_request_failure Generation requests that failed, by error type",
+                  "# TYPE tgi_request_failure counter"]
+        lines += [f'tgi_request_failure{{err="{err}"}} {n}' for err, n in sorted(self.failures.items())]
+        return generate_latest(self.registry) + "\n".join(lines).encode() + b"\n", CONTENT_TYPE_LATEST
+
+
+class RequestRecord:
+    """One generation request's entry: the first of succeeded/failed/cancelled counts, later ones
+    are ignored (several layers may see the same failure)."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+        self._arrival = time.monotonic()
+        self._done = False
+
+    def _finish(self) -> bool:
+        first, self._done = not self._done, True
+        return first
+
+    def failed(self, error_type: str) -> None:
+        if self._finish():
+            self._metrics.failures[error_type] += 1
+
+    def cancelled(self) -> None:
+        if self._finish():
+            self._metrics.counts["parley_request_cancelled"] += 1
+
+    def succeeded(self, finals: list[list[FinalEvent]]) -> None:
+        """`finals`: the FinalEvents of each engine request this HTTP request made."""
+        if not self._finish():
+            return
+        m, every = self._metrics, [f for group in finals for f in group]
+        m.counts["tgi_request_success"] += 1
+        m.duration.observe(time.monotonic() - self._arrival)
+        if not every:
+            return
+        inference_s = max(f.inference_s for f in every)
+        generated = sum(f.generated_tokens for f in every)
+        m.queue_duration.observe(min(f.queue_s for f in every))
+        m.inference_duration.observe(inference_s)
+        m.input_length.observe(sum(group[0].prompt_tokens for group in finals if group))
+        m.generated_tokens.observe(generated)
+        if generated:
+            m.time_per_token.observe(inference_s / generated)
+
+
+class _EngineCollector:
+    def __init__(self, read_engine: Callable[[], EngineGauges | None]):
+        self.read_engine = read_engine
+
+    def collect(self):
+        stats = self.read_engine()
+        if stats is None:
+            return
+        for name, doc, value in (
+            ("tgi_queue_size", "Sequences waiting to be scheduled", stats.waiting),
+            ("tgi_batch_current_size", "Sequences in the running batch", stats.running),
+            ("parley_kv_blocks_used", "KV-cache blocks in use", stats.kv_blocks_used),
+            ("parley_kv_blocks_total", "KV-cache blocks in the pool", stats.kv_blocks_total),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)

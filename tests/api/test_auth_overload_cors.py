@@ -1,0 +1,71 @@
+"""--api-key, --max-concurrent-requests and --cors-allow-origin."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import API_KEY, CORS_ORIGIN
+
+BEARER = {"authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def strict(strict_server):
+    with httpx.Client(base_url=strict_server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path, method", [("/generate", "POST"), ("/v1/chat/completions", "POST"), ("/info", "GET"),
+                                          ("/metrics", "GET"), ("/openapi.json", "GET"), ("/v1/models", "GET")])
+def test_missing_or_wrong_key_is_401_with_json(strict, path, method):
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"api-key": "wrong"}):
+        r = strict.request(method, path, headers=headers, json={})
+        assert r.status_code == 401 and r.json()["error_type"] == "authentication"
+
+
+def test_health_needs_no_key_and_both_key_headers_work(strict):
+    assert strict.get("/health").status_code == 200
+    assert strict.get("/info", headers=BEARER).status_code == 200
+    assert strict.get("/info", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
+    assert strict.get("/info", headers={"api-key": API_KEY}).status_code == 200
+
+
+def test_openai_sdk_reports_authentication_error(strict_server):
+    client = openai.OpenAI(base_url=strict_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    assert openai.OpenAI(base_url=strict_server.url + "/v1", api_key=API_KEY).models.list().data
+
+
+def test_second_request_beyond_max_concurrent_requests_is_429(strict):
+    long_stream = {"prompt": "Hi", "max_tokens": 400, "min_tokens": 400, "stream": True}
+    with strict.stream("POST", "/v1/completions", json=long_stream, headers=BEARER) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()
+        next(lines)  # the first request is now running
+        r = strict.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}, headers=BEARER)
+        assert r.status_code == 429, [line for line in lines if line][-2:]
+        assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        r = strict.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=BEARER)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
+    # the client closed the first stream: once the server notices, the slot is free again
+    for _ in range(100):
+        ok = strict.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}, headers=BEARER)
+        if ok.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert ok.status_code == 200
+
+
+def test_cors(strict):
+    preflight = strict.options("/v1/chat/completions", headers={
+        "origin": CORS_ORIGIN, "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == CORS_ORIGIN
+    r = strict.get("/info", headers={**BEARER, "origin": CORS_ORIGIN})
+    assert r.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "access-control-allow-origin" not in strict.get("/info", headers={**BEARER, "origin": "http://evil"}).headers

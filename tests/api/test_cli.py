@@ -1,0 +1,53 @@
+"""`parley serve` flags and their environment variables -> EngineConfig / ServerConfig."""
+
+from __future__ import annotations
+
+from parley.cli import build_parser, configs
+
+
+def parse(*argv: str):
+    return configs(build_parser().parse_args(["serve", *argv]))
+
+
+def test_defaults():
+    engine, server = parse()
+    assert (server.hostname, server.port, server.api_key, server.cors_allow_origin) == ("127.0.0.1", 8080, None, ())
+    assert engine.model_id is None and engine.max_concurrent_requests == 128
+
+
+def test_flags_mirror_tgi_launcher(tmp_path):
+    engine, server = parse(
+        "--model-id", str(tmp_path), "--hostname", "0.0.0.0", "--port", "9000", "--max-concurrent-requests", "3",
+        "--max-input-tokens", "100", "--max-total-tokens", "200", "--max-batch-prefill-tokens", "64",
+        "--max-batch-total-tokens", "4096", "--max-best-of", "2", "--max-stop-sequences", "6",
+        "--max-client-batch-size", "8", "--api-key", "k", "--cors-allow-origin", "http://a,http://b",
+        "--cors-allow-origin", "http://c", "--dtype", "float32", "--num-threads", "2", "--device", "cpu")
+    assert (engine.model_id, engine.dtype, engine.device, engine.num_threads) == (str(tmp_path), "float32", "cpu", 2)
+    assert (engine.max_concurrent_requests, engine.max_input_tokens, engine.max_total_tokens) == (3, 100, 200)
+    assert (engine.max_batch_prefill_tokens, engine.max_batch_total_tokens) == (64, 4096)
+    assert (engine.max_best_of, engine.max_stop_sequences) == (2, 6)
+    assert (server.hostname, server.port, server.max_client_batch_size, server.api_key) == ("0.0.0.0", 9000, 8, "k")
+    assert server.cors_allow_origin == ("http://a", "http://b", "http://c")
+
+
+def test_environment_variables_and_flags_win(monkeypatch):
+    monkeypatch.setenv("PORT", "7000")
+    monkeypatch.setenv("MAX_TOTAL_TOKENS", "300")
+    monkeypatch.setenv("API_KEY", "from-env")
+    monkeypatch.setenv("CORS_ALLOW_ORIGIN", "http://x")
+    engine, server = parse("--port", "7001")
+    assert server.port == 7001 and engine.max_total_tokens == 300
+    assert server.api_key == "from-env" and server.cors_allow_origin == ("http://x",)
+
+
+def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    missing = tmp_path / "no-such-model"
+    done = subprocess.run([sys.executable, "-m", "parley", "serve", "--model-id", str(missing), "--port",
+                           str(free_port())], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "model failed to load" in done.stderr and str(missing) in done.stderr

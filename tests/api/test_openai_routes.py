@@ -1,0 +1,143 @@
+"""Chat and completions routes driven by the openai SDK, huggingface_hub, text-generation and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from huggingface_hub import InferenceClient
+from openai import OpenAI
+from text_generation import Client
+from text_generation.types import Message
+
+from conftest import sse_events
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def oai(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_completion_shape(oai, server):
+    r = oai.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and isinstance(r.created, int)
+    assert r.system_fingerprint and r.model
+    assert choice.message.role == "assistant" and choice.message.content and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + 5
+    raw = oai.chat.completions.with_raw_response.create(model="any", messages=MESSAGES, max_tokens=2).http_response.json()
+    assert raw["choices"][0]["logprobs"] is None and raw["choices"][0]["message"]["tool_calls"] is None
+
+
+def test_chat_n_seed_and_logprobs(oai):
+    kwargs = dict(model="any", messages=MESSAGES, max_tokens=4, n=2, seed=11, temperature=1.0, logprobs=True,
+                  top_logprobs=2)
+    a, b = oai.chat.completions.create(**kwargs), oai.chat.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.completion_tokens == 8
+    entry = a.choices[0].logprobs.content[0]
+    assert entry.logprob <= 0 and len(entry.top_logprobs) == 2 and bytes(entry.bytes).decode() == entry.token
+    assert entry.model_extra["token_id"] == entry.top_logprobs[0].model_extra["token_id"] or entry.logprob < 0
+
+
+def test_chat_greedy_stop(oai):
+    full = oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=8, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[4:6]
+    r = oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=8, temperature=0, stop=stop)
+    assert r.choices[0].message.content == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_stream_with_usage(oai):
+    stream = oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert len({c.id for c in chunks}) == 1
+    content = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    greedy = oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert content == greedy.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_stream_framing(http):
+    body = {"messages": MESSAGES, "max_tokens": 3, "stream": True, "n": 2}
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"accept": "application/json"}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for c in chunks:
+        for choice in c["choices"]:
+            assert choice["delta"]["role"] == "assistant" and "tool_calls" in choice["delta"]
+            assert "finish_reason" in choice and "logprobs" in choice
+    finals = [c for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(c["choices"][0]["index"] for c in finals) == [0, 1]
+    assert finals[-1]["usage"]["completion_tokens"] == 6  # usage rides on the last final chunk
+
+
+@pytest.mark.parametrize("path", ["/chat/completions?api-version=2024-05-01-preview",
+                                  "/models/chat/completions?api-version=2024-05-01-preview",
+                                  "/dedicated/v1/chat/completions"])
+def test_chat_route_aliases(http, path):
+    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": "endpoint:adapter", "extra": 1})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_completions_string_and_list(oai):
+    one = oai.completions.create(model="m", prompt="Once upon a time", max_tokens=3, temperature=0)
+    assert one.object == "text_completion" and one.choices[0].finish_reason == "length"
+    many = oai.completions.create(model="m", prompt=["Once upon a time", "Hello"], max_tokens=3, temperature=0, n=2,
+                                  logprobs=1)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == one.choices[0].text
+    assert len(many.choices[0].logprobs.tokens) == 3 and len(many.choices[0].logprobs.top_logprobs[0]) == 1
+    assert many.usage.completion_tokens == 12
+
+
+def test_completions_stream(oai):
+    chunks = list(oai.completions.create(model="m", prompt=["Once upon a time", "Hello"], max_tokens=3,
+                                         temperature=0, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].text
+    batch = oai.completions.create(model="m", prompt=["Once upon a time", "Hello"], max_tokens=3, temperature=0)
+    assert texts == {c.index: c.text for c in batch.choices}
+
+
+def test_models(oai):
+    models = oai.models.list().data
+    assert len(models) == 1 and models[0].id
+
+
+def test_huggingface_hub_chat(server):
+    client = InferenceClient(base_url=server.url)
+    out = client.chat_completion(MESSAGES, max_tokens=3, temperature=0)
+    assert out.choices[0].message.content and out.usage.completion_tokens == 3
+    chunks = list(client.chat_completion(MESSAGES, max_tokens=3, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
+
+
+def test_text_generation_chat(server):
+    """text-generation's chat sends every field, nulls included (`name`, `tool_calls` in messages)."""
+    r = Client(server.url, timeout=120).chat([Message(role="user", content="Hi")], max_tokens=2, seed=1)
+    assert r.choices[0].message.role == "assistant" and r.usage["completion_tokens"] == 2
+
+
+def test_chat_accepts_content_chunks_and_developer_role(http):
+    body = {"messages": [{"role": "developer", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 1}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_default_max_tokens_fills_the_context(http):
+    """Without max_tokens the budget is max_total_tokens (2048 here) minus the prompt, as in TGI."""
+    unit = len(http.post("/tokenize", json={"inputs": "hello " * 10}).json()) / 10
+    prompt = "hello " * int(2044 / unit)
+    prompt_tokens = len(http.post("/tokenize", json={"inputs": prompt}).json())
+    r = http.post("/v1/completions", json={"prompt": prompt, "temperature": 0, "min_tokens": 2048 - prompt_tokens})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 2048 - prompt_tokens,
+                                 "total_tokens": 2048}

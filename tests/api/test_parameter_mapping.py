@@ -1,0 +1,57 @@
+"""Each accepted sampling parameter reaches the engine: the output changes (or collapses to greedy)
+exactly as the parameter says."""
+
+from __future__ import annotations
+
+import pytest
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+SAMPLED = {"do_sample": True, "seed": 3, "temperature": 1.5}
+
+
+def generate(http, **parameters) -> str:
+    r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 12, **parameters}})
+    assert r.status_code == 200, r.text
+    return r.json()["generated_text"]
+
+
+def chat(http, **body) -> str:
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 12, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"top_p": 0.001}])
+def test_tgi_filters_narrowing_sampling_to_greedy(http, narrowing):
+    assert generate(http, **SAMPLED) != generate(http)
+    assert generate(http, **SAMPLED, **narrowing) == generate(http)
+
+
+@pytest.mark.parametrize("base, knob", [({}, {"repetition_penalty": 1.5}), ({}, {"frequency_penalty": 1.5}),
+                                        (SAMPLED, {"typical_p": 0.001}), (SAMPLED, {"watermark": True})])
+def test_tgi_knobs_change_the_output(http, base, knob):
+    assert generate(http, **base, **knob) != generate(http, **base)
+
+
+def test_tgi_unknown_adapter_is_404(http):
+    r = http.post("/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}})
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found" and "nope" in r.json()["error"]
+
+
+@pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"min_p": 1.0}, {"top_p": 0.001}])
+def test_chat_filters_narrowing_sampling_to_greedy(http, narrowing):
+    assert chat(http, temperature=1.5, seed=3, **narrowing) == chat(http, temperature=0)
+
+
+@pytest.mark.parametrize("knob", [{"presence_penalty": 2}, {"frequency_penalty": 2}, {"repetition_penalty": 1.5}])
+def test_chat_penalties_change_the_output(http, knob):
+    assert chat(http, temperature=0, **knob) != chat(http, temperature=0)
+
+
+def test_chat_logit_bias_bans_a_token(http):
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1, "temperature": 0, "logprobs": True})
+    first = r.json()["choices"][0]["logprobs"]["content"][0]["token_id"]
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1, "temperature": 0, "logprobs": True,
+                                                "logit_bias": {str(first): -100}})
+    assert r.json()["choices"][0]["logprobs"]["content"][0]["token_id"] != first, r.json()["choices"][0]["logprobs"]
