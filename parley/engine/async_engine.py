@@ -22,6 +22,7 @@ from parley.config import EngineConfig, ModelConfig
 from parley.engine.block_manager import BlockManager
 from parley.engine.core import EngineCore
 from parley.engine.runner import ModelRunner
+from parley.engine.malloc import keep_freed_memory
 from parley.engine.scheduler import Scheduler
 from parley.engine.validation import Limits, prepare
 from parley.models.loader import default_model_path, load_model
@@ -69,6 +70,7 @@ class AsyncEngine:
             raise ValueError(f"unsupported dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
         threads = config.num_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
+        keep_freed_memory()
         device = torch.device(config.device)
         path = config.model_id or default_model_path()
         started = time.monotonic()

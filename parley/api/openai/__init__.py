@@ -1,0 +1,1 @@
+"""OpenAI-style chat and completions routes."""

@@ -1,0 +1,1 @@
+"""TGI-native routes."""

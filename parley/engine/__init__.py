@@ -1,0 +1,1 @@
+"""The engine: requests, scheduler, paged KV blocks, runner, and the asyncio facade."""

@@ -1,0 +1,1 @@
+"""Llama-family models in plain PyTorch, paged attention, and weight loading."""

@@ -1,0 +1,1 @@
+"""Per-sequence sampling inside one mixed batch."""

@@ -1,0 +1,153 @@
+"""Choose the next token of every sequence in a mixed batch, each with its own parameters.
+
+Order of processing, on logits [B, V]:
+ 1. grammar mask (`allowed`) and the rows' suppressed ids -> -inf
+ 2. logit_bias (added)
+ 3. repetition_penalty over the prompt+output ids (HF/TGI: positive logits divided, others multiplied)
+ 4. frequency/presence penalty over the output ids (OpenAI: -= frequency*count + presence*(count>0))
+ 5. watermark (Kirchenbauer et al. 2023): +delta on a green list of gamma*vocab_size ids drawn from
+    a generator seeded with key * previous token id
+ 6. logprobs: log_softmax of these logits, reported for the chosen token and the top-n
+ 7. greedy rows: argmax. Rows with do_sample: temperature, top_k, top_p, typical_p, min_p, then a
+    draw from the row's generator.
+
+A step that no row uses is skipped, and a step that some rows use runs on those rows only.
+
+Batch invariance: a row gets bit-identical results whatever else is in the batch and at whatever
+position. Every op used works row by row (elementwise, softmax, cumsum, topk values, argmax, amax);
+float sum() is avoided because it splits long rows across threads when the batch is small. The draw
+takes one uniform from the row's generator and inverts the row's CDF in token-id order, so it does
+not depend on how a sort orders tied logits either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from parley.sampling import filters
+from parley.sampling.metadata import SampledRows, SamplingBatch, SamplingRow
+
+_PROMPT_CHUNK = 256  # rows of prompt logits turned into logprobs at once
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # of the chosen token
+    top_ids: list[list[int]]  # per row, the params.top_n_tokens most likely ids (empty if 0)
+    top_logprobs: list[list[float]]
+
+
+class Sampler:
+    def __init__(
+        self,
+        vocab_size: int,
+        device,
+        watermark_gamma: float = 0.5,
+        watermark_delta: float = 2.0,
+        watermark_key: int = 15485863,
+    ):
+        self.vocab_size = vocab_size  # the id space of the watermark's green lists
+        self.device = torch.device(device)
+        self.watermark_gamma = watermark_gamma
+        self.watermark_delta = watermark_delta
+        self.watermark_key = watermark_key
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [B, V] float32
+        rows: list[SamplingRow],
+        allowed: torch.Tensor | None = None,  # [B, V] bool grammar mask, True = allowed
+    ) -> SamplerOutput:
+        batch = SamplingBatch.build(rows, logits.shape[-1], self.device)
+        x = self._process(logits, batch, allowed)
+        logprobs = x.log_softmax(-1)
+        token_ids = self._choose(x, batch)
+        chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+
+        top_ids: list[list[int]] = [[] for _ in rows]
+        top_logprobs: list[list[float]] = [[] for _ in rows]
+        for n, at in batch.top_n.items():
+            values, ids = logprobs.index_select(0, at).topk(n)
+            for row, row_ids, row_values in zip(at.tolist(), ids.tolist(), values.tolist()):
+                top_ids[row], top_logprobs[row] = row_ids, row_values
+        return SamplerOutput(token_ids.tolist(), chosen.tolist(), top_ids, top_logprobs)
+
+    def greenlist(self, previous_id: int) -> torch.Tensor:
+        """The watermark's green token ids after `previous_id` (for generation and detection)."""
+        generator = torch.Generator().manual_seed(self.watermark_key * previous_id)
+        size = int(self.watermark_gamma * self.vocab_size)
+        return torch.randperm(self.vocab_size, generator=generator)[:size].to(self.device)
+
+    def _process(self, logits, batch: SamplingBatch, allowed) -> torch.Tensor:
+        """Steps 1-5, on a copy when anything changes."""
+        x = logits if allowed is None else torch.where(allowed, logits, -math.inf)
+        if not batch.edits_logits:
+            return x
+        if x is logits:
+            x = x.clone()
+        if t := batch.suppressed:
+            x.index_put_((t.rows, t.ids), t.values)
+        if t := batch.logit_bias:
+            x[t.rows, t.ids] += t.values
+        if t := batch.repetition:
+            seen = x[t.rows, t.ids]
+            x[t.rows, t.ids] = torch.where(seen > 0, seen / t.values, seen * t.values)
+        if t := batch.frequency:
+            x[t.rows, t.ids] -= t.values
+        for row, previous_id in batch.watermark:
+            x[row, self.greenlist(previous_id)] += self.watermark_delta
+        return x
+
+    def _choose(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        s = batch.sampled
+        if s is None:
+            return x.argmax(-1)
+        sampled = self._sample(x, s)
+        if s.rows is None:
+            return sampled
+        token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        token_ids[s.rows] = sampled
+        token_ids[batch.greedy_rows] = x.index_select(0, batch.greedy_rows).argmax(-1)
+        return token_ids
+
+    def _sample(self, x: torch.Tensor, s: SampledRows) -> torch.Tensor:
+        # A copy of the sampled rows, changed in place from here on: multi-MB allocations can cost
+        # more than the arithmetic when the allocator hands their pages back to the OS each time.
+        x = x.clone() if s.rows is None else x.index_select(0, s.rows)
+        if s.temperature is not None:
+            x.div_(s.temperature)
+        for removed, used in (
+            (filters.top_k, s.top_k),
+            (filters.top_p, s.top_p),
+            (filters.typical_p, s.typical_p),
+            (filters.min_p, s.log_min_p),
+        ):
+            if used is None:
+                continue
+            if used.rows is None:
+                x.masked_fill_(removed(x, used.values), -math.inf)
+            else:
+                rows = x.index_select(0, used.rows)
+                rows.masked_fill_(removed(rows, used.values), -math.inf)
+                x.index_copy_(0, used.rows, rows)
+        # Inverse CDF in token-id order with one uniform per row from the row's own generator.
+        cdf = x.softmax(-1).double().cumsum_(-1)  # softmax, as exp() is slow on -inf
+        u = torch.cat(
+            [torch.rand(1, generator=g, dtype=torch.float64, device=x.device) for g in s.generators]
+        )
+        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: torch.Tensor) -> list[float]:
+    """logprob of next_ids[t] under logits[t] (the raw model logits), for decoder_input_details.
+    In chunks of rows, so a long prompt never needs a second [T, V] tensor."""
+    c = _PROMPT_CHUNK
+    out = [
+        logits[i : i + c].float().log_softmax(-1).gather(1, next_ids[i : i + c, None])
+        for i in range(0, len(logits), c)
+    ]
+    return torch.cat(out).squeeze(1).tolist() if out else []
