@@ -12,7 +12,8 @@ from parley.config import EngineConfig, ServerConfig
 
 log = logging.getLogger("parley")
 
-# flag -> (EngineConfig field, type, help); every flag defaults to None so the environment applies
+# flag -> (type, help); the flag's name is the config field's; every flag defaults to None so the
+# environment applies
 ENGINE_FLAGS = {
     "--model-id": (str, "local HF model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"),
     "--dtype": (str, "bfloat16 | float16 | float32"),
@@ -25,6 +26,10 @@ ENGINE_FLAGS = {
     "--max-batch-total-tokens": (int, "KV-cache size, in tokens"),
     "--max-best-of": (int, "largest best_of"),
     "--max-stop-sequences": (int, "most stop sequences per request"),
+    "--max-top-n-tokens": (int, "largest top_n_tokens / top_logprobs"),
+    "--max-batch-size": (int, "sequences decoded together in one step"),
+    "--watermark-gamma": (float, "share of the vocabulary on a watermark's green list"),
+    "--watermark-delta": (float, "logit bias added to green-list tokens when a request asks for a watermark"),
 }
 SERVER_FLAGS = {
     "--hostname": (str, "address to bind (default 127.0.0.1)"),
