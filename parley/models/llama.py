@@ -1,0 +1,184 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) over a flat batch and a paged KV cache.
+
+Written for small models on CPU, where per-op overhead matters as much as FLOPs: q/k/v are one
+fused matmul, gate/up another, and RoPE's cos/sin come from a table built once. Parameters are
+plain tensors (no nn.Linear) that never require grad; `load_weights` fills them from HF names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parley.config import ModelConfig
+from parley.models.attention import AttentionMetadata, paged_attention
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies, computed exactly as transformers does."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; Parley supports default, linear and llama3")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    # Low frequencies are divided by `factor`, high ones kept, the band between interpolated.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF layout). x [N, heads, D]; cos, sin [N, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)  # [N, heads, D/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, head_dim = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, head_dim
+        self.eps = config.rms_norm_eps
+        self.scale = head_dim**-0.5
+        qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * head_dim
+        self.input_norm = _param(hidden)
+        self.qkv_weight = _param(qkv_rows, hidden)  # rows: q, then k, then v
+        self.qkv_bias = _param(qkv_rows) if config.attention_bias else None
+        self.o_weight = _param(hidden, config.num_heads * head_dim)
+        # Llama puts a bias on o_proj too when attention_bias is set; Qwen2 only on q/k/v.
+        has_o_bias = config.attention_bias and config.architecture != "Qwen2ForCausalLM"
+        self.o_bias = _param(hidden) if has_o_bias else None
+        self.post_attention_norm = _param(hidden)
+        self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
+        self.down_weight = _param(hidden, config.intermediate_size)
+
+    def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        shape = hidden.shape[-1:]
+        x = F.rms_norm(hidden, shape, self.input_norm, self.eps)
+        hidden = hidden + self._attention(x, cos, sin, k_cache, v_cache, meta)
+        x = F.rms_norm(hidden, shape, self.post_attention_norm, self.eps)
+        return hidden + self._mlp(x)
+
+    def _attention(self, x, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
+        n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [N, (H + 2*KVH) * D]
+        qkv = qkv.view(n, heads + 2 * kv_heads, self.head_dim)  # [N, H + 2*KVH, D]
+        qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)  # [N, H + KVH, D]
+        q, k = qk.split([heads, kv_heads], dim=1)  # [N, H, D], [N, KVH, D]
+        v = qkv[:, heads + kv_heads :]  # [N, KVH, D]
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [N, H, D]
+        out = out.reshape(n, heads * self.head_dim)  # [N, H*D]
+        return F.linear(out, self.o_weight, self.o_bias)  # [N, hidden]
+
+    def _mlp(self, x) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [N, I] each
+        return F.linear(F.silu(gate) * up, self.down_weight)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = _param(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = _param(config.hidden_size)
+        tied = config.tie_word_embeddings
+        self.lm_head = self.embed_tokens if tied else _param(config.vocab_size, config.hidden_size)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(config))  # [max_positions, D/2]
+        # Cast with the model's dtype by .to(), like HF's cos.to(x.dtype).
+        self.register_buffer("rope_cos", freqs.cos(), persistent=False)
+        self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        positions: torch.Tensor,  # [N]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [N, hidden] after the final norm (compute_logits applies only lm_head)."""
+        hidden = F.embedding(input_ids, self.embed_tokens)  # [N, hidden]
+        cos = self.rope_cos[positions].unsqueeze(1)  # [N, 1, D/2]
+        sin = self.rope_sin[positions].unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
+        return F.rms_norm(hidden, hidden.shape[-1:], self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[M, hidden] normed hidden states -> [M, vocab] float32 logits."""
+        return F.linear(hidden, self.lm_head).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill the (fused) parameters from HF-named tensors; ValueError on unknown/missing/misshapen."""
+        targets = self._weight_targets()
+        loaded = set()
+        for name, tensor in weights:
+            target = targets.get(name)
+            if target is None:
+                if name.endswith("rotary_emb.inv_freq") or (
+                    name == "lm_head.weight" and self.config.tie_word_embeddings
+                ):
+                    continue  # derived from the config / tied to the embeddings
+                raise ValueError(f"unknown tensor {name!r} for {self.config.architecture}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(targets.keys() - loaded)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(f"missing tensor(s) {', '.join(missing[:3])}{more}")
+
+    def _weight_targets(self) -> dict[str, torch.Tensor]:
+        """HF tensor name -> the view of our parameter it fills."""
+        c = self.config
+        q_rows, kv_rows, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        qkv_splits = {
+            "q_proj": (0, q_rows),
+            "k_proj": (q_rows, kv_rows),
+            "v_proj": (q_rows + kv_rows, kv_rows),
+        }
+        targets = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
+        if not c.tie_word_embeddings:
+            targets["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for proj, (start, rows) in qkv_splits.items():
+                targets[f"{p}self_attn.{proj}.weight"] = layer.qkv_weight.narrow(0, start, rows)
+                if layer.qkv_bias is not None:
+                    targets[f"{p}self_attn.{proj}.bias"] = layer.qkv_bias.narrow(0, start, rows)
+            targets[f"{p}self_attn.o_proj.weight"] = layer.o_weight
+            if layer.o_bias is not None:
+                targets[f"{p}self_attn.o_proj.bias"] = layer.o_bias
+            targets[f"{p}mlp.gate_proj.weight"] = layer.gate_up_weight.narrow(0, 0, inter)
+            targets[f"{p}mlp.up_proj.weight"] = layer.gate_up_weight.narrow(0, inter, inter)
+            targets[f"{p}mlp.down_proj.weight"] = layer.down_weight
+            targets[f"{p}input_layernorm.weight"] = layer.input_norm
+            targets[f"{p}post_attention_layernorm.weight"] = layer.post_attention_norm
+        return targets

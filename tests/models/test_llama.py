@@ -1,0 +1,181 @@
+"""LlamaForCausalLM over a paged cache equals transformers on tiny random checkpoints."""
+
+import math
+
+import pytest
+import torch
+from tiny_model import make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from parley.config import ModelConfig
+from parley.models.attention import AttentionMetadata, PrefillChunk
+from parley.models.llama import LlamaForCausalLM
+from parley.models.loader import load_model
+
+BLOCK = 4
+NUM_BLOCKS = 16
+PROMPT = [1, 50, 60, 70, 80, 90, 100, 110, 120, 3, 4]
+
+VARIANTS = {
+    "llama-tied": ("llama", True, {}),
+    "llama-untied": ("llama", False, {}),
+    "qwen2-tied": ("qwen2", True, {}),
+    "qwen2-untied": ("qwen2", False, {}),
+    "llama-rope-linear": ("llama", True, {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "llama-rope-llama3": (
+        "llama",
+        False,
+        {
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def models(request, tmp_path_factory):
+    arch, tie, overrides = VARIANTS[request.param]
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param), arch, tie=tie, **overrides)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    ours, _ = load_model(path, torch.float32, "cpu")
+    return ours, hf
+
+
+def make_caches(config, dtype=torch.float32):
+    # Random, not zeros: stale values in slots a sequence may not see must not leak into its output.
+    shape = (NUM_BLOCKS, BLOCK, config.num_kv_heads, config.head_dim)
+    return [
+        (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(config.num_layers)
+    ]
+
+
+def slots(table: list[int], positions: range) -> list[int]:
+    return [table[p // BLOCK] * BLOCK + p % BLOCK for p in positions]
+
+
+def step(model, caches, decodes=(), prefills=()):
+    """One forward of a flat batch; returns hidden states [N, hidden].
+
+    decodes: (token, position, block_table) per sequence; prefills: (tokens, start_position, block_table).
+    """
+    ids, positions, slot_mapping = [], [], []
+    for token, pos, table in decodes:
+        ids.append(token)
+        positions.append(pos)
+        slot_mapping += slots(table, range(pos, pos + 1))
+    chunks = []
+    for tokens, start, table in prefills:
+        context = start + len(tokens)
+        chunks.append(
+            PrefillChunk(len(ids), len(tokens), context, torch.tensor(table[: math.ceil(context / BLOCK)]))
+        )
+        ids += tokens
+        positions += range(start, context)
+        slot_mapping += slots(table, range(start, context))
+    decode_tables = decode_bias = None
+    if decodes:
+        width = max(len(table) for _, _, table in decodes)
+        decode_tables = torch.tensor([table + [0] * (width - len(table)) for _, _, table in decodes])
+        visible = (
+            torch.arange(width * BLOCK)[None, :] <= torch.tensor([pos for _, pos, _ in decodes])[:, None]
+        )
+        decode_bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping),
+        num_decode_tokens=len(decodes),
+        decode_block_tables=decode_tables,
+        decode_bias=decode_bias,
+        prefill_chunks=tuple(chunks),
+    )
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.tensor(positions), caches, meta)
+
+
+def hf_logits(hf, tokens):
+    with torch.inference_mode():
+        return hf(torch.tensor([tokens])).logits[0]
+
+
+def test_prefill_matches_transformers(models):
+    ours, hf = models
+    caches = make_caches(ours.config)
+    hidden = step(ours, caches, prefills=[(PROMPT, 0, [5, 2, 7])])
+    torch.testing.assert_close(ours.compute_logits(hidden), hf_logits(hf, PROMPT), atol=1e-4, rtol=0)
+
+
+def test_chunked_prefill_then_decode_matches_transformers(models):
+    ours, hf = models
+    continuation = [200, 13, 7, 300, 250, 8, 99, 150]
+    expected = hf_logits(hf, PROMPT + continuation)
+    table = [9, 3, 14, 0, 6]  # 20 slots for 19 tokens, out of order
+    caches = make_caches(ours.config)
+    first = step(ours, caches, prefills=[(PROMPT[:6], 0, table)])
+    second = step(ours, caches, prefills=[(PROMPT[6:], 6, table)])
+    prompt_logits = ours.compute_logits(torch.cat([first, second]))
+    torch.testing.assert_close(prompt_logits, expected[: len(PROMPT)], atol=1e-4, rtol=0)
+
+    tokens = PROMPT[:]
+    for token in continuation:
+        pos = len(tokens)
+        tokens.append(token)
+        logits = ours.compute_logits(step(ours, caches, decodes=[(token, pos, table)]))
+        torch.testing.assert_close(logits[0], expected[pos], atol=1e-4, rtol=0)
+
+
+def test_mixed_batch_equals_each_alone(models):
+    ours, _ = models
+    a, b, c = [5, 1, 8, 2], [11, 4, 6], [13, 10, 12, 7]  # block tables of different widths
+    seq_a, seq_b, seq_c = PROMPT[:5] + [42], PROMPT + [43], PROMPT[:3] + [44, 45, 46, 47, 48, 49, 50]
+    caches = make_caches(ours.config)
+    step(ours, caches, prefills=[(seq_a[:5], 0, a), (seq_b[:-1], 0, b), (seq_c[:3], 0, c)])
+
+    decodes = [(seq_a[5], 5, a), (seq_b[-1], len(PROMPT), b)]
+    chunk = (seq_c[3:], 3, c)
+    alone = [step(ours, [(k.clone(), v.clone()) for k, v in caches], decodes=[d]) for d in decodes]
+    alone.append(step(ours, [(k.clone(), v.clone()) for k, v in caches], prefills=[chunk]))
+    mixed = step(ours, caches, decodes=decodes, prefills=[chunk])
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=1e-5, rtol=0)
+
+
+def _hf_named(model):
+    return [(name, view.clone()) for name, view in model._weight_targets().items()]
+
+
+def test_bfloat16_is_close_to_float32(models):
+    ours, _ = models
+    bf16 = LlamaForCausalLM(ours.config).to(torch.bfloat16)
+    bf16.load_weights(_hf_named(ours))
+    caches = make_caches(ours.config)
+    reference = ours.compute_logits(step(ours, caches, prefills=[(PROMPT, 0, [5, 2, 7])]))
+    logits = bf16.compute_logits(
+        step(bf16, make_caches(ours.config, torch.bfloat16), prefills=[(PROMPT, 0, [5, 2, 7])])
+    )
+    assert logits.dtype == torch.float32
+    assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_load_weights_names_unknown_and_missing_tensors(models):
+    ours, _ = models
+    weights = _hf_named(ours)
+    model = LlamaForCausalLM(ours.config)
+    with pytest.raises(ValueError, match=r"unknown tensor 'model\.layers\.0\.self_attn\.qkv\.weight'"):
+        model.load_weights(weights + [("model.layers.0.self_attn.qkv.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
+        model.load_weights([(n, t) for n, t in weights if n != "model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(3,\)"):
+        model.load_weights([(n, torch.zeros(3) if n == "model.norm.weight" else t) for n, t in weights])
+
+
+def test_unsupported_rope_scaling_is_a_clear_error():
+    config = ModelConfig(
+        "LlamaForCausalLM", 10, 8, 16, 1, 2, 1, 4, rope_scaling={"type": "yarn", "factor": 4.0}
+    )
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        LlamaForCausalLM(config)
