@@ -27,6 +27,7 @@ BOS, EOS, OFFSET = 0, 1, 2  # byte b is token b + OFFSET
 
 
 class FakeTokenizer:
+    chat_template = None  # no template source of its own (FakeChatTemplate renders)
     eos_token_ids = [EOS]
     vocab_size = 256 + OFFSET
 
@@ -66,6 +67,7 @@ class FakeStats:
     kv_blocks_total: int
     waiting: int
     running: int
+    adapter_requests: dict = dataclasses.field(default_factory=dict)
 
 
 class FakeEngine:
@@ -91,6 +93,12 @@ class FakeEngine:
 
     def start(self) -> None:
         self.started = True
+
+    def has_adapter(self, name) -> bool:
+        return False
+
+    def list_adapters(self) -> list:
+        return []
 
     async def shutdown(self) -> None:
         self.started = False

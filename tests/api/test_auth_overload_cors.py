@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, CORS_ORIGIN
+from server import API_KEY, CORS_ORIGIN
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
 

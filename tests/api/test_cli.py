@@ -44,7 +44,7 @@ def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):
     import subprocess
     import sys
 
-    from conftest import free_port
+    from server import free_port
 
     missing = tmp_path / "no-such-model"
     done = subprocess.run([sys.executable, "-m", "parley", "serve", "--model-id", str(missing), "--port",

@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from conftest import metric
+from server import metric
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 

@@ -140,7 +140,7 @@ def test_engine_failure_mid_stream_is_an_sse_event(fake_server):
 
     import httpx
 
-    from conftest import sse_events
+    from server import sse_events
 
     with httpx.stream("POST", fake_server.url + "/generate_stream",
                       json={"inputs": "FAIL_AFTER_3", "parameters": {"max_new_tokens": 10}}) as r:

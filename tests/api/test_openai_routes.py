@@ -10,7 +10,7 @@ from openai import OpenAI
 from text_generation import Client
 from text_generation.types import Message
 
-from conftest import sse_events
+from server import sse_events
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -82,7 +82,7 @@ def test_chat_stream_framing(http):
                                   "/models/chat/completions?api-version=2024-05-01-preview",
                                   "/dedicated/v1/chat/completions"])
 def test_chat_route_aliases(http, path):
-    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": "endpoint:adapter", "extra": 1})
+    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": "endpoint", "extra": 1})
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
 
 

@@ -10,7 +10,7 @@ from huggingface_hub import InferenceClient
 from text_generation import Client
 from text_generation.types import Grammar, GrammarType
 
-from conftest import sse_events
+from server import sse_events
 
 PROMPT = "The capital of France is"
 

@@ -1,10 +1,15 @@
-"""OpenAI chat/completions requests -> GenerationRequest: the whole mapping, in one place."""
+"""OpenAI chat/completions requests -> GenerationRequest. Fields some vendor spells or shapes its
+own way (seeds, output budget, top_k...) map through the one table, `dialects.FIELDS`."""
 
 from __future__ import annotations
 
+from parley.api import dialects
+from parley.api.adapters import adapter_for_model
 from parley.api.budget import room_for_output
 from parley.api.errors import require, validation_error
 from parley.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
+from parley.api.openai.structured import response_grammar
+from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
 
 
@@ -14,42 +19,45 @@ def generation_request(body: SamplingFields, prompt: str, engine, *, add_special
     require(n <= engine.config.max_n, f"Input validation error: `n` must be <= {engine.config.max_n}. Given: {n}",
             "n")
     temperature = 1.0 if body.temperature is None else body.temperature
-    max_new_tokens = body.max_completion_tokens or body.max_tokens or room_for_output(
-        engine, prompt, add_special_tokens=add_special_tokens)
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt=prompt,
         add_special_tokens=add_special_tokens,
         sampling=SamplingParams(
             do_sample=temperature > 0,
             temperature=temperature or 1.0,  # 0 means greedy, not a division by zero
             top_p=body.top_p or 1.0,
-            top_k=body.top_k or 0,
             min_p=body.min_p or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
             logit_bias=_logit_bias(body.logit_bias),
             top_n_tokens=top_n_tokens,
         ),
         stopping=StoppingCriteria(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=body.min_tokens or 0,
             stop_sequences=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         ),
         n=n,
-        seeds=None if body.seed is None else [body.seed],
+        grammar=response_grammar(body.response_format),
+        adapter_id=adapter_for_model(engine, body.model),  # a body's own adapter_id (dialects) wins
     )
+    # seeds, output budget, top_k... : every vendor's spelling, through the one table
+    if "stopping.max_new_tokens" not in dialects.apply(body, request):
+        request.stopping.max_new_tokens = room_for_output(engine, prompt, add_special_tokens=add_special_tokens)
+    return request
 
 
-def chat_request(body: ChatRequest, engine) -> GenerationRequest:
+def chat_request(body: ChatRequest, engine, tools: ToolPlan | None = None) -> GenerationRequest:
     """Messages go through the model's chat template; the rendered text already holds any BOS."""
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in body.messages]
+    messages, template_kwargs = template_inputs(messages, tools, engine.tokenizer.chat_template)
     try:
-        prompt = engine.chat_template.render(messages, add_generation_prompt=True)
+        prompt = engine.chat_template.render(messages, add_generation_prompt=True, **template_kwargs)
     except ValueError as exc:  # the template refused the messages (e.g. an image for a text model)
         raise validation_error(f"Input validation error: `messages`: {exc}", "messages") from exc
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    return generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
+    request = generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
+    if tools:
+        request.grammar = tools.grammar()
+    return request
 
 
 def completion_requests(body: CompletionRequest, engine, max_client_batch_size: int) -> list[GenerationRequest]:

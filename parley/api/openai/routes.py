@@ -4,40 +4,52 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from parley.api import dialects
+from parley.api.adapters import adapter_cards
+from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
 from parley.api.errors import ERROR_RESPONSES
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
-from parley.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
+from parley.api.openai.schemas import CompletionRequest, SamplingFields
+from parley.api.openai.structured import grammar_errors_named
+from parley.api.openai.tool_calls import ToolChatShape, ToolPlan
 from parley.api.serving import GenerationRoute, respond
 from parley.api.state import server_of
 from parley.types import GenerationRequest
 
-# SDK-WIRE §1.2: openai/hf/mistral, azure (endpoint=URL), azure (endpoint=URL/models), friendli
+# SDK-WIRE §1.2: openai/hf/mistral, azure (endpoint=URL), azure (endpoint=URL/models), friendli; and
+# openai pointed at URL/siliconflow/v1 for SiliconFlow's limits and finish reasons (dialects.py)
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions", "/models/chat/completions",
-              "/dedicated/v1/chat/completions")
+              "/dedicated/v1/chat/completions", SILICONFLOW_CHAT_PATH)
 COMPLETION_PATHS = ("/v1/completions", "/dedicated/v1/completions")
 
 router = APIRouter(tags=["OpenAI"], route_class=GenerationRoute, responses=ERROR_RESPONSES)
 
 
-async def _respond(http: Request, body: SamplingFields, requests: list[GenerationRequest], shape: Shape) -> Response:
+async def _respond(http: Request, body: SamplingFields, requests: list[GenerationRequest], shape: Shape,
+                   grammar_field: str = "response_format") -> Response:
     server = server_of(http)
     env = Envelope(server.model_name, server.system_fingerprint, shape.id_prefix)
     n = requests[0].n
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(
-        http, requests, stream=bool(body.stream),
-        to_json=lambda finals: responses.response(shape, env, finals, n),
-        to_payloads=lambda batches: responses.stream_payloads(shape, env, batches, n, len(requests), include_usage),
-        done_marker=True,
-    )
+    with grammar_errors_named(grammar_field):
+        return await respond(
+            http, requests, stream=bool(body.stream),
+            to_json=lambda finals: responses.response(shape, env, finals, n),
+            to_payloads=lambda batches: responses.stream_payloads(shape, env, batches, n, len(requests), include_usage),
+            done_marker=True,
+        )
 
 
-async def chat_completions(body: ChatRequest, http: Request) -> Response:
+async def chat_completions(body: ChatBody, http: Request) -> Response:
     engine = server_of(http).ready_engine()
-    return await _respond(http, body, [convert.chat_request(body, engine)],
-                          ChatShape(engine.tokenizer, bool(body.logprobs)))
+    dialects.normalize(body, http)
+    tools = ToolPlan.of(body)
+    shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(engine.tokenizer, bool(body.logprobs)),
+                                    http)
+    return await _respond(http, body, [convert.chat_request(body, engine, tools)], shape,
+                          grammar_field="tools" if tools else "response_format")
 
 
 async def completions(body: CompletionRequest, http: Request) -> Response:
@@ -56,8 +68,10 @@ for path in COMPLETION_PATHS:
 models_router = APIRouter(tags=["OpenAI"])
 
 
-@models_router.get("/v1/models", summary="The served model")
+@models_router.get("/v1/models", summary="The served model and its LoRA adapters")
 async def list_models(http: Request) -> Response:
     server = server_of(http)
-    return JSONBody({"object": "list", "data": [
-        {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "parley"}]})
+    max_context_length = server.ready_engine().config.max_total_tokens
+    base = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "parley",
+            **dialects.mistral_model_card(max_context_length)}
+    return JSONBody({"object": "list", "data": [base, *adapter_cards(server.ready_engine(), base)]})

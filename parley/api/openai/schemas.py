@@ -7,7 +7,7 @@ random_seed, Friendli's seed lists, Azure's extra parameters...) and map them in
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,12 +55,20 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Bias] | None = Field(None, description="token id (as a string) -> bias added to its logit")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | str | None = Field(
+        None, description="text, json_object, json_schema, TGI's json/regex, Friendli's regex (see docs/API.md)")
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='none, auto (default), required (Mistral: any), {"type": "function", "function": {"name"}}, '
+                          "or a bare function name (text-generation)")
+    parallel_tool_calls: bool | None = None
+    tool_prompt: str | None = Field(None, description="TGI: instructions shown before the tool definitions")
 
 
 class CompletionRequest(SamplingFields):

@@ -1,0 +1,227 @@
+"""Vendor chat dialects, translated at the edge into the one internal request (GenerationRequest).
+
+Every chat route takes one body, `ChatBody`: the OpenAI-style superset of openai/schemas.py plus
+the fields only some vendors send. Fields that every dialect spells and means alike (temperature,
+top_p, n, stop, logprobs...) map in openai/convert.py. Fields that a vendor spells or shapes
+differently, or that only vendors send, map through `FIELDS`, the one table of wire field ->
+internal field. What is not a field mapping is a small per-vendor rule in `normalize`. The engine
+never learns which dialect a request came through.
+
+Which rules apply where:
+- Mistral's and Friendli's own fields (random_seed, safe_prompt, prediction, eos_token, seed lists,
+  timeout_microseconds...) have names no other dialect gives another meaning, so every chat route
+  honors them.
+- Friendli (/dedicated/v1/...): `model` is "ENDPOINT_ID[:ADAPTER_ROUTE]". The adapter part selects
+  the LoRA adapter; the endpoint id is not checked and alone means the base model. The
+  `X-Friendli-Team` header is accepted and ignored (one server, one team).
+- Azure's `extra-parameters` header: `error` answers 422 naming every parameter Parley does not
+  know. `pass-through`, `drop` and no header at all honor the known parameters and ignore unknown
+  ones: Parley is both the service and the model, so passing an extra parameter on to a model that
+  ignores it and dropping it come to the same thing. (Azure itself defaults to `error`; Parley
+  cannot, since its SDK sends the header only with `model_extras` and every other SDK sends fields
+  of its own, SDK-WIRE §1.4.)
+- SiliconFlow (/siliconflow/v1/..., chosen by the client's base URL): its documented limits
+  (1 < max_tokens < 4096, at most 4 stop sequences) and its finish reason "eos" for a choice that
+  the model's end-of-sequence token ended. Other routes say "stop" there: Friendli and
+  text-generation reject any finish reason but stop/length/tool_calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Annotated, Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from parley.api.errors import require, validation_error
+from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart
+from parley.types import FinalEvent, FinishReason, GenerationRequest
+
+FRIENDLI_PREFIX = "/dedicated/"
+SILICONFLOW_PREFIX = "/siliconflow/"
+SILICONFLOW_CHAT_PATH = SILICONFLOW_PREFIX + "v1/chat/completions"
+
+# Mistral's guardrail prompt, prepended when a request sets `safe_prompt`.
+SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+               "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness "
+               "and positivity.")
+
+EXTRA_PARAMETERS_MODES = ("pass-through", "drop", "error")
+SILICONFLOW_MAX_STOP = 4
+
+Seed = Annotated[int, Field(ge=0)]
+
+
+class Prediction(BaseModel):
+    """A predicted output (Mistral, OpenAI): verified as speculative draft tokens, so a right
+    prediction makes greedy decoding faster and a wrong one costs little; the output is unchanged."""
+
+    type: Literal["content"] = "content"
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatBody(ChatRequest):
+    """The chat body of every dialect. Unknown fields are kept (`model_extra`) only so that Azure's
+    `extra-parameters: error` can name them; nothing else reads them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    seed: Seed | list[Seed] | None = Field(None, description="Friendli: a list gives one seed per choice")
+    random_seed: Seed | None = Field(None, description="Mistral's seed")
+    max_new_tokens: int | None = Field(None, ge=1, description="Hugging Face's name for max_tokens")
+    eos_token: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Friendli: token ids that end the output like the model's own end-of-sequence token")
+    prediction: Prediction | None = None
+    timeout_microseconds: int | None = Field(None, ge=1, description="Friendli: past it, the request fails with 429")
+    safe_prompt: bool | None = Field(False, description="Mistral: prepend its safety system prompt")
+    adapter_id: str | None = Field(None, description="TGI's name; Friendli's model suffix `:ADAPTER_ROUTE` sets it")
+
+
+# -- the one table: wire field -> internal field --------------------------------------------------
+@dataclass(frozen=True)
+class FieldMapping:
+    wire: str  # the body field
+    internal: str  # the GenerationRequest attribute it sets (dotted path)
+    sent_by: str  # who sends it (documentation)
+    convert: Callable[[Any], Any] = lambda value: value
+
+
+def _seed_list(seed: int | list[int]) -> list[int]:
+    """One seed: choice i gets seed + i. A list: one seed per choice."""
+    return [seed] if isinstance(seed, int) else list(seed)
+
+
+def _prediction_text(prediction: Prediction) -> str | None:
+    return prediction.text() or None
+
+
+def _microseconds_to_s(microseconds: int) -> float:
+    return microseconds / 1e6
+
+
+# Where one body sets several wire fields of one internal field, the later row wins.
+FIELDS: tuple[FieldMapping, ...] = (
+    #            wire field               internal field                  sent by                 convert
+    FieldMapping("max_tokens",            "stopping.max_new_tokens",      "every chat SDK"),
+    FieldMapping("max_new_tokens",        "stopping.max_new_tokens",      "hf spelling (extra_body)"),
+    FieldMapping("max_completion_tokens", "stopping.max_new_tokens",      "openai (newer spelling)"),
+    FieldMapping("min_tokens",            "stopping.min_new_tokens",      "mistral, friendli"),
+    FieldMapping("eos_token",             "stopping.extra_eos_token_ids", "friendli",             list),
+    FieldMapping("seed",                  "seeds",                        "all (friendli: list)", _seed_list),
+    FieldMapping("random_seed",           "seeds",                        "mistral",              _seed_list),
+    FieldMapping("top_k",                 "sampling.top_k",               "mistral, friendli, siliconflow"),
+    FieldMapping("repetition_penalty",    "sampling.repetition_penalty",  "mistral, friendli, tgi"),
+    FieldMapping("prediction",            "draft_text",                   "mistral, openai",      _prediction_text),
+    FieldMapping("timeout_microseconds",  "timeout_s",                    "friendli",             _microseconds_to_s),
+    FieldMapping("adapter_id",            "adapter_id",                   "tgi; friendli's model suffix"),
+)
+
+
+def apply(body: BaseModel, request: GenerationRequest) -> set[str]:
+    """Sets the internal field of every `FIELDS` row whose wire field `body` gives (null: not
+    given). Returns the internal fields set."""
+    given = set()
+    for row in FIELDS:
+        value = getattr(body, row.wire, None)
+        if value is None:
+            continue
+        owner, _, name = row.internal.rpartition(".")
+        setattr(attrgetter(owner)(request) if owner else request, name, row.convert(value))
+        given.add(row.internal)
+    return given
+
+
+# -- per-vendor rules -----------------------------------------------------------------------------
+def normalize(body: ChatBody, http: Request) -> None:
+    """Applies, in place, the rules of the dialect `http` speaks (module docstring)."""
+    _check_extra_parameters(body, http.headers.get("extra-parameters"))
+    _check_seed_list(body)
+    if body.safe_prompt:
+        body.messages = _with_safety_prompt(body.messages)
+    path = http.url.path
+    if path.startswith(FRIENDLI_PREFIX):
+        _, _, adapter = (body.model or "").partition(":")
+        body.adapter_id = adapter or body.adapter_id
+    elif path.startswith(SILICONFLOW_PREFIX):
+        _check_siliconflow_limits(body)
+
+
+def response_shape(shape, http: Request):
+    """`shape` (a ChatShape), in the finish-reason vocabulary of the dialect `http` speaks."""
+    return EosFinishReasons(shape) if http.url.path.startswith(SILICONFLOW_PREFIX) else shape
+
+
+def mistral_model_card(max_context_length: int) -> dict:
+    """What Mistral's `models.list()` needs besides OpenAI's model object (its BaseModelCard)."""
+    return {"type": "base", "capabilities": {"completion_chat": True, "function_calling": True},
+            "max_context_length": max_context_length}
+
+
+def _check_extra_parameters(body: ChatBody, header: str | None) -> None:
+    mode = (header or "pass-through").strip().lower()
+    require(mode in EXTRA_PARAMETERS_MODES, "Input validation error: header `extra-parameters` must be one of "
+            f"{', '.join(EXTRA_PARAMETERS_MODES)}. Given: {header!r}", "extra-parameters")
+    unknown = sorted(body.model_extra or {})
+    if mode == "error" and unknown:
+        names = ", ".join(f"`{name}`" for name in unknown)
+        raise validation_error(f"Input validation error: unknown parameters {names} (header `extra-parameters: "
+                               "error` refuses parameters this server does not know)", unknown[0])
+
+
+def _check_seed_list(body: ChatBody) -> None:
+    if isinstance(body.seed, list):
+        n = body.n or 1
+        require(len(body.seed) == n, "Input validation error: a `seed` list needs one seed per choice "
+                f"(`n` = {n}). Given: {len(body.seed)} seeds", "seed")
+
+
+def _with_safety_prompt(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Mistral's safety prompt, before the client's own system text or as a new system message."""
+    first, rest = messages[0], messages[1:]
+    if first.role != "system":
+        return [ChatMessage(role="system", content=SAFE_PROMPT), *messages]
+    if isinstance(first.content, list):
+        content = [ContentPart(type="text", text=SAFE_PROMPT + "\n\n"), *first.content]
+    else:
+        content = SAFE_PROMPT + ("\n\n" + first.content if first.content else "")
+    return [first.model_copy(update={"content": content}), *rest]
+
+
+def _check_siliconflow_limits(body: ChatBody) -> None:
+    if body.max_tokens is not None:
+        require(1 < body.max_tokens < 4096, "Input validation error: `max_tokens` must be greater than 1 and "
+                f"less than 4096. Given: {body.max_tokens}", "max_tokens")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    require(len(stops) <= SILICONFLOW_MAX_STOP, f"Input validation error: `stop` takes up to "
+            f"{SILICONFLOW_MAX_STOP} sequences. Given: {len(stops)}", "stop")
+
+
+class EosFinishReasons:
+    """A chat shape speaking SiliconFlow's finish reasons: "eos" for a choice that ended on an
+    end-of-sequence token (which other dialects call "stop"). The rest is the wrapped shape's."""
+
+    def __init__(self, shape):
+        self._shape = shape
+
+    def __getattr__(self, name: str):
+        return getattr(self._shape, name)
+
+    def choice(self, index: int, final: FinalEvent) -> dict:
+        return _eos(self._shape.choice(index, final), final)
+
+    def final_choice(self, index: int, final: FinalEvent) -> dict:
+        return _eos(self._shape.final_choice(index, final), final)
+
+
+def _eos(choice: dict, final: FinalEvent) -> dict:
+    if final.finish_reason is FinishReason.EOS_TOKEN and choice["finish_reason"] == "stop":
+        choice["finish_reason"] = "eos"
+    return choice

@@ -1,0 +1,77 @@
+"""The dialect table and per-vendor rules, without a server (tests/sdk drives them through each SDK)."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.requests import Request
+
+from parley.api import dialects
+from parley.api.dialects import SAFE_PROMPT, ChatBody
+from parley.api.errors import ApiError
+from parley.types import GenerationRequest
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def internal(**fields) -> GenerationRequest:
+    request = GenerationRequest(prompt="x")
+    dialects.apply(ChatBody(messages=HI, **fields), request)
+    return request
+
+
+def http(path: str = "/v1/chat/completions", **headers: str) -> Request:
+    return Request({"type": "http", "method": "POST", "path": path, "query_string": b"",
+                    "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]})
+
+
+@pytest.mark.parametrize("fields, read, expected", [
+    ({"seed": 3}, "seeds", [3]),
+    ({"seed": [3, 4]}, "seeds", [3, 4]),  # Friendli
+    ({"random_seed": 3}, "seeds", [3]),  # Mistral
+    ({"max_tokens": 5}, "stopping.max_new_tokens", 5),
+    ({"max_new_tokens": 5}, "stopping.max_new_tokens", 5),
+    ({"max_tokens": 9, "max_completion_tokens": 5}, "stopping.max_new_tokens", 5),  # the newer name wins
+    ({"eos_token": [7, 8]}, "stopping.extra_eos_token_ids", [7, 8]),
+    ({"timeout_microseconds": 1500}, "timeout_s", 0.0015),
+    ({"prediction": {"type": "content", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}},
+     "draft_text", "ab"),
+])
+def test_every_spelling_lands_in_one_internal_field(fields, read, expected):
+    value = internal(**fields)
+    for name in read.split("."):
+        value = getattr(value, name)
+    assert value == expected
+
+
+def test_unset_fields_leave_the_defaults():
+    request = internal()
+    assert request == GenerationRequest(prompt="x", request_id=request.request_id)
+
+
+def test_safe_prompt_goes_before_the_client_system_text():
+    body = ChatBody(messages=[{"role": "system", "content": "Be brief."}, *HI], safe_prompt=True)
+    dialects.normalize(body, http())
+    assert body.messages[0].content == SAFE_PROMPT + "\n\nBe brief." and len(body.messages) == 2
+    body = ChatBody(messages=HI, safe_prompt=True)
+    dialects.normalize(body, http())
+    assert [m.role for m in body.messages] == ["system", "user"] and body.messages[0].content == SAFE_PROMPT
+
+
+@pytest.mark.parametrize("path, adapter", [("/dedicated/v1/chat/completions", "lora"),
+                                           ("/v1/chat/completions", None)])
+def test_friendli_model_suffix_names_the_adapter_on_its_route(path, adapter):
+    body = ChatBody(messages=HI, model="endpoint:lora")
+    dialects.normalize(body, http(path))
+    assert body.adapter_id == adapter
+
+
+@pytest.mark.parametrize("header, unknown, status", [("error", {"x": 1}, 422), ("error", {}, None),
+                                                     ("drop", {"x": 1}, None), ("bogus", {}, 422)])
+def test_extra_parameters_header(header, unknown, status):
+    body = ChatBody(messages=HI, n=2, **unknown)
+    if status is None:
+        dialects.normalize(body, http(extra_parameters=header))
+        return
+    with pytest.raises(ApiError) as err:
+        dialects.normalize(body, http(extra_parameters=header))
+    assert err.value.status == status and err.value.param == ("x" if unknown else "extra-parameters")
