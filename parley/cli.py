@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Callable
 
-from parley.config import EngineConfig, ServerConfig
+from parley.config import EngineConfig, ServerConfig, parse_lora_adapters
 
 log = logging.getLogger("parley")
 
@@ -30,6 +30,8 @@ ENGINE_FLAGS = {
     "--max-batch-size": (int, "sequences decoded together in one step"),
     "--watermark-gamma": (float, "share of the vocabulary on a watermark's green list"),
     "--watermark-delta": (float, "logit bias added to green-list tokens when a request asks for a watermark"),
+    "--lora-adapters": (parse_lora_adapters, "LoRA adapters (PEFT folders) served from the start: name=path,..."),
+    "--max-lora-rank": (int, "largest LoRA rank an adapter may have (default 64)"),
 }
 SERVER_FLAGS = {
     "--hostname": (str, "address to bind (default 127.0.0.1)"),

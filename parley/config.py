@@ -65,6 +65,15 @@ def _env(name: str, default, cast=str):
     return default if value in (None, "") else cast(value)
 
 
+def parse_lora_adapters(text: str) -> tuple[tuple[str, str], ...]:
+    """TGI's LORA_ADAPTERS: comma-separated `name=path`, or a bare path that is also the name."""
+    pairs = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, sep, path = entry.partition("=")
+        pairs.append((name.strip(), path.strip()) if sep else (entry, entry))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine settings; limit names follow TGI's launcher."""
@@ -88,7 +97,7 @@ class EngineConfig:
     max_waiting_tokens: int = 20
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
-    lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path)
+    lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) of the PEFT folders loaded at start
     max_lora_rank: int = 64
 
     @classmethod
@@ -112,6 +121,8 @@ class EngineConfig:
             max_waiting_tokens=_env("MAX_WAITING_TOKENS", cls.max_waiting_tokens, int),
             watermark_gamma=_env("WATERMARK_GAMMA", cls.watermark_gamma, float),
             watermark_delta=_env("WATERMARK_DELTA", cls.watermark_delta, float),
+            lora_adapters=_env("LORA_ADAPTERS", (), parse_lora_adapters),
+            max_lora_rank=_env("MAX_LORA_RANK", cls.max_lora_rank, int),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -43,6 +43,7 @@ async def info(http: Request) -> Response:
         "max_batch_size": cfg.max_batch_size,
         "validation_workers": 1,
         "max_client_batch_size": server.config.max_client_batch_size,
+        "lora_adapters": [{"name": a.name, "path": a.path, "rank": a.rank} for a in engine.list_adapters()],
         "router": "parley",
         "version": VERSION,
         "sha": None,

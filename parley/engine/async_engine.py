@@ -3,6 +3,7 @@
 The engine loop runs in its own thread (torch releases the GIL in its kernels), so the event loop
 serving HTTP never waits on a forward pass. Each request gets an async iterator of events;
 closing it early aborts the request and frees its KV blocks at the engine's next step.
+LoRA adapters are read off the event loop and registered on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
 
+from parley.adapters.batch import LoRABatcher
+from parley.adapters.lora import load_lora
+from parley.adapters.registry import LoRARegistry
 from parley.config import EngineConfig, ModelConfig
 from parley.engine.block_manager import BlockManager
 from parley.engine.core import EngineCore
@@ -30,7 +35,7 @@ from parley.sampling.sampler import Sampler
 from parley.structured import GrammarCompiler
 from parley.tokenization.chat_template import ChatTemplate
 from parley.tokenization.tokenizer import load_tokenizer
-from parley.types import FinalEvent, GenerationRequest, NotFoundError, OverloadedError, TokenEvent
+from parley.types import FinalEvent, GenerationRequest, OverloadedError, TokenEvent
 
 log = logging.getLogger("parley.engine")
 
@@ -45,6 +50,18 @@ class EngineStats:
     kv_blocks_total: int
     waiting: int
     running: int
+    adapter_requests: dict[str, int] = field(default_factory=dict)  # adapter name -> requests so far
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+
+
+def served_model_id(config: EngineConfig, model_path: str) -> str:
+    return config.model_id or os.path.basename(model_path)
 
 
 class AsyncEngine:
@@ -57,10 +74,12 @@ class AsyncEngine:
         self.model_config = model_config
         self.limits = limits
         self.model_path = model_path
-        self.model_id = config.model_id or os.path.basename(model_path)
+        self.model_id = served_model_id(config, model_path)
         self.dtype = str(DTYPES[config.dtype])
         self.device = str(config.device)
         self.grammar_compiler = grammar_compiler
+        self.adapters: LoRARegistry = core.adapters
+        self._adapter_requests: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
         self._in_flight = 0
 
@@ -94,18 +113,23 @@ class AsyncEngine:
                                      max_total_tokens=max_total, max_batch_total_tokens=num_blocks * config.block_size)
 
         sampler = Sampler(model_config.vocab_size, device, config.watermark_gamma, config.watermark_delta)
+        adapters = LoRARegistry(base_name=served_model_id(config, path))
         runner = ModelRunner(model, model_config, sampler, num_blocks=num_blocks, block_size=config.block_size,
-                             dtype=DTYPES[config.dtype], device=device)
+                             dtype=DTYPES[config.dtype], device=device,
+                             lora=LoRABatcher(adapters, model_config, device))
         scheduler = Scheduler(BlockManager(num_blocks, config.block_size), max_batch_size=config.max_batch_size,
                               max_batch_prefill_tokens=config.max_batch_prefill_tokens)
         grammar_compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, model_config.vocab_size)
-        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size)
+        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters)
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
         log.info("engine ready in %.1fs: %s (%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB)",
                  time.monotonic() - started, path, config.dtype, device, threads, num_blocks, config.block_size,
                  runner.kv_cache_bytes / 2**20)
-        return cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)
+        engine = cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)
+        for name, adapter_path in config.lora_adapters:
+            adapters.add(engine._read_adapter(name, adapter_path))
+        return engine
 
     def start(self) -> None:
         if self._thread is None:
@@ -121,11 +145,14 @@ class AsyncEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Events of all `request.n` sequences, interleaved; one FinalEvent per sequence, then the end."""
-        if request.adapter_id not in (None, "", self.model_id):
-            raise NotFoundError(f"adapter {request.adapter_id!r} is not loaded")
+        is_base = request.adapter_id in (None, "", self.model_id)
+        adapter = None if is_base else self.adapters.lookup(request.adapter_id)  # NotFoundError naming it
         prepared = prepare(request, self.tokenizer, self.limits, self.grammar_compiler)
         if self._in_flight >= self.config.max_concurrent_requests:
             raise OverloadedError("Model is overloaded")
+        if adapter is not None:
+            prepared.lora_id, prepared.cache_salt = adapter.lora_id, adapter.cache_salt
+            self._adapter_requests[adapter.name] += 1
         self._in_flight += 1
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -148,5 +175,36 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         blocks = self.core.scheduler.blocks
-        return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running)
+        return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running,
+                           dict(self._adapter_requests))
+
+    # -- LoRA adapters -------------------------------------------------------------------------
+    def has_adapter(self, name: str | None) -> bool:
+        return name in self.adapters.loaded
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [AdapterInfo(a.name, a.weights.path, a.weights.rank) for a in self.adapters.loaded.values()]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Read a PEFT LoRA folder and serve it as `name`; AdapterError (422) says what is wrong."""
+        self.adapters.check_name(name)  # before reading any file; checked again when added
+        weights = await asyncio.to_thread(self._read_adapter, name, path)
+        await self._on_engine_thread(lambda: self.adapters.add(weights))
+        log.info("LoRA adapter %r loaded from %s (rank %d)", name, path, weights.rank)
+
+    async def unload_adapter(self, name: str) -> int:
+        """Stop serving `name` (NotFoundError if not loaded). Requests already running with it finish
+        first; returns how many there are."""
+        running = await self._on_engine_thread(lambda: self.adapters.remove(name))
+        log.info("LoRA adapter %r unloaded (%d running requests finish with it)", name, running)
+        return running
+
+    def _read_adapter(self, name: str, path: str):
+        return load_lora(name, path, self.model_config, max_rank=self.config.max_lora_rank,
+                         dtype=DTYPES[self.config.dtype], device=self.config.device, served_model=self.model_id)
+
+    async def _on_engine_thread(self, fn):
+        if self._thread is None:  # no engine thread: no step to race with
+            return fn()
+        return await asyncio.wrap_future(self.core.call(fn))
 

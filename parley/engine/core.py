@@ -2,6 +2,8 @@
 
 Requests arrive and are aborted through an inbox (thread-safe); each request's events leave
 through its `sink`, called once per step with the events of that step (or with an exception).
+Anything else that must not race a step (loading or unloading a LoRA adapter) goes through the
+inbox too, as a function `call` runs between steps.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from parley.adapters.registry import LoRARegistry
 from parley.engine.drafts import propose
 from parley.engine.runner import ModelRunner
 from parley.engine.scheduler import Scheduler, SchedulerOutput
@@ -21,8 +25,8 @@ from parley.engine.sequence import Sequence
 from parley.sampling.metadata import SamplingRow
 from parley.structured import allocate_bitmask, bitmask_to_bool, fill_bitmasks
 from parley.tokenization.detokenizer import IncrementalDetokenizer
-from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, RequestTimeoutError,
-                          Token, TokenEvent)
+from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, NotFoundError,
+                          RequestTimeoutError, Token, TokenEvent)
 
 log = logging.getLogger("parley.engine")
 
@@ -40,7 +44,8 @@ class PreparedRequest:
     seeds: list[int | None]
     matchers: list  # one grammar matcher per sequence, or empty
     draft_ids: list[int] = field(default_factory=list)  # predicted output, verified as draft tokens
-    cache_salt: int = 0
+    cache_salt: int = 0  # prefix-cache namespace: one per LoRA adapter load, 0 for the base model
+    lora_id: int = 0  # the LoRA adapter load it runs with (LoRARegistry); 0: the base model
 
 
 @dataclass
@@ -75,9 +80,11 @@ class RequestState:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, vocab_size: int):
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, vocab_size: int,
+                 adapters: LoRARegistry | None = None):
         self.scheduler = scheduler
         self.runner = runner
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -98,6 +105,12 @@ class EngineCore:
     def stop(self) -> None:
         self._stopping = True
         self.inbox.put(("stop",))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between two steps; the future holds its result or error."""
+        future: Future = Future()
+        self.inbox.put(("call", fn, future))
+        return future
 
     @property
     def num_waiting(self) -> int:
@@ -181,14 +194,24 @@ class EngineCore:
             req = self.requests.get(item[1])
             if req is not None:
                 self._finish_request(req)
+        elif item[0] == "call":
+            fn, future = item[1:]
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
 
     def _add(self, prepared: PreparedRequest, sink: Sink, arrival: float) -> None:
         request = prepared.request
+        if prepared.lora_id and not self.adapters.acquire(prepared.lora_id):
+            sink(NotFoundError(f"adapter {request.adapter_id!r} was unloaded"))
+            return
         deadline = arrival + request.timeout_s if request.timeout_s is not None else None
         req = RequestState(prepared, sink, arrival, deadline)
         tail = prepared.prompt_ids[-4:]
         for index, seed in enumerate(prepared.seeds):
             seq = Sequence(prepared.prompt_ids, group=req, index=index, cache_salt=prepared.cache_salt,
+                           lora_id=prepared.lora_id,
                            needs_prompt_logprobs=request.decoder_input_details and index == 0)
             generator = None
             if request.sampling.do_sample:
@@ -222,7 +245,12 @@ class EngineCore:
                 self.scheduler.finish(seq)
             self.states.pop(seq.seq_id, None)
         req.waiting_siblings = []
-        self.requests.pop(req.request.request_id, None)
+        self._forget(req)
+
+    def _forget(self, req: RequestState) -> None:
+        """The request is over: the engine lets go of it and of its adapter."""
+        if self.requests.pop(req.request.request_id, None) is not None and req.prepared.lora_id:
+            self.adapters.release(req.prepared.lora_id)
 
     # -- one sampled token -------------------------------------------------------------------
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -325,7 +353,7 @@ class EngineCore:
             tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
             queue_s=first - req.arrival, inference_s=now - first))
         if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
-            self.requests.pop(req.request.request_id, None)
+            self._forget(req)
 
     def _token(self, token_id: int, logprob: float | None) -> Token:
         return Token(token_id, self.tokenizer.token_text(token_id), logprob, token_id in self.special_ids)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parley.adapters.batch import LoRABatcher
 from parley.config import ModelConfig
 from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
 from parley.models.attention import AttentionMetadata, PrefillChunk
@@ -25,9 +26,11 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, sampler: Sampler, *,
-                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 lora: LoRABatcher | None = None):
         self.model = model
         self.sampler = sampler
+        self.lora = lora
         self.block_size = block_size
         self.device = device
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
@@ -46,6 +49,7 @@ class ModelRunner:
         """`rows` holds the sampling state of every scheduled sequence that samples without drafts,
         in schedule order. Sequences with draft tokens are verified greedily instead."""
         input_ids, positions, slots = [], [], []
+        token_loras = []  # the LoRA adapter of each token (0: base model)
         sample_index = []  # flat-batch index of each sampling sequence's last token
         verify_spans = []  # (scheduled sequence, flat index of its last real token)
         for s in sched.scheduled:
@@ -60,6 +64,7 @@ class ModelRunner:
             elif s.samples:
                 sample_index.append(len(input_ids) - 1)
             positions.extend(range(start, start + s.num_new_tokens))
+            token_loras.extend([seq.lora_id] * s.num_new_tokens)
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
         if sched.decodes:
@@ -72,7 +77,8 @@ class ModelRunner:
             offset += s.num_new_tokens
         meta.prefill_chunks = tuple(chunks)
 
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        lora = self.lora.batch(token_loras) if self.lora is not None else None
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta, lora)
 
         result = StepResult(sampled=None)
         for s, chunk in zip(sched.prefills, chunks):

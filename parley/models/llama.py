@@ -3,6 +3,8 @@
 Written for small models on CPU, where per-op overhead matters as much as FLOPs: q/k/v are one
 fused matmul, gate/up another, and RoPE's cos/sin come from a table built once. Parameters are
 plain tensors (no nn.Linear) that never require grad; `load_weights` fills them from HF names.
+LoRA adapters ride along as an optional per-step `LoRABatch` (parley/adapters/ops.py): each
+projection adds its tokens' own adapter deltas, so one batch mixes the base model and adapters.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
 from parley.models.attention import AttentionMetadata, paged_attention
 
@@ -74,27 +77,28 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
         self.down_weight = _param(hidden, config.intermediate_size)
 
-    def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata,
+                lora: LayerLoRA = NO_LORA) -> torch.Tensor:
         shape = hidden.shape[-1:]
         x = F.rms_norm(hidden, shape, self.input_norm, self.eps)
-        hidden = hidden + self._attention(x, cos, sin, k_cache, v_cache, meta)
+        hidden = hidden + self._attention(x, cos, sin, k_cache, v_cache, meta, lora)
         x = F.rms_norm(hidden, shape, self.post_attention_norm, self.eps)
-        return hidden + self._mlp(x)
+        return hidden + self._mlp(x, lora)
 
-    def _attention(self, x, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
+    def _attention(self, x, cos, sin, k_cache, v_cache, meta, lora: LayerLoRA) -> torch.Tensor:
         n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [N, (H + 2*KVH) * D]
+        qkv = lora_linear(x, self.qkv_weight, self.qkv_bias, lora.qkv)  # [N, (H + 2*KVH) * D]
         qkv = qkv.view(n, heads + 2 * kv_heads, self.head_dim)  # [N, H + 2*KVH, D]
         qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)  # [N, H + KVH, D]
         q, k = qk.split([heads, kv_heads], dim=1)  # [N, H, D], [N, KVH, D]
         v = qkv[:, heads + kv_heads :]  # [N, KVH, D]
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [N, H, D]
         out = out.reshape(n, heads * self.head_dim)  # [N, H*D]
-        return F.linear(out, self.o_weight, self.o_bias)  # [N, hidden]
+        return lora_linear(out, self.o_weight, self.o_bias, lora.o)  # [N, hidden]
 
-    def _mlp(self, x) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [N, I] each
-        return F.linear(F.silu(gate) * up, self.down_weight)
+    def _mlp(self, x, lora: LayerLoRA) -> torch.Tensor:
+        gate, up = lora_linear(x, self.gate_up_weight, None, lora.gate_up).chunk(2, dim=-1)  # [N, I] each
+        return lora_linear(F.silu(gate) * up, self.down_weight, None, lora.down)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,13 +122,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [N]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        lora: LoRABatch | None = None,  # the step's adapters; None: base model only
     ) -> torch.Tensor:
         """Hidden states [N, hidden] after the final norm (compute_logits applies only lm_head)."""
         hidden = F.embedding(input_ids, self.embed_tokens)  # [N, hidden]
         cos = self.rope_cos[positions].unsqueeze(1)  # [N, 1, D/2]
         sin = self.rope_sin[positions].unsqueeze(1)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
+        layer_loras = lora.layers if lora is not None else [NO_LORA] * len(self.layers)
+        for layer, (k_cache, v_cache), layer_lora in zip(self.layers, kv_caches, layer_loras, strict=True):
+            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta, layer_lora)
         return F.rms_norm(hidden, hidden.shape[-1:], self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

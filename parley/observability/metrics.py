@@ -1,8 +1,9 @@
-"""Prometheus metrics under TGI's names, plus Parley's KV-cache gauges.
+"""Prometheus metrics under TGI's names, plus Parley's KV-cache gauges and per-adapter counts.
 
 Each server owns its own registry, so tests can build several apps. Counters are written under
 their exact TGI names (`tgi_request_count`, not prometheus_client's `tgi_request_count_total`), so
-they are rendered here by hand; gauges are read from the engine at scrape time.
+they are rendered here by hand; gauges, and `parley_adapter_requests_total{adapter=...}` (counted
+by the engine, which resolves adapter names), are read from the engine at scrape time.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter as Tally
 from typing import Callable, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from parley.types import FinalEvent
 
@@ -27,6 +28,7 @@ class EngineGauges(Protocol):
     kv_blocks_total: int
     waiting: int
     running: int
+    adapter_requests: dict[str, int]  # LoRA adapter name -> requests that used it
 
 
 class Metrics:
@@ -128,3 +130,8 @@ class _EngineCollector:
             ("parley_kv_blocks_total", "KV-cache blocks in the pool", stats.kv_blocks_total),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        adapters = CounterMetricFamily("parley_adapter_requests", "Generation requests per LoRA adapter",
+                                       labels=["adapter"])
+        for name, count in sorted(stats.adapter_requests.items()):
+            adapters.add_metric([name], count)
+        yield adapters

@@ -169,3 +169,16 @@ def test_unloading_mid_stream_lets_the_stream_finish(http, files):
                 assert generate(http, "c").status_code == 404
             usage = chunk.get("usage")
     assert usage["completion_tokens"] == 400 and "".join(texts) == expected
+
+
+def test_lora_flags_and_environment(monkeypatch):
+    from parley.cli import build_parser, configs
+
+    monkeypatch.setenv("LORA_ADAPTERS", "env=/adapters/env")
+    monkeypatch.setenv("MAX_LORA_RANK", "32")
+    engine, _ = configs(build_parser().parse_args(["serve"]))
+    assert engine.lora_adapters == (("env", "/adapters/env"),) and engine.max_lora_rank == 32
+    engine, _ = configs(build_parser().parse_args(
+        ["serve", "--lora-adapters", "a=/adapters/a, org/b ,c=/x=y", "--max-lora-rank", "8"]))
+    assert engine.lora_adapters == (("a", "/adapters/a"), ("org/b", "org/b"), ("c", "/x=y"))
+    assert engine.max_lora_rank == 8

@@ -1,0 +1,122 @@
+"""What serving LoRA adapters costs: engine output tokens/s at concurrency 32 for the base model
+alone, for requests spread over 4 adapters, and for base + 4 adapters mixed, in one run.
+
+    python bench/lora.py                      # default model, bf16, 2 threads, rank 16 on every projection
+    python bench/lora.py --rank 8 --threads 1 --rounds 3
+
+The same greedy prompts in every wave, every answer exactly --max-tokens long (min_tokens), so the
+waves do the same work but for the adapters. Waves alternate over --rounds; each mode reports its
+median. The adapters are random PEFT folders written here (all seven projections targeted).
+On a 2-core machine, --threads 1 leaves a core to the event loop: LoRA's many small matmuls suffer
+most when the engine's threads have to share theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from run import USER_PROMPTS, Sample, run_wave
+
+MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+NUM_ADAPTERS = 4
+
+
+def write_random_adapter(path: Path, model_config, rank: int, seed: int) -> str:
+    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) with random weights."""
+    from parley.adapters.lora import module_shapes
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(model_config.num_layers):
+        for module, (in_features, out_features) in module_shapes(model_config).items():
+            key = f"base_model.model.model.layers.{layer}.{MODULES[module]}.{module}"
+            tensors[f"{key}.lora_A.weight"] = 0.01 * torch.randn(rank, in_features, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = 0.01 * torch.randn(out_features, rank, generator=generator)
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES)}))
+    return str(path)
+
+
+async def bench(args) -> None:
+    from parley.config import EngineConfig
+    from parley.engine.async_engine import AsyncEngine
+    from parley.types import GenerationRequest, StoppingCriteria, TokenEvent
+
+    engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads,
+                                           max_lora_rank=max(64, args.rank)))
+    engine.start()
+    names = [f"adapter{i}" for i in range(NUM_ADAPTERS)]
+    with tempfile.TemporaryDirectory(prefix="parley-lora-bench-") as folder:
+        for i, name in enumerate(names):
+            path = write_random_adapter(Path(folder) / name, engine.model_config, args.rank, i)
+            await engine.load_adapter(name, path)
+    prompts = [engine.chat_template.render([{"role": "user", "content": p}]) for p in USER_PROMPTS]
+    modes = {
+        "base only": lambda i: None,
+        f"{NUM_ADAPTERS} adapters": lambda i: names[i % NUM_ADAPTERS],
+        f"base + {NUM_ADAPTERS} adapters": lambda i: ([None] + names)[i % (NUM_ADAPTERS + 1)],
+    }
+
+    def one_for(adapter_of):
+        async def one(i: int) -> Sample:
+            request = GenerationRequest(prompts[i % len(prompts)], add_special_tokens=False, adapter_id=adapter_of(i),
+                                        stopping=StoppingCriteria(max_new_tokens=args.max_tokens,
+                                                                  min_new_tokens=args.max_tokens))
+            tokens = 0
+            async for event in engine.generate(request):
+                tokens += isinstance(event, TokenEvent)
+            return Sample(0.0, [], tokens)
+        return one
+
+    for adapter_of in modes.values():  # warm-up: every path, every adapter set's stacks
+        await asyncio.gather(*(one_for(adapter_of)(i) for i in range(NUM_ADAPTERS + 1)))
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for mode, adapter_of in modes.items():
+            samples, wall = await run_wave(one_for(adapter_of), args.concurrency, args.requests_per_client)
+            rates[mode].append(sum(s.tokens for s in samples) / wall)
+    await engine.shutdown()
+
+    base = statistics.median(rates["base only"])
+    print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} threads={args.threads} "
+          f"concurrency={args.concurrency} max_tokens={args.max_tokens} rank={args.rank} rounds={args.rounds} "
+          f"cpus={os.cpu_count()}")
+    print("| mode                 | tok/s (median) | each round          | vs base only |")
+    print("|----------------------|----------------|---------------------|--------------|")
+    for mode, values in rates.items():
+        median = statistics.median(values)
+        rounds = " ".join(f"{v:.0f}" for v in values)
+        print(f"| {mode:20} | {median:14.1f} | {rounds:19} | {median / base:11.0%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-id", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    asyncio.run(bench(args))
+    print(f"({time.perf_counter() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""LoRA adapters over HTTP: vLLM's routes to load and unload them while serving, and which adapter
+an OpenAI-style `model` names.
+
+The routes are as guarded as every other route (--api-key). Errors: 422 for an adapter that cannot
+be loaded or named so (the message says why), 404 for unloading an adapter that is not loaded.
+Unloading never loses a request: new requests for the adapter get 404 at once, the ones already
+running finish with it.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from parley.api.errors import ERROR_RESPONSES
+from parley.api.state import server_of
+
+router = APIRouter(tags=["LoRA adapters"], responses=ERROR_RESPONSES)
+
+
+class LoadLoRAAdapter(BaseModel):
+    lora_name: str = Field(description="the name requests select it by (`model`, `adapter_id`)")
+    lora_path: str = Field(description="a local PEFT folder: adapter_config.json + adapter_model.safetensors")
+
+
+class UnloadLoRAAdapter(BaseModel):
+    lora_name: str
+
+
+@router.post("/v1/load_lora_adapter", summary="Load a PEFT LoRA adapter and serve it by name")
+async def load_lora_adapter(body: LoadLoRAAdapter, http: Request) -> PlainTextResponse:
+    await server_of(http).ready_engine().load_adapter(body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", summary="Stop serving a LoRA adapter (running requests finish)")
+async def unload_lora_adapter(body: UnloadLoRAAdapter, http: Request) -> PlainTextResponse:
+    running = await server_of(http).ready_engine().unload_adapter(body.lora_name)
+    note = f" ({running} running requests finish with it first)" if running else ""
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{note}")
+
+
+def adapter_for_model(engine, model: str | None) -> str | None:
+    """An OpenAI-style `model` naming a loaded adapter selects it; any other name means the base
+    model, since SDKs send whatever name they were given ("dummy", "tgi", ...)."""
+    return model if engine.has_adapter(model) else None
+
+
+def adapter_cards(engine, base_card: dict) -> list[dict]:
+    """/v1/models entries of the loaded adapters, vLLM-style: the base model's card with the adapter's
+    name as `id`, its folder as `root` and the base model as `parent`."""
+    return [{**base_card, "id": a.name, "root": a.path, "parent": base_card["id"]} for a in engine.list_adapters()]
