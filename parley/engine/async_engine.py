@@ -41,7 +41,7 @@ log = logging.getLogger("parley.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_TOTAL_TOKENS = 4096
-DEFAULT_KV_CACHE_TOKENS = 65536
+DEFAULT_KV_CACHE_TOKENS = 32768  # 720 MiB for SmolLM2 in bf16: 8 full-length sequences
 
 
 @dataclass
