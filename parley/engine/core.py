@@ -1,16 +1,20 @@
 """The engine loop: schedule -> grammar mask -> run -> update, one step at a time, in its own thread.
 
 Requests arrive and are aborted through an inbox (thread-safe); each request's events leave
-through its `sink`, called once per step with the events of that step (or with an exception).
+through its `sink`, called once per step with the events of that step (or with an exception), on
+the sink's event loop. One step's events for every request of a loop travel in one wake-up of that
+loop: a wake-up per request made the event loop fight the engine thread for the GIL and the cores.
 Anything else that must not race a step (loading or unloading a LoRA adapter) goes through the
 inbox too, as a function `call` runs between steps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import time
+from collections import defaultdict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,7 +36,23 @@ log = logging.getLogger("parley.engine")
 
 MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
 
-Sink = Callable[[object], None]  # receives a list of events, or an exception that ends the request
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a request's events go: `put` (a list of events, or an exception that ends the request)
+    runs on `loop`."""
+
+    loop: asyncio.AbstractEventLoop
+    put: Callable[[object], None]
+
+    def send(self, item: object) -> None:
+        self.loop.call_soon_threadsafe(self.put, item)
+
+
+def _deliver(items: list[tuple[Callable[[object], None], object]]) -> None:
+    for put, item in items:
+        put(item)
 
 
 @dataclass
@@ -204,7 +224,7 @@ class EngineCore:
     def _add(self, prepared: PreparedRequest, sink: Sink, arrival: float) -> None:
         request = prepared.request
         if prepared.lora_id and not self.adapters.acquire(prepared.lora_id):
-            sink(NotFoundError(f"adapter {request.adapter_id!r} was unloaded"))
+            sink.send(NotFoundError(f"adapter {request.adapter_id!r} was unloaded"))
             return
         deadline = arrival + request.timeout_s if request.timeout_s is not None else None
         req = RequestState(prepared, sink, arrival, deadline)
@@ -237,7 +257,7 @@ class EngineCore:
     def _fail(self, req: RequestState, error: Exception) -> None:
         self._finish_request(req)
         req.events.clear()
-        req.sink(error)
+        req.sink.send(error)
 
     def _finish_request(self, req: RequestState) -> None:
         for seq in req.sequences:
@@ -359,7 +379,10 @@ class EngineCore:
         return Token(token_id, self.tokenizer.token_text(token_id), logprob, token_id in self.special_ids)
 
     def _flush_events(self, reqs) -> None:
+        by_loop = defaultdict(list)
         for req in reqs:
             if req.events:
                 events, req.events = req.events, []
-                req.sink(events)
+                by_loop[req.sink.loop].append((req.sink.put, events))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
