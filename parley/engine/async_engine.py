@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -25,7 +26,7 @@ from parley.adapters.lora import load_lora
 from parley.adapters.registry import LoRARegistry
 from parley.config import EngineConfig, ModelConfig
 from parley.engine.block_manager import BlockManager
-from parley.engine.core import EngineCore
+from parley.engine.core import EngineCore, Sink
 from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory
 from parley.engine.scheduler import Scheduler
@@ -81,10 +82,34 @@ class AsyncEngine:
         self.adapters: LoRARegistry = core.adapters
         self._adapter_requests: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
         self._in_flight = 0
 
     @classmethod
     def load(cls, config: EngineConfig) -> "AsyncEngine":
+        """Builds the engine on its own thread, which then runs the engine loop once started, so every
+        torch call of the engine happens on that one thread. Measured here: the same steps ran 2x
+        slower when OpenMP had first been driven by another thread (the loader)."""
+        built: Future = Future()
+
+        def engine_main() -> None:
+            try:
+                engine = cls._build(config)
+            except BaseException as exc:
+                built.set_exception(exc)
+                return
+            built.set_result(engine)
+            engine._started.wait()
+            engine.core.run_forever(engine.config.num_threads)
+
+        thread = threading.Thread(target=engine_main, name="parley-engine", daemon=True)
+        thread.start()
+        engine = built.result()
+        engine._thread = thread
+        return engine
+
+    @classmethod
+    def _build(cls, config: EngineConfig) -> "AsyncEngine":
         if config.dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
         threads = config.num_threads or os.cpu_count() or 1
@@ -132,14 +157,12 @@ class AsyncEngine:
         return engine
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self.core.run_forever, args=(self.config.num_threads,),
-                                            name="parley-engine", daemon=True)
-            self._thread.start()
+        self._started.set()
 
     async def shutdown(self) -> None:
         if self._thread is not None:
             self.core.stop()
+            self._started.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
@@ -156,7 +179,7 @@ class AsyncEngine:
         self._in_flight += 1
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.core.submit(prepared, lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+        self.core.submit(prepared, Sink(loop, events.put_nowait))
         remaining = len(prepared.seeds)
         try:
             while remaining:
