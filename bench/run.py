@@ -42,6 +42,27 @@ class Sample:
     tokens: int
 
 
+class TokenClock:
+    """Time to first token and the gaps between the next ones, for one request."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.ttft: float | None = None
+        self.gaps: list[float] = []
+        self.tokens = 0
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.start
+        else:
+            self.gaps.append(now - self.last)
+        self.last, self.tokens = now, self.tokens + 1
+
+    def sample(self) -> Sample:
+        return Sample(self.ttft or 0.0, self.gaps, self.tokens)
+
+
 @dataclass
 class Row:
     mode: str
@@ -85,17 +106,11 @@ async def bench_engine(args) -> list[Row]:
             prompts[i % len(prompts)], add_special_tokens=False, seeds=[i],
             sampling=SamplingParams(do_sample=True, temperature=0.7, top_p=0.95),
             stopping=StoppingCriteria(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens))
-        start = last = time.perf_counter()
-        ttft, gaps, tokens = None, [], 0
+        clock = TokenClock()
         async for event in engine.generate(request):
             if isinstance(event, TokenEvent):
-                now = time.perf_counter()
-                if ttft is None:
-                    ttft = now - start
-                else:
-                    gaps.append(now - last)
-                last, tokens = now, tokens + 1
-        return Sample(ttft, gaps, tokens)
+                clock.tick()
+        return clock.sample()
 
     rows = []
     await one(0)  # warm-up
@@ -150,8 +165,7 @@ async def bench_http(args) -> list[Row]:
                 body = {"model": "parley", "stream": True, "max_tokens": args.max_tokens, "min_tokens": args.max_tokens,
                         "temperature": 0.7, "top_p": 0.95, "seed": i,
                         "messages": [{"role": "user", "content": USER_PROMPTS[i % len(USER_PROMPTS)]}]}
-                start = last = time.perf_counter()
-                ttft, gaps, tokens = None, [], 0
+                clock = TokenClock()
                 async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                     response.raise_for_status()
                     async for line in response.aiter_lines():
@@ -160,13 +174,8 @@ async def bench_http(args) -> list[Row]:
                         chunk = json.loads(line[6:])
                         if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") is not None \
                                 and chunk["choices"][0].get("finish_reason") is None:
-                            now = time.perf_counter()
-                            if ttft is None:
-                                ttft = now - start
-                            else:
-                                gaps.append(now - last)
-                            last, tokens = now, tokens + 1
-                return Sample(ttft or 0.0, gaps, tokens)
+                            clock.tick()
+                return clock.sample()
 
             await one(0)
             for concurrency in args.concurrency:

@@ -114,3 +114,16 @@ def make_tiny_model(
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return str(path)
+
+
+def start_tiny_engine(model_dir: str, **overrides):
+    """A started float32 engine on a tiny model, with small limits; overrides go to EngineConfig."""
+    from parley.config import EngineConfig
+    from parley.engine.async_engine import AsyncEngine
+
+    config = dict(model_id=model_dir, dtype="float32", num_threads=1, max_total_tokens=256,
+                  max_batch_total_tokens=4096, max_batch_prefill_tokens=64)
+    config.update(overrides)
+    engine = AsyncEngine.load(EngineConfig(**config))
+    engine.start()
+    return engine

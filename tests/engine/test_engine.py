@@ -4,10 +4,8 @@ import asyncio
 
 import pytest
 import torch
-from tiny_model import make_tiny_model
+from tiny_model import make_tiny_model, start_tiny_engine
 
-from parley.config import EngineConfig
-from parley.engine.async_engine import AsyncEngine
 from parley.types import (FinalEvent, FinishReason, GenerationRequest, RequestTimeoutError, SamplingParams,
                           StoppingCriteria, TokenEvent, ValidationError)
 
@@ -28,18 +26,9 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), arch="llama", seed=0)
 
 
-def start_engine(model_dir, **overrides):
-    config = dict(model_id=model_dir, dtype="float32", num_threads=1, max_total_tokens=256,
-                  max_batch_total_tokens=4096, max_batch_prefill_tokens=64)
-    config.update(overrides)
-    engine = AsyncEngine.load(EngineConfig(**config))
-    engine.start()
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    engine = start_engine(model_dir)
+    engine = start_tiny_engine(model_dir)
     yield engine
     engine.core.stop()
 
@@ -184,7 +173,7 @@ async def test_cancelling_the_consumer_frees_every_block(engine):
 
 
 async def test_preemption_under_a_tiny_block_budget_keeps_outputs_exact(model_dir, engine):
-    small = start_engine(model_dir, max_total_tokens=128, max_batch_total_tokens=128, block_size=16)
+    small = start_tiny_engine(model_dir, max_total_tokens=128, max_batch_total_tokens=128, block_size=16)
     try:
         requests = [greedy(p, max_new_tokens=40) for p in PROMPTS[:4]]
         results = await asyncio.gather(*(collect(small, r) for r in requests))

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 from tiny_lora import make_lora_adapter, merged_model
-from tiny_model import make_tiny_model
+from tiny_model import make_tiny_model, start_tiny_engine
 
 from parley.adapters.lora import AdapterError
 from parley.config import EngineConfig
@@ -37,18 +37,9 @@ def adapter_dirs(model_dir, tmp_path_factory):
     return {name: make_lora_adapter(model_dir, root / name, **options) for name, options in ADAPTERS.items()}
 
 
-def start_engine(model_dir, **overrides):
-    config = dict(model_id=model_dir, dtype="float32", num_threads=1, max_total_tokens=256,
-                  max_batch_total_tokens=4096, max_batch_prefill_tokens=64)
-    config.update(overrides)
-    engine = AsyncEngine.load(EngineConfig(**config))
-    engine.start()
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine(model_dir, adapter_dirs):
-    engine = start_engine(model_dir, lora_adapters=tuple(adapter_dirs.items()))
+    engine = start_tiny_engine(model_dir, lora_adapters=tuple(adapter_dirs.items()))
     yield engine
     engine.core.stop()
 
@@ -84,7 +75,7 @@ async def test_greedy_output_equals_peft_merged_model(engine, model_dir, adapter
 async def test_an_adapter_on_qwen2_with_its_qkv_biases_equals_peft_merged_model(tmp_path):
     model_dir = make_tiny_model(str(tmp_path / "qwen2"), arch="qwen2", seed=4)
     adapter = make_lora_adapter(model_dir, tmp_path / "adapter", r=4, alpha=8, seed=5)
-    engine = start_engine(model_dir, lora_adapters=(("a", adapter),))
+    engine = start_tiny_engine(model_dir, lora_adapters=(("a", adapter),))
     try:
         reference = merged_model(model_dir, adapter)
         for prompt in PROMPTS[:2]:
@@ -163,7 +154,7 @@ async def test_startup_adapter_beyond_the_maximum_rank_fails_the_load(model_dir,
 
 
 async def test_load_and_unload_under_traffic_lose_no_request(model_dir, adapter_dirs):
-    engine = start_engine(model_dir, lora_adapters=(("all", adapter_dirs["all"]),))
+    engine = start_tiny_engine(model_dir, lora_adapters=(("all", adapter_dirs["all"]),))
     try:
         cases = [(p, a) for p in PROMPTS for a in (None, "all")] * 2
         expected = {(p, a): await tokens(engine, greedy(p, a, max_new_tokens=150)) for p, a in set(cases)}
@@ -203,7 +194,7 @@ async def test_an_adapter_on_smollm2_equals_peft_merged_model(tmp_path):
     gguf = pathlib.Path(default_model_path())
     base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     adapter = make_lora_adapter(base, tmp_path / "smol", r=8, alpha=16, std=0.02)
-    engine = start_engine(None, max_total_tokens=512, lora_adapters=(("smol", adapter),))
+    engine = start_tiny_engine(None, max_total_tokens=512, lora_adapters=(("smol", adapter),))
     try:
         prompt = "The capital of France is"
         got = await tokens(engine, greedy(prompt, "smol"))
