@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,6 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] = ()
     max_client_batch_size: int = 4
     model_name: str | None = None  # served model name; None: derived from model_id
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":

@@ -341,7 +341,7 @@ class EngineCore:
 
         reason = None
         is_eos = token_id in self.model_eos_ids or token_id in stopping.extra_eos_token_ids
-        if is_eos and not stopping.ignore_eos:
+        if is_eos:
             reason = FinishReason.EOS_TOKEN
         elif state.detokenizer.stopped:
             reason = FinishReason.STOP_SEQUENCE
