@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
+from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, linear, lora_linear
 from parley.config import ModelConfig
 from parley.models.attention import AttentionMetadata, paged_attention
 
@@ -135,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] normed hidden states -> [M, vocab] float32 logits."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

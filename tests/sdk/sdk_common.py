@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 KEY = "sdk-key"  # the server's --api-key: every SDK must send it its own way
-# Greedy answers compared token for token need a prompt whose top two tokens are never near a tie (a
-# bfloat16 rounding could flip them): this one keeps a margin of >= 0.125 nats over its answer.
+# Greedy answers are compared token for token: this prompt keeps a margin of >= 0.125 nats between its
+# top two tokens over its whole answer, so no near-tie makes a test depend on the last bit of rounding.
 MESSAGES = [{"role": "user", "content": "Describe the sun in one sentence."}]
 HI = [{"role": "user", "content": "Hi"}]  # greedy: the model ends its answer itself, in about 10 tokens
 JSON_MESSAGES = [{"role": "user", "content": "Give the capital of France as JSON."}]

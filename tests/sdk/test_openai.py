@@ -79,7 +79,7 @@ def test_bad_request(client):
 
 def test_prediction(client):
     """OpenAI's predicted outputs share Mistral's shape; a prediction leaves the greedy output as it
-    is (a short answer here: test_mistralai.py has the long one, and why it may differ in bfloat16)."""
+    is (a short answer here: test_mistralai.py has the long one)."""
     text = client.chat.completions.create(model="m", messages=HI, max_tokens=20, temperature=0) \
         .choices[0].message.content
     for guess in (text, "something else entirely"):
