@@ -1,5 +1,6 @@
 """What constrained decoding costs: output tokens/s over HTTP at concurrency 8, unconstrained vs a
-JSON schema (the same prompts, every answer exactly --max-tokens long), and grammar compile time.
+JSON schema (the same prompts, every answer exactly --max-tokens long, rounds of each in turn), and
+grammar compile time.
 
     python bench/structured.py                # default model, bf16, 2 threads
     python bench/structured.py --threads 1 --requests 16
@@ -108,15 +109,22 @@ async def bench_http(args) -> None:
         await chat(http, 0, 4, response_format=schema_format(LONG_LIST))  # compiled once, as in steady state
         cases = {"unconstrained": {"min_tokens": args.max_tokens},
                  "json schema": {"response_format": schema_format(LONG_LIST)}}
-        print(f"\nconcurrency {args.concurrency}, {args.requests} requests, max_tokens {args.max_tokens}")
-        print("| output        | tok/s  | tokens | median latency s | vs unconstrained |")
-        print("|---------------|--------|--------|------------------|------------------|")
+        # Rounds alternate between the cases: the machine's speed drifts by 10-20% over minutes,
+        # which back-to-back runs would count as a difference between the cases.
+        runs: dict[str, list[tuple[float, int, float]]] = {name: [] for name in cases}
+        for _ in range(args.rounds):
+            for name, extra in cases.items():
+                runs[name].append(await throughput(http, args, extra))
+        print(f"\nconcurrency {args.concurrency}, {args.requests} requests per round, {args.rounds} rounds, "
+              f"max_tokens {args.max_tokens}; medians over the rounds")
+        print("| output        | tok/s  | tokens/round | median latency s | vs unconstrained |")
+        print("|---------------|--------|--------------|------------------|------------------|")
         base = None
-        for name, extra in cases.items():
-            rate, tokens, latency = await throughput(http, args, extra)
+        for name, results in runs.items():
+            rate = statistics.median(r for r, _, _ in results)
+            latency = statistics.median(s for _, _, s in results)
             base = base or rate
-            print(f"| {name:13} | {rate:6.1f} | {tokens:6} | {latency:16.2f} | {rate / base - 1:+15.1%} |",
-                  flush=True)
+            print(f"| {name:13} | {rate:6.1f} | {results[0][1]:12} | {latency:16.2f} | {rate / base - 1:+15.1%} |")
 
         print("\nover HTTP, max_tokens=1 (median of 5): a request that compiles its schema vs one that reuses it")
         print("| schema                   | compiling ms | cached ms |")
@@ -170,6 +178,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} threads={args.threads}")

@@ -15,7 +15,7 @@ import logging
 import queue
 import time
 from collections import defaultdict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -114,6 +114,8 @@ class EngineCore:
         self.model_eos_ids = frozenset(tokenizer.eos_token_ids)
         self._stopping = False
         self.num_steps = 0  # forward passes run
+        # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
+        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
 
     # -- thread-safe entry points ------------------------------------------------------------
     def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
@@ -125,6 +127,7 @@ class EngineCore:
     def stop(self) -> None:
         self._stopping = True
         self.inbox.put(("stop",))
+        self._grammar_thread.shutdown(wait=False)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine thread between two steps; the future holds its result or error."""
@@ -160,14 +163,18 @@ class EngineCore:
             return
         now = time.monotonic()
         sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
+        filled = None
         try:
-            allowed = self._grammar_mask(sampling)
+            allowed, filled = self._grammar_mask(sampling)
             result = self.runner.execute(sched, [self._sampling_row(seq) for seq in sampling], allowed)
         except Exception as exc:  # a failed forward: fail the requests in it, keep serving the rest
             log.exception("engine step failed")
             for req in {id(s.seq.group): s.seq.group for s in sched.scheduled}.values():
                 self._fail(req, GenerationError(f"generation failed: {exc}"))
             return
+        finally:
+            if filled is not None:
+                filled.exception()  # the matchers advance below: their mask must be done with them
         self.num_steps += 1
         self.scheduler.update(sched)
         for s in sched.scheduled:
@@ -289,14 +296,21 @@ class EngineCore:
             suppressed_ids=suppressed,
         )
 
-    def _grammar_mask(self, sampling: list[Sequence]) -> torch.Tensor | None:
-        """[B, V] allowed tokens of the sampling rows, or None when no row is constrained."""
+    def _grammar_mask(self, sampling: list[Sequence]) -> tuple[Callable[[], torch.Tensor] | None, Future | None]:
+        """The allowed tokens of the sampling rows as a function giving [B, V] bools once the forward
+        has run, and the future of the bitmask being filled meanwhile on the grammar thread.
+        (None, None) when no row is constrained."""
         matchers = [self.states[seq.seq_id].matcher for seq in sampling]
         if all(m is None for m in matchers):
-            return None
+            return None, None
         bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-        fill_bitmasks(matchers, bitmask)
-        return bitmask_to_bool(bitmask, self.vocab_size).to(self.runner.device)
+        filled = self._grammar_thread.submit(fill_bitmasks, matchers, bitmask)
+
+        def allowed() -> torch.Tensor:
+            filled.result()
+            return bitmask_to_bool(bitmask, self.vocab_size).to(self.runner.device)
+
+        return allowed, filled
 
     @staticmethod
     def _verifies_exactly(request: GenerationRequest, state: SequenceState) -> bool:

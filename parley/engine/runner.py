@@ -5,6 +5,7 @@ The only engine file that touches torch, the model and the sampler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +46,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow],
-                allowed: torch.Tensor | None = None) -> StepResult:
+                allowed: Callable[[], torch.Tensor] | None = None) -> StepResult:
         """`rows` holds the sampling state of every scheduled sequence that samples without drafts,
-        in schedule order. Sequences with draft tokens are verified greedily instead."""
+        in schedule order. Sequences with draft tokens are verified greedily instead. `allowed` gives
+        the rows' grammar mask [B, V] (True = allowed), asked for only after the forward: it may be
+        computed meanwhile."""
         input_ids, positions, slots = [], [], []
         token_loras = []  # the LoRA adapter of each token (0: base model)
         sample_index = []  # flat-batch index of each sampling sequence's last token
@@ -86,7 +89,7 @@ class ModelRunner:
                 result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, chunk, hidden)
         if sample_index:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
-            result.sampled = self.sampler(logits, rows, allowed)
+            result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None)
         for s, first in verify_spans:
             result.verified[s.seq.seq_id] = self._verify(s.spec_tokens, hidden[first : first + len(s.spec_tokens) + 1])
         return result

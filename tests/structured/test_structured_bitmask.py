@@ -46,12 +46,12 @@ def test_apply_bitmask_sets_disallowed_logits_to_minus_inf():
     assert torch.isinf(logits[0]).tolist() == [True, False, True, False, True, True]
 
 
-def test_fill_bitmasks_matches_single_rows_and_frees_unconstrained_rows(compiler, backend_tokenizer):
+def test_fill_bitmasks_matches_single_rows_and_leaves_unconstrained_rows_allowed(compiler, backend_tokenizer):
     vocab_size = compiler.vocab_size
     json_matcher = compiler.matcher(Grammar("json_object"))
     digits = compiler.matcher(DIGITS)
     assert digits.accept(backend_tokenizer.token_to_id("7"))
-    bitmask = torch.zeros(3, (vocab_size + 31) // 32, dtype=torch.int32)
+    bitmask = allocate_bitmask(3, vocab_size)
     fill_bitmasks([json_matcher, None, digits], bitmask)
     allowed = bitmask_to_bool(bitmask, vocab_size)
     assert set(allowed[0].nonzero().flatten().tolist()) == allowed_ids(json_matcher, vocab_size)
