@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from parley.kernels.linear import linear
+
 
 @dataclass(frozen=True)
 class LoRAProjection:
@@ -48,9 +50,9 @@ class LoRABatch:
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora: LoRAProjection | None) -> torch.Tensor:
     """F.linear(x, weight, bias) plus each token's own adapter delta: x A^T B^T, masked per token."""
-    if x.shape[0] == 1:  # see `linear`
+    if x.shape[0] == 1:  # batch invariance, as in `linear`
         return lora_linear(x.expand(2, -1), weight, bias, lora)[:1]
-    y = F.linear(x, weight, bias)  # [N, out]
+    y = linear(x, weight, bias)  # [N, out]
     if lora is not None:
         h = F.linear(x, lora.a)  # [N, W]
         if lora.mask is not None:
@@ -58,15 +60,3 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         y.addmm_(h, lora.b_t)  # [N, out] += [N, W] @ [W, out]
     return y
 
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear whose rows do not depend on how many rows there are (batch invariance).
-
-    For a single row, oneDNN's bf16 kernel (gemv) sums the inner dimension in another order than
-    for several rows (gemm) once it is long (1536 here), so a token decoded alone would round
-    differently from the same token in a batch, or in a draft verification. Two identical rows
-    take the gemm path at about the cost of one.
-    """
-    if x.shape[0] == 1:
-        return F.linear(x.expand(2, -1), weight, bias)[:1]
-    return F.linear(x, weight, bias)

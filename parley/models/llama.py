@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, linear, lora_linear
+from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
+from parley.kernels.linear import linear, prepack
 from parley.models.attention import AttentionMetadata, paged_attention
 
 
@@ -77,6 +78,17 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
         self.down_weight = _param(hidden, config.intermediate_size)
 
+    PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
+    def prepack(self) -> None:
+        """Swap each projection weight for its `prepack`ed form where that differs (the plain copy
+        is dropped: loading weights is over by then)."""
+        for name in self.PROJECTIONS:
+            packed = prepack(getattr(self, name))
+            if packed is not getattr(self, name):
+                delattr(self, name)  # unregister the parameter; a plain attribute takes its place
+                setattr(self, name, packed)
+
     def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata,
                 lora: LayerLoRA = NO_LORA) -> torch.Tensor:
         shape = hidden.shape[-1:]
@@ -110,6 +122,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = _param(config.hidden_size)
         tied = config.tie_word_embeddings
         self.lm_head = self.embed_tokens if tied else _param(config.vocab_size, config.hidden_size)
+        self.lm_head_packed: torch.Tensor | None = None  # set by prepack()
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(config))  # [max_positions, D/2]
         # Cast with the model's dtype by .to(), like HF's cos.to(x.dtype).
@@ -135,7 +148,16 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] normed hidden states -> [M, vocab] float32 logits."""
-        return linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head_packed if self.lm_head_packed is not None else self.lm_head).float()
+
+    def prepack(self) -> None:
+        """Lay the projection weights out for the fastest `linear` on this device and dtype, once
+        the weights are loaded (see parley/kernels/linear.py). The tied lm_head keeps the plain
+        embedding matrix too, for the embedding lookup."""
+        for layer in self.layers:
+            layer.prepack()
+        packed = prepack(self.lm_head)
+        self.lm_head_packed = packed if packed is not self.lm_head else None
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -95,6 +95,7 @@ def load_model(
     except ValueError as e:  # unsupported rope scaling; unknown, missing or misshapen tensor
         raise ModelLoadError(f"{path}: {e}") from e
     model.eval()
+    model.prepack()
     log.info(
         "loaded %d tensors as %s on %s in %.1f s", counted.count, dtype, device, time.perf_counter() - started
     )

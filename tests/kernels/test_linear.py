@@ -1,0 +1,43 @@
+"""The projection op of every layer and adapter: prepacked on CPU in bfloat16, and batch-invariant."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parley.adapters.ops import lora_linear
+from parley.kernels.linear import _onednn_bf16, linear, prepack
+
+
+def _weight_and_rows(in_features=1536, out_features=576, rows=64):
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=generator) / 30).bfloat16()
+    return weight, torch.randn(rows, in_features, generator=generator).bfloat16()
+
+
+def test_a_row_alone_equals_the_same_row_in_a_batch_in_bfloat16():
+    # One row takes oneDNN's gemv path, which sums a long inner dimension in another order than
+    # gemm: F.linear rounds a few of these rows differently alone than in the batch.
+    weight, x = _weight_and_rows()
+    batched = F.linear(x, weight)
+    assert any(not torch.equal(F.linear(x[r : r + 1], weight)[0], batched[r]) for r in range(64))
+    packed = prepack(weight)
+    for r in range(64):
+        assert torch.equal(linear(x[r : r + 1], weight)[0], batched[r])
+        assert torch.equal(linear(x[r : r + 1], packed)[0], batched[r])
+        assert torch.equal(lora_linear(x[r : r + 1], packed, None, None)[0], batched[r])
+
+
+@pytest.mark.skipif(not _onednn_bf16(), reason="no bfloat16 oneDNN kernels on this CPU")
+def test_prepacked_bfloat16_weights_give_the_same_numbers_as_f_linear():
+    weight, x = _weight_and_rows(576, 960, 40)
+    bias = torch.randn(960).bfloat16()
+    packed = prepack(weight)
+    assert packed.is_mkldnn
+    assert torch.equal(linear(x, packed, bias), F.linear(x, weight, bias))
+
+
+def test_float32_weights_stay_plain():
+    weight = torch.randn(8, 4)
+    assert prepack(weight) is weight
+    x = torch.randn(3, 4)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
