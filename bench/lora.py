@@ -4,8 +4,8 @@ alone, for requests spread over 4 adapters, and for base + 4 adapters mixed, in 
     python bench/lora.py                      # default model, bf16, 2 threads, rank 16 on every projection
     python bench/lora.py --rank 8 --threads 1 --rounds 3
 
-The same greedy prompts in every wave, every answer exactly --max-tokens long (min_tokens), so the
-waves do the same work but for the adapters. Waves alternate over --rounds; each mode reports its
+The same greedy prompts in every wave, one per request, every answer exactly --max-tokens long
+(min_tokens), so the waves do the same work but for the adapters. Waves alternate over --rounds; each mode reports its
 median. The adapters are random PEFT folders written here (all seven projections targeted).
 On a 2-core machine, --threads 1 leaves a core to the event loop: LoRA's many small matmuls suffer
 most when the engine's threads have to share theirs.
@@ -63,7 +63,11 @@ async def bench(args) -> None:
         for i, name in enumerate(names):
             path = write_random_adapter(Path(folder) / name, engine.model_config, args.rank, i)
             await engine.load_adapter(name, path)
-    prompts = [engine.chat_template.render([{"role": "user", "content": p}]) for p in USER_PROMPTS]
+    # A prompt of its own per request: with 8 shared prompts, base-only requests reused each other's
+    # prefill from the prefix cache while base + 4 adapters (a cache per adapter) could not.
+    prompts = [engine.chat_template.render([{"role": "user", "content": f"{USER_PROMPTS[i % len(USER_PROMPTS)]} "
+                                                                          f"(request {i})"}])
+               for i in range(args.concurrency * args.requests_per_client)]
     modes = {
         "base only": lambda i: None,
         f"{NUM_ADAPTERS} adapters": lambda i: names[i % NUM_ADAPTERS],

@@ -16,14 +16,15 @@ from parley.adapters.lora import PROJECTIONS, LoRAWeights, module_shapes
 from parley.adapters.ops import LayerLoRA, LoRABatch, LoRAProjection
 from parley.adapters.registry import LoRARegistry
 from parley.config import ModelConfig
+from parley.kernels.linear import prepack
 
 
 @dataclass(frozen=True)
 class _Stack:
     """One projection's weights for a set of adapters, per layer (see LoRAProjection)."""
 
-    a: list[torch.Tensor]  # per layer [W, in]
-    b_t: list[torch.Tensor]  # per layer [W, out]
+    a: list[torch.Tensor]  # per layer [W, in], prepacked
+    b: list[torch.Tensor]  # per layer [out, W], prepacked
     owner: torch.Tensor  # [W] int64: index, in the set, of the adapter owning each column
 
 
@@ -59,7 +60,7 @@ class LoRABatcher:
             masks = {proj: (token_owner.unsqueeze(1) == s.owner.unsqueeze(0)).to(s.a[0].dtype)  # [N, W]
                      for proj, s in stacks.items()}
         return LoRABatch([
-            LayerLoRA(**{proj: LoRAProjection(s.a[i], s.b_t[i], masks[proj]) for proj, s in stacks.items()})
+            LayerLoRA(**{proj: LoRAProjection(s.a[i], s.b[i], masks[proj]) for proj, s in stacks.items()})
             for i in range(self.num_layers)
         ])
 
@@ -91,6 +92,6 @@ class LoRABatcher:
                 b[:, self.rows[module], column : column + rank] = m.b
                 owner += [i] * rank
                 column += rank
-            b_t = b.transpose(1, 2).contiguous()  # [L, W, out]
-            stacks[proj] = _Stack(list(a.unbind(0)), list(b_t.unbind(0)), torch.tensor(owner, device=self.device))
+            stacks[proj] = _Stack([prepack(x) for x in a.unbind(0)], [prepack(x) for x in b.unbind(0)],
+                                  torch.tensor(owner, device=self.device))
         return stacks

@@ -16,17 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from parley.kernels.linear import linear
+from parley.kernels.linear import linear, linear_add
 
 
 @dataclass(frozen=True)
 class LoRAProjection:
     a: torch.Tensor  # [W, in]: the A's of the step's adapters for every module of the projection
-    b_t: torch.Tensor  # [W, out]: their B's transposed, zero outside each one's own columns and module rows
+    b: torch.Tensor  # [out, W]: their B's, zero outside each one's own columns and module rows
     mask: torch.Tensor | None  # [N, W]: 1 where the column is the token's adapter's; None: every
     # token uses the step's one adapter
+    # a and b as parley.kernels.linear.prepack leaves them (packed on CPU in bfloat16)
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,14 @@ class LoRABatch:
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora: LoRAProjection | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) plus each token's own adapter delta: x A^T B^T, masked per token."""
+    """linear(x, weight, bias) plus each token's own adapter delta: x A^T B^T, masked per token."""
     if x.shape[0] == 1:  # batch invariance, as in `linear`
         return lora_linear(x.expand(2, -1), weight, bias, lora)[:1]
     y = linear(x, weight, bias)  # [N, out]
-    if lora is not None:
-        h = F.linear(x, lora.a)  # [N, W]
-        if lora.mask is not None:
-            h.mul_(lora.mask)
-        y.addmm_(h, lora.b_t)  # [N, out] += [N, W] @ [W, out]
-    return y
+    if lora is None:
+        return y
+    h = linear(x, lora.a)  # [N, W]
+    if lora.mask is not None:
+        h.mul_(lora.mask)
+    return linear_add(h, lora.b, y)  # [N, out] + [N, W] @ [W, out]
 

@@ -35,5 +35,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """other + x @ weight^T, summed before rounding (like addmm); `weight` plain or from `prepack`.
+    Callers keep x at two rows or more (see `linear`)."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
+    return torch.addmm(other, x, weight.t())
+
+
 def _onednn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
