@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parley.kernels.linear import linear, linear_add
+from parley.kernels.linear import linear, linear_then
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     y = linear(x, weight, bias)  # [N, out]
     if lora is None:
         return y
-    h = linear(x, lora.a)  # [N, W]
-    if lora.mask is not None:
-        h.mul_(lora.mask)
-    return linear_add(h, lora.b, y)  # [N, out] + [N, W] @ [W, out]
+    h = linear(x, lora.a) if lora.mask is None else linear_then(x, lora.a, "mul", lora.mask)  # [N, W]
+    return linear_then(h, lora.b, "add", y)  # [N, out] + [N, W] @ [W, out]
 

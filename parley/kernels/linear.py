@@ -35,12 +35,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """other + x @ weight^T, summed before rounding (like addmm); `weight` plain or from `prepack`.
-    Callers keep x at two rows or more (see `linear`)."""
+def linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Tensor) -> torch.Tensor:
+    """(x @ weight^T) `op` other, for op "add" or "mul" and other [N, out]: one fused call on a packed
+    weight, rounded once (a sum like addmm's; a product by anything but 0/1 can round differently
+    from the unfused plain path). Callers keep x at two rows or more (see `linear`)."""
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "add")
-    return torch.addmm(other, x, weight.t())
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, op)
+    if op == "add":
+        return torch.addmm(other, x, weight.t())
+    return F.linear(x, weight).mul_(other)
 
 
 def _onednn_bf16() -> bool:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from parley.adapters.ops import lora_linear
-from parley.kernels.linear import _onednn_bf16, linear, prepack
+from parley.kernels.linear import _onednn_bf16, linear, linear_then, prepack
 
 
 def _weight_and_rows(in_features=1536, out_features=576, rows=64):
@@ -41,3 +41,14 @@ def test_float32_weights_stay_plain():
     assert prepack(weight) is weight
     x = torch.randn(3, 4)
     assert torch.equal(linear(x, weight), F.linear(x, weight))
+
+
+def test_linear_then_fuses_add_and_a_mask_on_plain_and_packed_weights():
+    weight, x = _weight_and_rows(576, 96, 8)
+    other = torch.randn(8, 96).bfloat16()
+    mask = (torch.rand(8, 96) > 0.5).bfloat16()  # what LoRA multiplies by: 0 or 1, exact either way
+    for w in (weight, prepack(weight)):
+        assert torch.equal(linear_then(x, w, "add", other), torch.addmm(other, x, weight.t()))
+        assert torch.equal(linear_then(x, w, "mul", mask), F.linear(x, weight) * mask)
+    x32, w32, other32 = x.float(), weight.float(), other.float()
+    assert torch.allclose(linear_then(x32, w32, "add", other32), other32 + x32 @ w32.t(), atol=1e-5)
