@@ -57,4 +57,3 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return y
     h = linear(x, lora.a) if lora.mask is None else linear_then(x, lora.a, "mul", lora.mask)  # [N, W]
     return linear_then(h, lora.b, "add", y)  # [N, out] + [N, W] @ [W, out]
-

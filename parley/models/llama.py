@@ -60,6 +60,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
+    PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, head_dim = config.hidden_size, config.head_dim
@@ -77,8 +79,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = _param(hidden)
         self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
         self.down_weight = _param(hidden, config.intermediate_size)
-
-    PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
     def prepack(self) -> None:
         """Swap each projection weight for its `prepack`ed form where that differs (the plain copy
