@@ -3,7 +3,8 @@
 TGI-native routes answer `{"error": "...", "error_type": "..."}`. OpenAI-style routes (chat and
 completions, under any prefix, and /v1/*) answer `{"error": {"message", "type", "param", "code"},
 "error_type": "..."}`: the object feeds the OpenAI/Azure mappers, the top-level `error_type` the
-TGI ones (huggingface_hub, text-generation). See SDK-WIRE §1.7.
+TGI ones (huggingface_hub, text-generation); a 422 adds FastAPI's `detail` list for mistralai.
+See SDK-WIRE §1.7.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ def tgi_body(err: ApiError) -> dict:
 
 
 def openai_body(err: ApiError) -> dict:
-    return {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.error_type},
+    body = {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": err.error_type},
             "error_type": err.error_type}
+    if err.status == 422:  # FastAPI's list, which mistralai parses into HTTPValidationError.data.detail
+        loc = ["body", *err.param.split(".")] if err.param else ["body"]
+        body["detail"] = [{"loc": loc, "msg": err.message, "type": err.error_type}]
+    return body
 
 
 def speaks_openai(path: str) -> bool:

@@ -75,8 +75,10 @@ def test_model_info(client):
 
 
 def test_bad_request(client):
-    with pytest.raises(HTTPValidationError, match="temperature"):
+    with pytest.raises(HTTPValidationError, match="temperature") as err:
         client.chat.complete(model="m", messages=MESSAGES, max_tokens=2, temperature=5)
+    (detail,) = err.value.data.detail
+    assert detail.loc == ["body", "temperature"] and "temperature" in detail.msg
 
 
 def test_logprobs_carry_token_ids_and_bytes(client):
