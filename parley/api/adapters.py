@@ -1,8 +1,9 @@
 """LoRA adapters over HTTP: vLLM's routes to load and unload them while serving, and which adapter
 an OpenAI-style `model` names.
 
-The routes are as guarded as every other route (--api-key). Errors: 422 for an adapter that cannot
-be loaded or named so (the message says why), 404 for unloading an adapter that is not loaded.
+The routes read local folders, so they exist only behind --api-key (vLLM likewise needs an opt-in):
+without a key they answer 403 saying so. Errors: 422 for an adapter that cannot be loaded or named
+so (the message says why), 404 for unloading an adapter that is not loaded.
 Unloading never loses a request: new requests for the adapter get 404 at once, the ones already
 running finish with it.
 """
@@ -13,8 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from parley.api.errors import ERROR_RESPONSES
-from parley.api.state import server_of
+from parley.api.errors import ERROR_RESPONSES, ApiError
+from parley.api.state import ServerState, server_of
 
 router = APIRouter(tags=["LoRA adapters"], responses=ERROR_RESPONSES)
 
@@ -28,15 +29,24 @@ class UnloadLoRAAdapter(BaseModel):
     lora_name: str
 
 
+def _admin(http: Request) -> ServerState:
+    server = server_of(http)
+    if not server.config.api_key:
+        raise ApiError(403, "loading and unloading LoRA adapters over HTTP needs the server to run with "
+                            "--api-key (the routes read local folders); --lora-adapters loads them at start",
+                       "forbidden")
+    return server
+
+
 @router.post("/v1/load_lora_adapter", summary="Load a PEFT LoRA adapter and serve it by name")
 async def load_lora_adapter(body: LoadLoRAAdapter, http: Request) -> PlainTextResponse:
-    await server_of(http).ready_engine().load_adapter(body.lora_name, body.lora_path)
+    await _admin(http).ready_engine().load_adapter(body.lora_name, body.lora_path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 @router.post("/v1/unload_lora_adapter", summary="Stop serving a LoRA adapter (running requests finish)")
 async def unload_lora_adapter(body: UnloadLoRAAdapter, http: Request) -> PlainTextResponse:
-    running = await server_of(http).ready_engine().unload_adapter(body.lora_name)
+    running = await _admin(http).ready_engine().unload_adapter(body.lora_name)
     note = f" ({running} running requests finish with it first)" if running else ""
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{note}")
 

@@ -69,3 +69,12 @@ def test_cors(strict):
     r = strict.get("/info", headers={**BEARER, "origin": CORS_ORIGIN})
     assert r.headers["access-control-allow-origin"] == CORS_ORIGIN
     assert "access-control-allow-origin" not in strict.get("/info", headers={**BEARER, "origin": "http://evil"}).headers
+
+
+def test_adapter_admin_routes_are_off_without_an_api_key(server, tmp_path):
+    """They read local folders: a server anyone may call must not load them (tests/api/test_lora_routes.py
+    uses them behind a key)."""
+    for path, body in (("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)}),
+                       ("/v1/unload_lora_adapter", {"lora_name": "x"})):
+        r = httpx.post(server.url + path, json=body, timeout=60)
+        assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"], r.text
