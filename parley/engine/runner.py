@@ -13,7 +13,7 @@ import torch
 from parley.adapters.batch import LoRABatcher
 from parley.config import ModelConfig
 from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
-from parley.models.attention import AttentionMetadata, PrefillChunk
+from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape
 from parley.sampling.metadata import SamplingRow
 from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs
 
@@ -34,7 +34,7 @@ class ModelRunner:
         self.lora = lora
         self.block_size = block_size
         self.device = device
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = kv_cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_layers)
@@ -113,7 +113,7 @@ class ModelRunner:
         visible = key_pos.unsqueeze(0) < context_lens.unsqueeze(1)  # [B, L]
         dtype = self.kv_caches[0][0].dtype
         bias = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-        return tables, bias.view(len(decodes), 1, 1, -1)
+        return tables, bias.view(len(decodes), 1, -1)
 
     def _prompt_logprobs(self, s: ScheduledSequence, chunk: PrefillChunk, hidden: torch.Tensor) -> list[float]:
         """Logprob of each prompt token given the ones before it, for the positions in this chunk."""

@@ -1,8 +1,13 @@
 """Attention over a paged KV cache, for a flat batch mixing decode tokens and prefill chunks.
 
-The cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
-A sequence owns a list of blocks (its block table); token t of the sequence lives in block
-table[t // block_size] at offset t % block_size.
+The cache of one layer is a pair of tensors [num_kv_heads, num_blocks, block_size, head_dim]
+(`kv_cache_shape`). A sequence owns a list of blocks (its block table); token t of the sequence
+lives in block table[t // block_size] at offset t % block_size.
+
+Heads outermost: gathering a batch's blocks gives each head's keys as [KVH, B, L, D], which the
+matmuls take as they are, batched over (KVH, B). Blocks outermost, as before, gave [B, L, KVH, D],
+which every matmul first copied into head-major order: two extra copies of every key and value
+per layer and step.
 
 Plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
 tiny per-step shapes of decoding, and grouped-query heads are handled by a reshape, not a repeat.
@@ -34,42 +39,46 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] int64, padded
-    decode_bias: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size]: 0 or -inf
+    decode_bias: torch.Tensor | None = None  # [num_decode, 1, max_blocks * block_size]: 0 or -inf
     prefill_chunks: tuple[PrefillChunk, ...] = ()
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    return (num_kv_heads, num_blocks, block_size, head_dim)
 
 
 def paged_attention(
     q: torch.Tensor,  # [N, H, D]
     k: torch.Tensor,  # [N, KVH, D]
     v: torch.Tensor,  # [N, KVH, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [N, H, D]
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
 
     nd = meta.num_decode_tokens
     if nd:
-        flat = meta.decode_block_tables.flatten()  # index_select: 5-7x faster than k_cache[tables] on CPU
-        # [B * blocks, block_size, KVH, D] -> [B, L, KVH, D] -> [B, KVH, L, D]
-        keys = k_cache.index_select(0, flat).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, flat).view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)  # [B, KVH, G, D]
-        scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)  # [B, KVH, G, L]
+        flat = meta.decode_block_tables.flatten()  # index_select: 5-7x faster than advanced indexing on CPU
+        # [KVH, B * blocks, block_size, D] -> [KVH, B, L, D]
+        keys = k_cache.index_select(1, flat).view(num_kv_heads, nd, -1, head_dim)
+        values = v_cache.index_select(1, flat).view(num_kv_heads, nd, -1, head_dim)
+        qd = q[:nd].view(nd, num_kv_heads, group, head_dim).transpose(0, 1)  # [KVH, B, G, D]
+        scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)  # [KVH, B, G, L]
         scores.add_(meta.decode_bias)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[:nd] = torch.matmul(probs, values).view(nd, -1, head_dim)  # [B, H, D]
+        out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, -1, head_dim)  # [B, H, D]
 
     for chunk in meta.prefill_chunks:
         ctx, t = chunk.context_len, chunk.length
-        # [ctx, KVH, D] -> [KVH, ctx, D]
-        keys = k_cache.index_select(0, chunk.block_table).flatten(0, 1)[:ctx].transpose(0, 1)
-        values = v_cache.index_select(0, chunk.block_table).flatten(0, 1)[:ctx].transpose(0, 1)
+        # [KVH, blocks, block_size, D] -> [KVH, ctx, D]
+        keys = k_cache.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]
+        values = v_cache.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]
         qp = q[chunk.start : chunk.start + t].view(t, num_kv_heads, group, head_dim)
         qp = qp.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)  # [KVH, G*T, D]
         scores = torch.matmul(qp, keys.transpose(-1, -2)).mul_(scale)  # [KVH, G*T, ctx]

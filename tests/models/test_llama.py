@@ -8,7 +8,7 @@ from tiny_model import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from parley.config import ModelConfig
-from parley.models.attention import AttentionMetadata, PrefillChunk
+from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape
 from parley.models.llama import LlamaForCausalLM
 from parley.models.loader import load_model
 
@@ -50,7 +50,7 @@ def models(request, tmp_path_factory):
 
 def make_caches(config, dtype=torch.float32):
     # Random, not zeros: stale values in slots a sequence may not see must not leak into its output.
-    shape = (NUM_BLOCKS, BLOCK, config.num_kv_heads, config.head_dim)
+    shape = kv_cache_shape(NUM_BLOCKS, BLOCK, config.num_kv_heads, config.head_dim)
     return [
         (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(config.num_layers)
     ]
@@ -86,7 +86,7 @@ def step(model, caches, decodes=(), prefills=()):
         visible = (
             torch.arange(width * BLOCK)[None, :] <= torch.tensor([pos for _, pos, _ in decodes])[:, None]
         )
-        decode_bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        decode_bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, :]
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping),
         num_decode_tokens=len(decodes),

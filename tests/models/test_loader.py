@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from parley.models.attention import AttentionMetadata, PrefillChunk
+from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape
 from parley.models.loader import ModelLoadError, default_model_path, load_model
 
 BLOCK = 16
@@ -33,7 +33,7 @@ def decode(model, token: int, pos: int, caches) -> torch.Tensor:
         slot_mapping=torch.tensor([pos]),
         num_decode_tokens=1,
         decode_block_tables=torch.arange(blocks)[None],
-        decode_bias=torch.zeros(1, 1, 1, blocks * BLOCK).masked_fill_(
+        decode_bias=torch.zeros(1, 1, blocks * BLOCK).masked_fill_(
             torch.arange(blocks * BLOCK) > pos, -torch.inf
         ),
     )
@@ -42,7 +42,7 @@ def decode(model, token: int, pos: int, caches) -> torch.Tensor:
 
 
 def make_caches(config, num_blocks=4):
-    shape = (num_blocks, BLOCK, config.num_kv_heads, config.head_dim)
+    shape = kv_cache_shape(num_blocks, BLOCK, config.num_kv_heads, config.head_dim)
     return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_layers)]
 
 
