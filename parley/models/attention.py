@@ -4,10 +4,10 @@ The cache of one layer is a pair of tensors [num_kv_heads, num_blocks, block_siz
 (`kv_cache_shape`). A sequence owns a list of blocks (its block table); token t of the sequence
 lives in block table[t // block_size] at offset t % block_size.
 
-Heads outermost: gathering a batch's blocks gives each head's keys as [KVH, B, L, D], which the
-matmuls take as they are, batched over (KVH, B). Blocks outermost, as before, gave [B, L, KVH, D],
-which every matmul first copied into head-major order: two extra copies of every key and value
-per layer and step.
+Heads outermost, so that gathering a batch's blocks gives [KVH, B, L, D], which the matmuls take
+as they are, batched over (KVH, B). With blocks outermost the gather gives [B, L, KVH, D], which
+each matmul first copies into head-major order: two extra copies of the whole context per layer
+and step (a batch-32 decode step was 74 ms that way, 48-51 ms this way).
 
 Plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
 tiny per-step shapes of decoding, and grouped-query heads are handled by a reshape, not a repeat.
