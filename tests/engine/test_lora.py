@@ -85,7 +85,7 @@ async def test_an_adapter_on_qwen2_with_its_qkv_biases_equals_peft_merged_model(
         engine.core.stop()
 
 
-async def test_a_batch_mixing_base_and_adapters_gives_each_request_its_own_output(engine):
+async def check_mixed_batch_equals_alone(engine) -> None:
     cases = [(p, a) for p in PROMPTS for a in (None, "all", "attn_rs", "mlp")]
     alone = [await tokens(engine, greedy(p, a, max_new_tokens=16)) for p, a in cases]
 
@@ -97,6 +97,21 @@ async def test_a_batch_mixing_base_and_adapters_gives_each_request_its_own_outpu
     assert mixed == alone
     assert len({tuple(t) for t, (p, _) in zip(alone, cases) if p == PROMPTS[0]}) == 4
     assert engine.stats().kv_blocks_used == 0
+
+
+async def test_a_batch_mixing_base_and_adapters_gives_each_request_its_own_output(engine):
+    await check_mixed_batch_equals_alone(engine)
+
+
+async def test_the_same_in_bfloat16_on_prepacked_adapter_stacks(model_dir, adapter_dirs):
+    """bf16 runs the adapters' stacks prepacked for oneDNN, with the token mask and B's add fused."""
+    engine = start_tiny_engine(model_dir, dtype="bfloat16", lora_adapters=tuple(adapter_dirs.items()))
+    try:
+        if not engine.core.runner.model.layers[0].qkv_weight.is_mkldnn:
+            pytest.skip("no bfloat16 oneDNN kernels on this CPU")
+        await check_mixed_batch_equals_alone(engine)
+    finally:
+        engine.core.stop()
 
 
 async def test_adapters_never_share_prefix_cache_blocks(engine, model_dir, adapter_dirs):
