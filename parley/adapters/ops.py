@@ -50,10 +50,10 @@ class LoRABatch:
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora: LoRAProjection | None) -> torch.Tensor:
     """linear(x, weight, bias) plus each token's own adapter delta: x A^T B^T, masked per token."""
+    if lora is None:
+        return linear(x, weight, bias)
     if x.shape[0] == 1:  # batch invariance, as in `linear`
         return lora_linear(x.expand(2, -1), weight, bias, lora)[:1]
     y = linear(x, weight, bias)  # [N, out]
-    if lora is None:
-        return y
     h = linear(x, lora.a) if lora.mask is None else linear_then(x, lora.a, "mul", lora.mask)  # [N, W]
     return linear_then(h, lora.b, "add", y)  # [N, out] + [N, W] @ [W, out]
