@@ -61,16 +61,18 @@ class EngineCall:
         if self._closed:
             return
         self._closed = True
+        # The outcome is written before the engine hears of the abort (the engine thread may free
+        # the KV blocks while the pumps unwind): /metrics never shows them freed but uncounted.
+        if self._open == 0:
+            self._record.succeeded(self._finals)
+        elif self._admitted:
+            self._record.cancelled()  # no-op when a failure was recorded first
         tasks = self._tasks + ([self._watcher] if self._watcher else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._admitted:
             self._admission.release()
-        if self._open == 0:
-            self._record.succeeded(self._finals)
-        elif self._admitted:
-            self._record.cancelled()  # no-op when a failure was recorded first
 
     # -- reading ------------------------------------------------------------------------------
     def stream(self) -> AsyncIterator[list[tuple[int, Event]]]:
