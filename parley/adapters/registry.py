@@ -83,6 +83,10 @@ class LoRARegistry:
     def weights(self, lora_id: int) -> LoRAWeights:
         return self._by_id[lora_id].weights
 
+    def has_weights(self, lora_id: int) -> bool:
+        """False once the adapter's weights are dropped (unloaded, and its last request ended)."""
+        return lora_id in self._by_id
+
     def _drop_if_unused(self, adapter: LoadedAdapter) -> None:
         if adapter.users == 0 and self.loaded.get(adapter.name) is not adapter:
             del self._by_id[adapter.lora_id]

@@ -141,7 +141,7 @@ class AsyncEngine:
         adapters = LoRARegistry(base_name=served_model_id(config, path))
         runner = ModelRunner(model, model_config, sampler, num_blocks=num_blocks, block_size=config.block_size,
                              dtype=DTYPES[config.dtype], device=device,
-                             lora=LoRABatcher(adapters, model_config, device))
+                             lora=LoRABatcher(adapters, model_config, device, DTYPES[config.dtype]))
         scheduler = Scheduler(BlockManager(num_blocks, config.block_size), max_batch_size=config.max_batch_size,
                               max_batch_prefill_tokens=config.max_batch_prefill_tokens)
         grammar_compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, model_config.vocab_size)

@@ -103,12 +103,18 @@ async def test_a_batch_mixing_base_and_adapters_gives_each_request_its_own_outpu
     await check_mixed_batch_equals_alone(engine)
 
 
-async def test_the_same_in_bfloat16_on_prepacked_adapter_stacks(model_dir, adapter_dirs):
-    """bf16 runs the adapters' stacks prepacked for oneDNN, with the token mask and B's add fused."""
+@pytest.mark.parametrize("segmented", [True, False], ids=["kernel", "stacked"])
+async def test_the_same_in_bfloat16(model_dir, adapter_dirs, segmented):
+    """bf16 runs LoRA in the CPU kernel (parley/kernels/_lora.c) where the CPU has AVX512-BF16, else
+    on adapter stacks prepacked for oneDNN, with the token mask and B's add fused."""
     engine = start_tiny_engine(model_dir, dtype="bfloat16", lora_adapters=tuple(adapter_dirs.items()))
     try:
-        if not engine.core.runner.model.layers[0].qkv_weight.is_mkldnn:
+        batcher = engine.core.runner.lora
+        if segmented and not batcher.segmented:
+            pytest.skip("no LoRA kernel on this CPU")
+        if not segmented and not engine.core.runner.model.layers[0].qkv_weight.is_mkldnn:
             pytest.skip("no bfloat16 oneDNN kernels on this CPU")
+        batcher.segmented = segmented  # before any step uses an adapter
         await check_mixed_batch_equals_alone(engine)
     finally:
         engine.core.stop()
