@@ -5,10 +5,11 @@ alone, for requests spread over 4 adapters, and for base + 4 adapters mixed, in 
     python bench/lora.py --rank 8 --threads 1 --rounds 3
 
 The same greedy prompts in every wave, one per request, every answer exactly --max-tokens long
-(min_tokens), so the waves do the same work but for the adapters. Waves alternate over --rounds; each mode reports its
-median. The adapters are random PEFT folders written here (all seven projections targeted).
-On a 2-core machine, --threads 1 leaves a core to the event loop: LoRA's many small matmuls suffer
-most when the engine's threads have to share theirs.
+(min_tokens), so the waves do the same work but for the adapters. Waves alternate over --rounds; each
+mode reports its median tok/s and the median of its ratio to the base-only wave of the same round.
+The adapters are random PEFT folders written here (all seven projections targeted). In bfloat16 on a
+CPU with AVX512-BF16 LoRA runs in parley/kernels/_lora.c; elsewhere (or --dtype float32) on stacked
+torch matmuls. On a 2-core machine, --threads 1 leaves a core to the event loop.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ async def bench(args) -> None:
 
     engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads,
                                            max_lora_rank=max(64, args.rank)))
+    if args.stacked:
+        engine.core.runner.lora.segmented = False  # before any step uses an adapter
     engine.start()
     names = [f"adapter{i}" for i in range(NUM_ADAPTERS)]
     with tempfile.TemporaryDirectory(prefix="parley-lora-bench-") as folder:
@@ -87,23 +90,50 @@ async def bench(args) -> None:
 
     for adapter_of in modes.values():  # warm-up: every path, every adapter set's stacks
         await asyncio.gather(*(one_for(adapter_of)(i) for i in range(NUM_ADAPTERS + 1)))
+    step_times = time_full_decode_steps(engine.core.runner, args.concurrency)
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    steps: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode, adapter_of in modes.items():
+            step_times.clear()
             samples, wall = await run_wave(one_for(adapter_of), args.concurrency, args.requests_per_client)
             rates[mode].append(sum(s.tokens for s in samples) / wall)
+            steps[mode].append(statistics.median(step_times))
     await engine.shutdown()
 
-    base = statistics.median(rates["base only"])
+    base = rates["base only"]
     print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} threads={args.threads} "
           f"concurrency={args.concurrency} max_tokens={args.max_tokens} rank={args.rank} rounds={args.rounds} "
-          f"cpus={os.cpu_count()}")
-    print("| mode                 | tok/s (median) | each round          | vs base only |")
-    print("|----------------------|----------------|---------------------|--------------|")
+          f"lora={'stacked' if not engine.core.runner.lora.segmented else 'kernel'} cpus={os.cpu_count()}")
+    # The machine's speed drifts between rounds more than LoRA costs, so each mode is compared with
+    # the base-only wave of its own round (they ran back to back) and those ratios' median is shown.
+    print("| mode                 | tok/s (median) | each round          | vs base only (median of rounds) "
+          f"| full decode step ({args.concurrency} rows) |")
+    print("|----------------------|----------------|---------------------|---------------------------------"
+          "|-------------------------|")
     for mode, values in rates.items():
-        median = statistics.median(values)
         rounds = " ".join(f"{v:.0f}" for v in values)
-        print(f"| {mode:20} | {median:14.1f} | {rounds:19} | {median / base:11.0%} |")
+        ratios = [v / b for v, b in zip(values, base)]
+        each = " ".join(f"{r:.0%}" for r in ratios)
+        print(f"| {mode:20} | {statistics.median(values):14.1f} | {rounds:19} | "
+              f"{statistics.median(ratios):4.0%} ({each}) | {statistics.median(steps[mode]) * 1e3:20.1f} ms |")
+
+
+def time_full_decode_steps(runner, rows: int) -> list[float]:
+    """Collects the wall time of each engine step that decodes `rows` sequences and prefills none:
+    what LoRA adds to a step, apart from prefill and the arrivals' ramp."""
+    times: list[float] = []
+    execute = runner.execute
+
+    def timed(sched, *args, **kwargs):
+        started = time.perf_counter()
+        result = execute(sched, *args, **kwargs)
+        if not sched.prefills and len(sched.decodes) == rows:
+            times.append(time.perf_counter() - started)
+        return result
+
+    runner.execute = timed
+    return times
 
 
 def main() -> None:
@@ -116,6 +146,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stacked", action="store_true", help="the torch path even where the kernel runs")
     args = parser.parse_args()
     started = time.perf_counter()
     asyncio.run(bench(args))
