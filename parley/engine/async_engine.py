@@ -148,9 +148,10 @@ class AsyncEngine:
         core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters)
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
-        log.info("engine ready in %.1fs: %s (%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB)",
-                 time.monotonic() - started, path, config.dtype, device, threads, num_blocks, config.block_size,
-                 runner.kv_cache_bytes / 2**20)
+        log.info("engine ready in %.1fs: %s (%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB), "
+                 "LoRA on %s", time.monotonic() - started, path, config.dtype, device, threads, num_blocks,
+                 config.block_size, runner.kv_cache_bytes / 2**20,
+                 "the CPU kernel" if runner.lora.segmented else "stacked matmuls")
         engine = cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)
         for name, adapter_path in config.lora_adapters:
             adapters.add(engine._read_adapter(name, adapter_path))
