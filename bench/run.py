@@ -3,6 +3,7 @@ concurrency 1, 8 and 32, for the engine alone and for the server over HTTP (stre
 
     python bench/run.py                      # engine and http, default model, bf16, 2 threads
     python bench/run.py --mode engine --concurrency 32 --dtype float32
+    python bench/run.py --quantize int4         # 4-bit decoder projections
 
 Run it on a quiet machine: two compute threads collapse when anything else runs.
 """
@@ -97,7 +98,8 @@ async def bench_engine(args) -> list[Row]:
     from parley.engine.async_engine import AsyncEngine
     from parley.types import GenerationRequest, SamplingParams, StoppingCriteria, TokenEvent
 
-    engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads))
+    engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads,
+                                           quantize=args.quantize))
     engine.start()
     prompts = [engine.chat_template.render([{"role": "user", "content": p}]) for p in USER_PROMPTS]
 
@@ -144,6 +146,8 @@ async def bench_http(args) -> list[Row]:
            "--num-threads", str(args.threads), "--max-concurrent-requests", "256"]
     if args.model_id:
         cmd += ["--model-id", args.model_id]
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     started = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -198,13 +202,14 @@ def main() -> None:
     parser.add_argument("--mode", choices=["engine", "http", "both"], default="both")
     parser.add_argument("--model-id", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantize", choices=["int4"], default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=1)
     args = parser.parse_args()
     print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} "
-          f"threads={args.threads} max_tokens={args.max_tokens} cpus={os.cpu_count()}")
+          f"quantize={args.quantize} threads={args.threads} max_tokens={args.max_tokens} cpus={os.cpu_count()}")
     print("| mode   | conc | tok/s    | TTFT p50 | TTFT p90 | ITL ms  | RSS MB  |")
     print("|--------|------|----------|----------|----------|---------|---------|")
     if args.mode in ("engine", "both"):

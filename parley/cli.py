@@ -32,6 +32,8 @@ ENGINE_FLAGS = {
     "--watermark-delta": (float, "logit bias added to green-list tokens when a request asks for a watermark"),
     "--lora-adapters": (parse_lora_adapters, "LoRA adapters (PEFT folders) served from the start: name=path,..."),
     "--max-lora-rank": (int, "largest LoRA rank an adapter may have (default 64)"),
+    "--quantize": (str, "int4: 4-bit weights for the decoder's projections, in groups of 32 as GGUF Q4_1 "
+                        "(CPU; faster at low concurrency, slower at high; see BENCHMARKS.md)"),
 }
 SERVER_FLAGS = {
     "--hostname": (str, "address to bind (default 127.0.0.1)"),

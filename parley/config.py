@@ -99,6 +99,7 @@ class EngineConfig:
     watermark_delta: float = 2.0
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) of the PEFT folders loaded at start
     max_lora_rank: int = 64
+    quantize: str | None = None  # "int4": 4-bit decoder projections (faster at small batches)
 
     @classmethod
     def from_env(cls, **overrides) -> "EngineConfig":
@@ -123,6 +124,7 @@ class EngineConfig:
             watermark_delta=_env("WATERMARK_DELTA", cls.watermark_delta, float),
             lora_adapters=_env("LORA_ADAPTERS", (), parse_lora_adapters),
             max_lora_rank=_env("MAX_LORA_RANK", cls.max_lora_rank, int),
+            quantize=_env("QUANTIZE", None),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

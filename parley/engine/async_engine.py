@@ -28,7 +28,7 @@ from parley.config import EngineConfig, ModelConfig
 from parley.engine.block_manager import BlockManager
 from parley.engine.core import EngineCore, Sink
 from parley.engine.runner import ModelRunner
-from parley.engine.malloc import keep_freed_memory
+from parley.engine.malloc import keep_freed_memory, release_freed_memory
 from parley.engine.scheduler import Scheduler
 from parley.engine.validation import Limits, prepare
 from parley.models.loader import default_model_path, load_model
@@ -112,13 +112,18 @@ class AsyncEngine:
     def _build(cls, config: EngineConfig) -> "AsyncEngine":
         if config.dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if config.quantize not in (None, "int4"):
+            raise ValueError(f"unsupported quantize {config.quantize!r}; Parley has int4")
+        if config.quantize and torch.device(config.device).type != "cpu":
+            raise ValueError("quantize int4 runs on the CPU only")
         threads = config.num_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
         keep_freed_memory()
         device = torch.device(config.device)
         path = config.model_id or default_model_path()
         started = time.monotonic()
-        model, model_config = load_model(path, DTYPES[config.dtype], device)
+        model, model_config = load_model(path, DTYPES[config.dtype], device, config.quantize)
+        release_freed_memory()
         tokenizer = load_tokenizer(path)
         chat_template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token) \
             if tokenizer.chat_template else ChatTemplate.default(tokenizer.bos_token, tokenizer.eos_token)
@@ -148,8 +153,9 @@ class AsyncEngine:
         core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters)
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
-        log.info("engine ready in %.1fs: %s (%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB), "
-                 "LoRA on %s", time.monotonic() - started, path, config.dtype, device, threads, num_blocks,
+        log.info("engine ready in %.1fs: %s (%s%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB), "
+                 "LoRA on %s", time.monotonic() - started, path, config.dtype,
+                 ", int4 projections" if config.quantize else "", device, threads, num_blocks,
                  config.block_size, runner.kv_cache_bytes / 2**20,
                  "the CPU kernel" if runner.lora.segmented else "stacked matmuls")
         engine = cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)

@@ -10,12 +10,54 @@ Batch-invariant: for a single row, oneDNN's bfloat16 kernel (gemv) sums a long i
 (1536 here) in another order than for several rows (gemm), so a token decoded alone would round
 differently from the same token in a batch or in a draft verification. A lone row is computed
 as two identical rows, which costs about the same.
+
+Int4 (`--quantize int4`, `quantize_int4`): 4-bit weights in groups of 32 along the input, as
+GGUF's Q4_1 keeps them, run by torch's weight-only int4 CPU kernel. A decode step reads a quarter
+of the bytes, which is what bounds it at small batches; at 8 rows and more the kernel's
+dequantizing costs more than it saves. It computes each row on its own, so it is batch-invariant.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+INT4_GROUP = 32
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """w[o, i] = (q[o, i] - 8) * scale[i / 32, o] + zero[i / 32, o], q in 0..15 (torch's int4 CPU layout)."""
+
+    packed: torch.Tensor  # uint8 [out, in / 2], from _convert_weight_to_int4pack_for_cpu
+    scales_and_zeros: torch.Tensor  # [in / 32, out, 2], in the model's dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+
+def can_quantize_int4(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] % INT4_GROUP == 0
+
+
+def quantize_int4(weight: torch.Tensor) -> Int4Weight:
+    """Each group of 32 inputs of each output on 16 even steps from its min to its max. Weights
+    dequantized from GGUF Q4_1 lie on such a grid already (Q4_1 maps a block's min to 0 and its
+    max to 15), so they come back to their own 4-bit values, but for the rounding of the scale and
+    zero to the weight's dtype."""
+    out_features, in_features = weight.shape
+    groups = weight.float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)  # [out, groups]
+    scale = ((high - low) / 15).to(weight.dtype).float()  # the kernel takes them in x's dtype
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale
+    zero = (low + 8 * scale).to(weight.dtype).float()
+    q = torch.round((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).clamp(0, 15)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).int(), 1)
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(weight.dtype).contiguous()  # [groups, out, 2]
+    return Int4Weight(packed, scales_and_zeros)
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -26,8 +68,12 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] @ weight^T (+ bias) -> [N, out]; `weight` plain or from `prepack`."""
+def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] @ weight^T (+ bias) -> [N, out]; `weight` plain, from `prepack` or `quantize_int4`."""
+    if isinstance(weight, Int4Weight):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight.packed, INT4_GROUP,
+                                                       weight.scales_and_zeros)
+        return y if bias is None else y + bias
     if x.shape[0] == 1:
         return linear(x.expand(2, -1), weight, bias)[:1]
     if weight.is_mkldnn:

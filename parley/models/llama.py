@@ -18,7 +18,7 @@ from torch import nn
 
 from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
-from parley.kernels.linear import linear, prepack
+from parley.kernels.linear import can_quantize_int4, linear, prepack, quantize_int4
 from parley.models.attention import AttentionMetadata, paged_attention
 
 
@@ -80,12 +80,13 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
         self.down_weight = _param(hidden, config.intermediate_size)
 
-    def prepack(self) -> None:
-        """Swap each projection weight for its `prepack`ed form where that differs (the plain copy
-        is dropped: loading weights is over by then)."""
+    def prepack(self, quantize: str | None = None) -> None:
+        """Swap each projection weight for its `prepack`ed (or, with quantize="int4", 4-bit) form
+        where that differs (the plain copy is dropped: loading weights is over by then)."""
         for name in self.PROJECTIONS:
-            packed = prepack(getattr(self, name))
-            if packed is not getattr(self, name):
+            weight = getattr(self, name)
+            packed = quantize_int4(weight) if quantize == "int4" and can_quantize_int4(weight) else prepack(weight)
+            if packed is not weight:
                 delattr(self, name)  # unregister the parameter; a plain attribute takes its place
                 setattr(self, name, packed)
 
@@ -150,12 +151,13 @@ class LlamaForCausalLM(nn.Module):
         """[M, hidden] normed hidden states -> [M, vocab] float32 logits."""
         return linear(hidden, self.lm_head_packed if self.lm_head_packed is not None else self.lm_head).float()
 
-    def prepack(self) -> None:
+    def prepack(self, quantize: str | None = None) -> None:
         """Lay the projection weights out for the fastest `linear` on this device and dtype, once
-        the weights are loaded (see parley/kernels/linear.py). The tied lm_head keeps the plain
-        embedding matrix too, for the embedding lookup."""
+        the weights are loaded (see parley/kernels/linear.py); quantize="int4" makes the decoder
+        layers' projections 4-bit. The lm_head stays in the model's dtype (a tied one keeps the
+        plain embedding matrix too, for the embedding lookup)."""
         for layer in self.layers:
-            layer.prepack()
+            layer.prepack(quantize)
         packed = prepack(self.lm_head)
         self.lm_head_packed = packed if packed is not self.lm_head else None
 

@@ -66,9 +66,10 @@ def default_model_path() -> str:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: str | torch.device
+    path: str | None, dtype: torch.dtype, device: str | torch.device, quantize: str | None = None
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Load a local HF folder or .gguf file (None: the default model) as `dtype` on `device`."""
+    """Load a local HF folder or .gguf file (None: the default model) as `dtype` on `device`;
+    quantize="int4": with 4-bit decoder projections (parley/kernels/linear.py)."""
     path = pathlib.Path(path or default_model_path())
     if not path.exists():
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
@@ -95,7 +96,7 @@ def load_model(
     except ValueError as e:  # unsupported rope scaling; unknown, missing or misshapen tensor
         raise ModelLoadError(f"{path}: {e}") from e
     model.eval()
-    model.prepack()
+    model.prepack(quantize)
     log.info(
         "loaded %d tensors as %s on %s in %.1f s", counted.count, dtype, device, time.perf_counter() - started
     )

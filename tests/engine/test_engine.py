@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_model import make_tiny_model, start_tiny_engine
 
+from parley.kernels.linear import Int4Weight
 from parley.types import (FinalEvent, FinishReason, GenerationRequest, RequestTimeoutError, SamplingParams,
                           StoppingCriteria, TokenEvent, ValidationError)
 
@@ -261,3 +262,22 @@ async def test_a_correct_prediction_gives_the_same_output_in_fewer_steps(engine)
     half = await steps_for(text[: len(text) // 2] + " unrelated words")
     assert exact < wrong / 3
     assert exact <= half <= wrong
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+async def test_int4_weights_give_each_request_the_same_tokens_alone_and_batched(model_dir, dtype):
+    engine = start_tiny_engine(model_dir, dtype=dtype, quantize="int4")
+    try:
+        layer = engine.core.runner.model.layers[0]
+        assert all(isinstance(getattr(layer, name), Int4Weight) for name in layer.PROJECTIONS)
+        alone = [(await collect(engine, greedy(p)))[0][0].tokens for p in PROMPTS]
+        batched = await asyncio.gather(*(collect(engine, greedy(p)) for p in PROMPTS))
+        assert [[t.id for t in a] for a in alone] == [[t.id for t in b[0][0].tokens] for b in batched]
+        assert len({tuple(t.id for t in a) for a in alone}) > 1
+    finally:
+        engine.core.stop()
+
+
+def test_an_unknown_quantization_is_refused(model_dir):
+    with pytest.raises(ValueError, match="quantize"):
+        start_tiny_engine(model_dir, quantize="int3")
