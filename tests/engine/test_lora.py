@@ -103,11 +103,14 @@ async def test_a_batch_mixing_base_and_adapters_gives_each_request_its_own_outpu
     await check_mixed_batch_equals_alone(engine)
 
 
-@pytest.mark.parametrize("segmented", [True, False], ids=["kernel", "stacked"])
-async def test_the_same_in_bfloat16(model_dir, adapter_dirs, segmented):
+@pytest.mark.parametrize(("segmented", "quantize"), [(True, None), (False, None), (True, "int4")],
+                         ids=["kernel", "stacked", "kernel-on-int4"])
+async def test_the_same_in_bfloat16(model_dir, adapter_dirs, segmented, quantize):
     """bf16 runs LoRA in the CPU kernel (parley/kernels/_lora.c) where the CPU has AVX512-BF16, else
-    on adapter stacks prepacked for oneDNN, with the token mask and B's add fused."""
-    engine = start_tiny_engine(model_dir, dtype="bfloat16", lora_adapters=tuple(adapter_dirs.items()))
+    on adapter stacks prepacked for oneDNN, with the token mask and B's add fused; either adds its
+    deltas to int4 base projections as well."""
+    engine = start_tiny_engine(model_dir, dtype="bfloat16", lora_adapters=tuple(adapter_dirs.items()),
+                               quantize=quantize)
     try:
         batcher = engine.core.runner.lora
         if segmented and not batcher.segmented:
