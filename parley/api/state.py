@@ -52,8 +52,9 @@ class ServerState:
     async def load(self) -> None:
         """Loads the model off the event loop (the socket already answers /health with 503)."""
         started = time.monotonic()
-        log.info("loading model %s (dtype %s, device %s)", self.engine_config.model_id or "<default SmolLM2>",
-                 self.engine_config.dtype, self.engine_config.device)
+        config = self.engine_config
+        log.info("loading model %s (dtype %s%s, device %s)", config.model_id or "<default SmolLM2>", config.dtype,
+                 f", quantize {config.quantize}" if config.quantize else "", config.device)
         try:
             engine = await asyncio.to_thread(self._load_engine)
             engine.start()
