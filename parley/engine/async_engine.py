@@ -26,7 +26,7 @@ from parley.adapters.lora import load_lora
 from parley.adapters.registry import LoRARegistry
 from parley.config import EngineConfig, ModelConfig
 from parley.engine.block_manager import BlockManager
-from parley.engine.core import EngineCore, Sink
+from parley.engine.core import EngineCore, PreparedRequest, Sink
 from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory, release_freed_memory
 from parley.engine.scheduler import Scheduler
@@ -43,6 +43,7 @@ log = logging.getLogger("parley.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 DEFAULT_KV_CACHE_TOKENS = 32768  # 720 MiB for SmolLM2 in bf16: 8 full-length sequences
+LONG_PROMPT_CHARS = 10_000  # tokenized off the event loop beyond this (~3 ms here; 100k: 30 ms)
 
 
 @dataclass
@@ -177,7 +178,7 @@ class AsyncEngine:
         """Events of all `request.n` sequences, interleaved; one FinalEvent per sequence, then the end."""
         is_base = request.adapter_id in (None, "", self.model_id)
         adapter = None if is_base else self.adapters.lookup(request.adapter_id)  # NotFoundError naming it
-        prepared = prepare(request, self.tokenizer, self.limits, self.grammar_compiler)
+        prepared = await self._prepare(request)
         if self._in_flight >= self.config.max_concurrent_requests:
             raise OverloadedError("Model is overloaded")
         if adapter is not None:
@@ -202,6 +203,16 @@ class AsyncEngine:
             self._in_flight -= 1
             if remaining:
                 self.core.abort(request.request_id)
+
+    async def _prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenizes and validates `request`, off the event loop when that may take long: compiling
+        a grammar (up to a second for a large schema) or tokenizing a long prompt would stall every
+        stream the loop serves. No torch runs there (see `_read_adapter_off_the_engine_thread`)."""
+        args = (request, self.tokenizer, self.limits, self.grammar_compiler)
+        long_prompt = isinstance(request.prompt, str) and len(request.prompt) > LONG_PROMPT_CHARS
+        if request.grammar is not None or long_prompt:
+            return await asyncio.to_thread(prepare, *args)
+        return prepare(*args)
 
     def stats(self) -> EngineStats:
         blocks = self.core.scheduler.blocks

@@ -242,6 +242,29 @@ async def test_an_unsupported_schema_is_a_validation_error(engine):
     assert info.value.field == "grammar"
 
 
+async def test_grammar_compiles_and_long_prompts_tokenize_off_the_event_loop(engine, monkeypatch):
+    """A large schema compiles for up to a second: on the event loop it would stall every stream."""
+    import threading
+
+    from parley.engine import async_engine
+    from parley.types import Grammar
+
+    monkeypatch.setattr(async_engine, "LONG_PROMPT_CHARS", 100)  # the tiny model takes 255 tokens at most
+    seen = []
+    compile_grammar, encode = engine.grammar_compiler.validate, engine.tokenizer.encode
+    monkeypatch.setattr(engine.grammar_compiler, "validate",
+                        lambda g: seen.append(("grammar", threading.current_thread())) or compile_grammar(g))
+    monkeypatch.setattr(engine.tokenizer, "encode",
+                        lambda text, **kw: seen.append((len(text), threading.current_thread())) or encode(text, **kw))
+    await collect(engine, GenerationRequest("Code:", grammar=Grammar("regex", "[0-9]{3}"),
+                                            stopping=StoppingCriteria(max_new_tokens=4)))
+    await collect(engine, greedy("a " * 60, max_new_tokens=1))  # 120 characters
+    await collect(engine, greedy(PROMPTS[0], max_new_tokens=1))  # short: no thread hop
+    loop = threading.current_thread()
+    assert [(what, thread is loop) for what, thread in seen] == [
+        (len("Code:"), False), ("grammar", False), (120, False), (len(PROMPTS[0]), True)]
+
+
 async def test_a_correct_prediction_gives_the_same_output_in_fewer_steps(engine):
     plain, _ = await collect(engine, greedy(PROMPTS[0], max_new_tokens=40))  # its text re-tokenizes to the same ids
     expected = [t.id for t in plain[0].tokens]
