@@ -30,6 +30,9 @@
  *       pairs interleaved (the layout dpbf16 reads), zero rows past nrows
  * Blocks are int32 [slot, count, t0, t1, t2, t3]: up to four tokens of one adapter (slot), grouped
  * by slot; first[s] is slot s's first block.
+ *
+ * Off x86-64 (or built with -DPARLEY_NO_SIMD) the module still loads, says it is unsupported, and
+ * parley/adapters keeps its torch path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,7 +45,33 @@
 
 typedef uint16_t bf16;
 
-#if defined(__x86_64__) && defined(__GNUC__)
+typedef struct {
+    const int32_t *blocks; /* [n, BLOCK_WORDS], grouped by slot */
+    const int32_t *first;  /* [slots + 1]: each slot's first block */
+    const int64_t *const *descs;
+    const bf16 *x;
+    int64_t x_stride;
+    bf16 *y;
+    int64_t y_stride;
+    bf16 *h; /* [tokens, h_stride]: every token's A x */
+    int64_t h_stride;
+} Call;
+
+/* A unit of work reads its own part of one adapter's weights, once, for a run of that adapter's
+ * token blocks (all of them at decode sizes). */
+typedef struct {
+    int32_t slot;
+    int32_t segment; /* -1: the shrink of A's 16-row blocks start..start+3; else that segment's
+                        EXPAND_ROWS output rows from `start` */
+    int64_t start;
+    int32_t first_block, end_block;
+} Unit;
+
+#define SHRINK_VECTORS 4  /* 16-row blocks of A per shrink unit */
+#define EXPAND_ROWS 256   /* output rows per expand unit */
+#define UNIT_BLOCKS 8     /* token blocks per unit: prefill's many tokens split over threads */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(PARLEY_NO_SIMD)
 #include <immintrin.h>
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -110,31 +139,6 @@ TARGET static void expand64(bf16 *const y[TOKENS], const bf16 *const h[TOKENS], 
         }
 }
 
-typedef struct {
-    const int32_t *blocks; /* [n, BLOCK_WORDS], grouped by slot */
-    const int32_t *first;  /* [slots + 1]: each slot's first block */
-    const int64_t *const *descs;
-    const bf16 *x;
-    int64_t x_stride;
-    bf16 *y;
-    int64_t y_stride;
-    bf16 *h; /* [tokens, h_stride]: every token's A x */
-    int64_t h_stride;
-} Call;
-
-/* A unit of work reads its own part of one adapter's weights, once, for a run of that adapter's
- * token blocks (all of them at decode sizes). */
-typedef struct {
-    int32_t slot;
-    int32_t segment; /* -1: the shrink of A's 16-row blocks start..start+3; else that segment's
-                        EXPAND_ROWS output rows from `start` */
-    int64_t start;
-    int32_t first_block, end_block;
-} Unit;
-
-#define SHRINK_VECTORS 4  /* 16-row blocks of A per shrink unit */
-#define EXPAND_ROWS 256   /* output rows per expand unit */
-#define UNIT_BLOCKS 8     /* token blocks per unit: prefill's many tokens split over threads */
 
 TARGET static void shrink_unit(const Call *c, Unit u) {
     const int64_t *desc = c->descs[u.slot];
@@ -186,8 +190,6 @@ static int cpu_supported(void) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 #else /* elsewhere the module loads but reports itself unsupported, and apply is never called */
-typedef struct { int unused; } Call;
-typedef struct { int32_t slot, segment; int64_t start; int32_t first_block, end_block; } Unit;
 static void shrink_unit(const Call *c, Unit u) { (void)c, (void)u; }
 static void expand_unit(const Call *c, Unit u) { (void)c, (void)u; }
 static int cpu_supported(void) { return 0; }
