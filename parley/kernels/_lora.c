@@ -139,7 +139,6 @@ TARGET static void expand64(bf16 *const y[TOKENS], const bf16 *const h[TOKENS], 
         }
 }
 
-
 TARGET static void shrink_unit(const Call *c, Unit u) {
     const int64_t *desc = c->descs[u.slot];
     const int64_t vectors = desc[0] / 16, in = desc[1], a_stride = (in + 1) / 2 * 32;
