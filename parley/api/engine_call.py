@@ -91,6 +91,8 @@ class EngineCall:
                 pending.append(self._queue.get_nowait())
             batch = []
             for i, item in pending:
+                if item is _DISCONNECTED:  # drained along with events: as in _next()
+                    raise ClientDisconnected()
                 if item is _END:
                     self._open -= 1
                 elif isinstance(item, BaseException):
