@@ -31,6 +31,7 @@ from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory, release_freed_memory
 from parley.engine.scheduler import Scheduler
 from parley.engine.validation import Limits, prepare
+from parley.kernels.linear import projection_kernel
 from parley.models.loader import default_model_path, load_model
 from parley.sampling.sampler import Sampler
 from parley.structured import GrammarCompiler
@@ -155,9 +156,9 @@ class AsyncEngine:
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
         log.info("engine ready in %.1fs: %s (%s%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB), "
-                 "LoRA on %s", time.monotonic() - started, path, config.dtype,
+                 "projections on %s, LoRA on %s", time.monotonic() - started, path, config.dtype,
                  ", int4 projections" if config.quantize else "", device, threads, num_blocks,
-                 config.block_size, runner.kv_cache_bytes / 2**20,
+                 config.block_size, runner.kv_cache_bytes / 2**20, projection_kernel(DTYPES[config.dtype]),
                  "the CPU kernel" if runner.lora.segmented else "stacked matmuls")
         engine = cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)
         for name, adapter_path in config.lora_adapters:

@@ -3,13 +3,18 @@
 Prepacked: F.linear hands oneDNN a plain weight, which oneDNN lays out into its blocked format again
 on every call. On CPU in bfloat16 `prepack` does that once at load and `linear` runs the same
 kernel on the packed weight: 1.5-2.5x faster per projection here (a 135M model's step at batch 32:
-86 -> 67 ms), with bit-identical results. Other devices and dtypes keep their plain weight (float32
-stays on MKL's sgemm, which the transformers reference uses too).
+86 -> 67 ms), with bit-identical results. float32 is packed for oneDNN too: F.linear would run
+MKL's sgemm, whose summation order changes with the number of rows (a row rounds differently at
+8 rows than at 2), while oneDNN's packed kernel keeps it, and is faster here at every size (576 x
+1536 at 2 / 32 / 512 rows: 141 / 389 / 4635 us for sgemm, 45 / 278 / 4052 us packed; the lm_head
+at 2 rows: 23.7 against 4.9 ms). Other devices keep their plain weight.
 
-Batch-invariant: for a single row, oneDNN's bfloat16 kernel (gemv) sums a long inner dimension
-(1536 here) in another order than for several rows (gemm), so a token decoded alone would round
-differently from the same token in a batch or in a draft verification. A lone row is computed
-as two identical rows, which costs about the same.
+Batch-invariant: for a single row, oneDNN's kernel (gemv) sums a long inner dimension (1536 here)
+in another order than for several rows (gemm), so a token decoded alone would round differently
+from the same token in a batch or in a draft verification. A lone row is computed as two
+identical rows, which costs about the same. From two rows on, oneDNN's AVX-512 brgemm kernels give
+a row the same bits whatever rows are beside it; its AMX kernels do not, which is why parley keeps
+oneDNN below AMX (parley/__init__.py).
 
 Int4 (`--quantize int4`, `quantize_int4`): 4-bit weights in groups of 32 along the input, as
 GGUF's Q4_1 keeps them, run by torch's weight-only int4 CPU kernel. A decode step reads a quarter
@@ -19,6 +24,7 @@ dequantizing costs more than it saves. It computes each row on its own, so it is
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,9 +67,13 @@ def quantize_int4(weight: torch.Tensor) -> Int4Weight:
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] in the layout `linear` runs fastest on: packed for oneDNN on CPU in bfloat16,
-    unchanged elsewhere. Packing copies it; the caller drops the plain weight if it needs it no more."""
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _onednn_bf16():
+    """`weight` [out, in] in the layout `linear` runs fastest on: packed for oneDNN on CPU in bfloat16
+    and float32, unchanged elsewhere. Packing copies it; the caller drops the plain weight if it needs
+    it no more."""
+    if weight.device.type == "cpu" and (
+        (weight.dtype == torch.bfloat16 and _onednn_bf16())
+        or (weight.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+    ):
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
     return weight
 
@@ -90,6 +100,21 @@ def linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Ten
     if op == "add":
         return torch.addmm(other, x, weight.t())
     return F.linear(x, weight).mul_(other)
+
+
+def projection_kernel(dtype: torch.dtype) -> str:
+    """What runs the CPU projections, for the start-up log. Warns when a user's ONEDNN_MAX_CPU_ISA
+    lets oneDNN use AMX tiles, whose bf16 results depend on the batch (see parley/__init__.py)."""
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return "oneDNN (float32)"
+    if dtype != torch.bfloat16:
+        return f"torch ({dtype})"
+    if not _onednn_bf16():
+        return "torch's reference bf16 kernels (no AVX-512 on this CPU)"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if torch.cpu._is_amx_tile_supported() and (isa in ("ALL", "DEFAULT") or "AMX" in isa):
+        return f"oneDNN with AMX (ONEDNN_MAX_CPU_ISA={isa}): bf16 outputs may depend on the batch"
+    return f"oneDNN up to {isa}"
 
 
 def _onednn_bf16() -> bool:

@@ -1,5 +1,9 @@
 """The projection op of every layer and adapter: prepacked on CPU in bfloat16, and batch-invariant."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +18,64 @@ def _weight_and_rows(in_features=1536, out_features=576, rows=64):
     return weight, torch.randn(rows, in_features, generator=generator).bfloat16()
 
 
+NO_BF16 = "no AVX-512 on this CPU: torch runs bf16 on reference kernels, whose row invariance we do not promise"
+bf16_kernels = pytest.mark.skipif(not _onednn_bf16(), reason=NO_BF16)
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        return next((set(line.split(":")[1].split()) for line in info if line.startswith("flags")), set())
+
+
+# Runs a packed bf16 projection in a fresh process with oneDNN's verbose log on and prints the log:
+# its exec lines name the kernel that ran, ISA included ("brg_matmul:avx512_core_bf16").
+PROBE = """
+import parley, torch
+from parley.kernels.linear import linear, prepack
+weight = prepack(torch.randn(64, 64).bfloat16())
+with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+    linear(torch.randn(4, 64).bfloat16(), weight)
+"""
+
+
+def _onednn_kernels(isa: str | None) -> set[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    if isa:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    return {line.split(",")[6] for line in out.splitlines() if line.startswith("onednn_verbose,v1,primitive,exec")}
+
+
+@bf16_kernels
+@pytest.mark.skipif("avx512_bf16" not in _cpu_flags(), reason="this CPU has no AVX512-BF16 kernels to check for")
+def test_bf16_projections_run_on_avx512_bf16_kernels_with_or_without_amx():
+    # parley caps oneDNN below AMX at import (parley/__init__.py): on an AMX Xeon this is what keeps
+    # it off the tile kernels, whose rounding depends on the number of rows; on AMD it is their max.
+    assert _onednn_kernels(None) == {"brg_matmul:avx512_core_bf16"}
+
+
+@bf16_kernels
+def test_a_users_onednn_isa_is_kept():
+    assert not any("bf16" in kernel for kernel in _onednn_kernels("AVX512_CORE"))
+
+
+@bf16_kernels
+@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (1536, 576), (576, 49152)])
+def test_a_rows_projection_does_not_depend_on_the_rows_beside_it(in_features, out_features):
+    # The shapes of the default model's projections: a decode batch, a prefill chunk, drafts.
+    generator = torch.Generator().manual_seed(1)
+    weight = prepack((torch.randn(out_features, in_features, generator=generator) / 30).bfloat16())
+    x = torch.randn(600, in_features, generator=generator).bfloat16()
+    alone = torch.cat([linear(x[r : r + 1], weight) for r in range(0, 600, 7)])
+    for rows in (2, 3, 8, 15, 16, 17, 32, 33, 64, 129, 600):
+        for start in {0, 600 - rows}:
+            batch = linear(x[start : start + rows], weight)
+            at = [r for r in range(start, start + rows) if r % 7 == 0]
+            assert torch.equal(batch[[r - start for r in at]], alone[[r // 7 for r in at]]), (rows, start)
+
+
+@bf16_kernels
 def test_a_row_alone_equals_the_same_row_in_a_batch_in_bfloat16():
     # One row takes oneDNN's gemv path, which sums a long inner dimension in another order than
     # gemm: F.linear rounds a few of these rows differently alone than in the batch.
@@ -27,7 +89,7 @@ def test_a_row_alone_equals_the_same_row_in_a_batch_in_bfloat16():
         assert torch.equal(lora_linear(x[r : r + 1], packed, None, None)[0], batched[r])
 
 
-@pytest.mark.skipif(not _onednn_bf16(), reason="no bfloat16 oneDNN kernels on this CPU")
+@bf16_kernels
 def test_prepacked_bfloat16_weights_give_the_same_numbers_as_f_linear():
     weight, x = _weight_and_rows(576, 960, 40)
     bias = torch.randn(960).bfloat16()
@@ -36,11 +98,16 @@ def test_prepacked_bfloat16_weights_give_the_same_numbers_as_f_linear():
     assert torch.equal(linear(x, packed, bias), F.linear(x, weight, bias))
 
 
-def test_float32_weights_stay_plain():
-    weight = torch.randn(8, 4)
-    assert prepack(weight) is weight
-    x = torch.randn(3, 4)
-    assert torch.equal(linear(x, weight), F.linear(x, weight))
+def test_float32_weights_are_packed_and_rows_keep_their_bits():
+    # F.linear runs MKL's sgemm in float32, which rounds a row differently at 8 rows than at 2
+    generator = torch.Generator().manual_seed(2)
+    weight, x, bias = torch.randn(96, 64, generator=generator), torch.randn(40, 64, generator=generator), torch.randn(96)
+    packed = prepack(weight)
+    assert packed.is_mkldnn
+    batched = linear(x, packed, bias)
+    torch.testing.assert_close(batched, F.linear(x, weight, bias))
+    for rows in (1, 2, 3, 8, 17):
+        assert torch.equal(linear(x[:rows], packed, bias), batched[:rows])
 
 
 def test_linear_then_fuses_add_and_a_mask_on_plain_and_packed_weights():
@@ -51,7 +118,9 @@ def test_linear_then_fuses_add_and_a_mask_on_plain_and_packed_weights():
         assert torch.equal(linear_then(x, w, "add", other), torch.addmm(other, x, weight.t()))
         assert torch.equal(linear_then(x, w, "mul", mask), F.linear(x, weight) * mask)
     x32, w32, other32 = x.float(), weight.float(), other.float()
-    assert torch.allclose(linear_then(x32, w32, "add", other32), other32 + x32 @ w32.t(), atol=1e-5)
+    for w in (w32, prepack(w32)):
+        assert torch.allclose(linear_then(x32, w, "add", other32), other32 + x32 @ w32.t(), atol=1e-5)
+        assert torch.allclose(linear_then(x32, w, "mul", mask.float()), (x32 @ w32.t()) * mask.float(), atol=1e-5)
 
 
 def _q4_1_weight(out_features=96, in_features=128, seed=0):
