@@ -95,7 +95,7 @@ class SamplingBatch:
                 frequency.append(i)
             if p.watermark and (row.output_ids or row.prompt_ids):
                 batch.watermark.append((i, (row.output_ids or row.prompt_ids)[-1]))
-            (sampled if p.do_sample else greedy).append(i)
+            (sampled if p.do_sample and not _keeps_one_token(p) else greedy).append(i)
             if p.top_n_tokens:
                 top_n.setdefault(min(p.top_n_tokens, width), []).append(i)
 
@@ -128,6 +128,12 @@ class SamplingBatch:
             batch.sampled = _sampled_rows([rows[i] for i in sampled], positions, width, device)
         batch.top_n = {n: tensor(r) for n, r in top_n.items()}
         return batch
+
+
+def _keeps_one_token(p: SamplingParams) -> bool:
+    """top_k=1 or min_p=1 keep only the most likely token (and its ties, were they filters): greedy,
+    ties broken as argmax breaks them (the lowest id), and no draw from the row's generator."""
+    return p.top_k == 1 or p.min_p >= 1.0
 
 
 def _flatten(rows: list[int], id_lists: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
