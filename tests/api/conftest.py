@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server import API_KEY, CORS_ORIGIN, ServerProcess, start_default_server
+from server import API_KEY, CLIENT_TIMEOUT_S, CORS_ORIGIN, ServerProcess, start_default_server
 
 HERE = Path(__file__).parent
 
@@ -46,5 +46,5 @@ def fake_server(tmp_path_factory):
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
+    with httpx.Client(base_url=server.url, timeout=CLIENT_TIMEOUT_S) as client:
         yield client

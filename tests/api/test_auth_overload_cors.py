@@ -8,14 +8,14 @@ import httpx
 import openai
 import pytest
 
-from server import API_KEY, CORS_ORIGIN
+from server import API_KEY, CLIENT_TIMEOUT_S, CORS_ORIGIN
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture
 def strict(strict_server):
-    with httpx.Client(base_url=strict_server.url, timeout=60) as client:
+    with httpx.Client(base_url=strict_server.url, timeout=CLIENT_TIMEOUT_S) as client:
         yield client
 
 
@@ -76,5 +76,5 @@ def test_adapter_admin_routes_are_off_without_an_api_key(server, tmp_path):
     uses them behind a key)."""
     for path, body in (("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)}),
                        ("/v1/unload_lora_adapter", {"lora_name": "x"})):
-        r = httpx.post(server.url + path, json=body, timeout=60)
+        r = httpx.post(server.url + path, json=body, timeout=CLIENT_TIMEOUT_S)
         assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"], r.text

@@ -9,7 +9,7 @@ import sys
 
 import httpx
 import pytest
-from server import ServerProcess
+from server import CLIENT_TIMEOUT_S, ServerProcess
 from tiny_lora import make_lora_adapter
 from tiny_model import make_tiny_model
 
@@ -46,7 +46,7 @@ def server(files, tmp_path_factory):
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120, headers=AUTH) as client:
+    with httpx.Client(base_url=server.url, timeout=CLIENT_TIMEOUT_S, headers=AUTH) as client:
         yield client
 
 

@@ -10,7 +10,7 @@ from openai import OpenAI
 from text_generation import Client
 from text_generation.types import Message
 
-from server import sse_events
+from server import CLIENT_TIMEOUT_S, sse_events
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -122,7 +122,7 @@ def test_huggingface_hub_chat(server):
 
 def test_text_generation_chat(server):
     """text-generation's chat sends every field, nulls included (`name`, `tool_calls` in messages)."""
-    r = Client(server.url, timeout=120).chat([Message(role="user", content="Hi")], max_tokens=2, seed=1)
+    r = Client(server.url, timeout=CLIENT_TIMEOUT_S).chat([Message(role="user", content="Hi")], max_tokens=2, seed=1)
     assert r.choices[0].message.role == "assistant" and r.usage["completion_tokens"] == 2
 
 

@@ -16,6 +16,8 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import AsyncOpenAI, OpenAI
 
+from server import CLIENT_TIMEOUT_S
+
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 200  # the model likes newlines: JSON whitespace is allowed up to 32 characters per gap
@@ -132,7 +134,7 @@ def validate(text: str, schema: dict) -> None:
 
 @pytest.fixture
 def oai(server):
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def schema_outputs(server) -> dict[tuple[str, str], tuple[str, str]]:
     """(schema, sampling) -> (content, finish_reason), all requested at once so the engine batches them."""
 
     async def run():
-        async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
+        async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S) as client:
             async def one(name, mode):
                 r = await client.chat.completions.create(
                     model="m", messages=prompt(name), max_tokens=MAX_TOKENS, **SAMPLING[mode],

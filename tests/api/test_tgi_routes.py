@@ -10,14 +10,14 @@ from huggingface_hub import InferenceClient
 from text_generation import Client
 from text_generation.types import Grammar, GrammarType
 
-from server import sse_events
+from server import CLIENT_TIMEOUT_S, sse_events
 
 PROMPT = "The capital of France is"
 
 
 @pytest.fixture
 def tgi(server):
-    return Client(server.url, timeout=120)
+    return Client(server.url, timeout=CLIENT_TIMEOUT_S)
 
 
 def test_generate_with_details_prefill_and_top_tokens(tgi, server):

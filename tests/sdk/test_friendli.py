@@ -12,6 +12,7 @@ from friendli.utils import RetryConfig
 
 from sdk_common import (CITY_SCHEMA, JSON_MESSAGES, KEY, MESSAGES, SAMPLED, WEATHER_MESSAGES, WEATHER_TOOL,
                         assert_city_json, assert_weather_call)
+from server import CLIENT_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def test_eos_token_ends_the_output_at_that_id(client, server):
     # Friendli's SDK drops the token ids of logprobs: read them from the OpenAI-style answer
     answer = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                         json={"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "logprobs": True},
-                        timeout=120).json()
+                        timeout=CLIENT_TIMEOUT_S).json()
     ids = [entry["token_id"] for entry in answer["choices"][0]["logprobs"]["content"]]
     eos = next(i for i in ids[1:] if ids.count(i) == 1)  # not the first token, and its only occurrence
     r = complete(client, max_tokens=8, temperature=0, eos_token=[eos])
@@ -101,5 +102,5 @@ def test_timeout_microseconds_past_is_429(server):
     """friendli ≥ 0.9 no longer sends `timeout_microseconds` (SDK-WIRE §1.4), so raw HTTP here."""
     r = httpx.post(server.url + "/dedicated/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": ENDPOINT, "messages": MESSAGES, "max_tokens": 50, "timeout_microseconds": 1},
-                   timeout=120)
+                   timeout=CLIENT_TIMEOUT_S)
     assert r.status_code == 429 and "timed out" in r.json()["error"]["message"]

@@ -12,6 +12,7 @@ from text_generation.errors import ValidationError
 from text_generation.types import Grammar, GrammarType, Message, Tool
 
 from sdk_common import CITY_SCHEMA, KEY, MESSAGES, SAMPLED, WEATHER_FUNCTION, assert_city_json, assert_weather_call
+from server import CLIENT_TIMEOUT_S
 
 # the client calls pydantic v1's .dict() on every request
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")]
@@ -22,7 +23,7 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture
 def client(server):
-    return Client(server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    return Client(server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=CLIENT_TIMEOUT_S)
 
 
 def test_chat(client):
