@@ -15,7 +15,7 @@ tiny per-step shapes of decoding, and grouped-query heads are handled by a resha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] int64, padded
     decode_bias: torch.Tensor | None = None  # [num_decode, 1, max_blocks * block_size]: 0 or -inf
     prefill_chunks: tuple[PrefillChunk, ...] = ()
+    # a block table above -> the cache rows holding its blocks (see `_gather`), computed by the
+    # first layer that needs them and reused by the others (tensors hash by identity)
+    gather_rows: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -64,10 +67,9 @@ def paged_attention(
 
     nd = meta.num_decode_tokens
     if nd:
-        flat = meta.decode_block_tables.flatten()  # index_select: 5-7x faster than advanced indexing on CPU
         # [KVH, B * blocks, block_size, D] -> [KVH, B, L, D]
-        keys = k_cache.index_select(1, flat).view(num_kv_heads, nd, -1, head_dim)
-        values = v_cache.index_select(1, flat).view(num_kv_heads, nd, -1, head_dim)
+        keys = _gather(k_cache, meta.decode_block_tables, meta).view(num_kv_heads, nd, -1, head_dim)
+        values = _gather(v_cache, meta.decode_block_tables, meta).view(num_kv_heads, nd, -1, head_dim)
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim).transpose(0, 1)  # [KVH, B, G, D]
         scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)  # [KVH, B, G, L]
         scores.add_(meta.decode_bias)
@@ -77,8 +79,8 @@ def paged_attention(
     for chunk in meta.prefill_chunks:
         ctx, t = chunk.context_len, chunk.length
         # [KVH, blocks, block_size, D] -> [KVH, ctx, D]
-        keys = k_cache.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]
-        values = v_cache.index_select(1, chunk.block_table).flatten(1, 2)[:, :ctx]
+        keys = _gather(k_cache, chunk.block_table, meta).flatten(1, 2)[:, :ctx]
+        values = _gather(v_cache, chunk.block_table, meta).flatten(1, 2)[:, :ctx]
         qp = q[chunk.start : chunk.start + t].view(t, num_kv_heads, group, head_dim)
         qp = qp.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)  # [KVH, G*T, D]
         scores = torch.matmul(qp, keys.transpose(-1, -2)).mul_(scale)  # [KVH, G*T, ctx]
@@ -89,6 +91,21 @@ def paged_attention(
         chunk_out = torch.matmul(probs, values).view(num_kv_heads, group, t, head_dim)
         out[chunk.start : chunk.start + t] = chunk_out.permute(2, 0, 1, 3).reshape(t, -1, head_dim)
     return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """cache [KVH, num_blocks, block_size, D] -> [KVH, len(table), block_size, D], the table's blocks
+    in order. As index_select of whole rows of the cache seen as [KVH * num_blocks, block_size * D]:
+    a plain copy of each block, which index_select along dim 1 makes 1.3-1.4x slower (a decode
+    step's attention at 32 sequences of 208 / 1024 tokens: 666 -> 479 / 6391 -> 4490 us a layer;
+    advanced indexing is slower still)."""
+    num_kv_heads, num_blocks = cache.shape[:2]
+    rows = meta.gather_rows.get(block_table)
+    if rows is None:
+        heads = torch.arange(num_kv_heads, device=cache.device).unsqueeze(1) * num_blocks
+        rows = meta.gather_rows[block_table] = (heads + block_table.flatten()).flatten()
+    gathered = cache.view(num_kv_heads * num_blocks, -1).index_select(0, rows)
+    return gathered.view(num_kv_heads, -1, *cache.shape[2:])
 
 
 def causal_bias(num_queries: int, context_len: int, dtype, device) -> torch.Tensor:
