@@ -1,0 +1,132 @@
+"""Where a decode step's time goes, at 1, 8 and 32 sequences: projections, lm_head, attention,
+rotary, norms, sampling, and the rest (the engine's Python, the scheduler, small ops).
+
+    python bench/profile_step.py                  # bf16, 2 threads, default model
+    python bench/profile_step.py --batch 32 --dtype float32
+
+Each batch runs as many sampled requests (temperature 0.7, top_p 0.95, as bench/run.py) with
+exactly 200 new tokens, and times steps 40 to 160, when every sequence decodes. The parts are
+timed by wrapping the model's functions with perf_counter on the engine thread: wall time,
+nested parts inside "forward" excluded from its own line. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import platform
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+FIRST, LAST = 40, 160  # the steps timed
+
+
+class Timers:
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.on = False
+
+    def wrap(self, label: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[label] += time.perf_counter() - start
+        return timed
+
+
+def instrument(timers: Timers) -> None:
+    from parley.engine import runner
+    from parley.models import llama
+    from parley.sampling.sampler import Sampler
+
+    llama.lora_linear = timers.wrap("projections", llama.lora_linear)
+    llama.linear = timers.wrap("lm_head", llama.linear)  # compute_logits is its only caller there
+    llama.paged_attention = timers.wrap("attention", llama.paged_attention)
+    llama.apply_rope = timers.wrap("rotary", llama.apply_rope)
+    F.rms_norm = timers.wrap("norms", F.rms_norm)
+    Sampler.__call__ = timers.wrap("sampling", Sampler.__call__)
+    llama.LlamaForCausalLM.forward = timers.wrap("forward", llama.LlamaForCausalLM.forward)
+    execute = runner.ModelRunner.execute
+
+    def counted(self, *args, **kwargs):
+        timers.steps += 1
+        timers.on = FIRST <= timers.steps < LAST
+        return execute(self, *args, **kwargs)
+
+    runner.ModelRunner.execute = timers.wrap("runner", counted)
+
+
+async def profile(timers: Timers, batch: int, args) -> dict[str, float]:
+    from parley.config import EngineConfig
+    from parley.engine.async_engine import AsyncEngine
+    from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
+
+    timers.totals.clear()
+    timers.steps, timers.on = 0, False
+    engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
+    engine.start()
+    prompt = engine.chat_template.render([{"role": "user", "content": "Tell me about the history of printing."}])
+
+    async def one(i: int) -> None:
+        request = GenerationRequest(prompt, add_special_tokens=False, seeds=[i],
+                                    sampling=SamplingParams(do_sample=True, temperature=0.7, top_p=0.95),
+                                    stopping=StoppingCriteria(max_new_tokens=200, min_new_tokens=200))
+        async for _ in engine.generate(request):
+            pass
+
+    wall_at = {}
+
+    async def watch():
+        while timers.steps < LAST:
+            if FIRST not in wall_at and timers.steps >= FIRST:
+                wall_at[FIRST] = time.perf_counter()
+            await asyncio.sleep(0.001)
+        wall_at[LAST] = time.perf_counter()
+
+    await asyncio.gather(watch(), *(one(i) for i in range(batch)))
+    await engine.shutdown()
+    steps = LAST - FIRST
+    per_step = {k: v / steps * 1000 for k, v in timers.totals.items()}
+    per_step["wall"] = (wall_at[LAST] - wall_at[FIRST]) / steps * 1000
+    return per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    amx = "amx_tile" in open("/proc/cpuinfo").read()
+    print(f"CPU: {cpu} ({'AMX' if amx else 'no AMX'}), torch {torch.__version__}, {args.dtype}, "
+          f"{args.threads} threads; ms per decode step (steps {FIRST}-{LAST})")
+    parts = ["projections", "lm_head", "attention", "rotary", "norms", "other model ops", "sampling",
+             "engine outside the runner", "step (wall)"]
+    print("| batch | " + " | ".join(parts) + " |")
+    print("|---" * (len(parts) + 1) + "|")
+    timers = Timers()
+    instrument(timers)
+    for batch in args.batch:
+        t = asyncio.run(profile(timers, batch, args))
+        inner = sum(t.get(k, 0.0) for k in ("projections", "lm_head", "attention", "rotary", "norms"))
+        # lm_head runs in the runner, outside forward; norms include the final norm inside forward
+        other_model = t["forward"] - (inner - t.get("lm_head", 0.0))
+        row = [t.get("projections", 0.0), t.get("lm_head", 0.0), t.get("attention", 0.0), t.get("rotary", 0.0),
+               t.get("norms", 0.0), other_model, t.get("sampling", 0.0), t["wall"] - t["runner"], t["wall"]]
+        print(f"| {batch} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
