@@ -6,12 +6,11 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 
 from parley.api import sse
 from parley.api.engine_call import EngineCall, Event
 from parley.api.errors import ClientDisconnected, as_api_error, error_body
-from parley.api.jsonio import JSONBody
+from parley.api.jsonio import JSONBody, StrictJSONRoute
 from parley.api.state import server_of
 from parley.types import FinalEvent, GenerationRequest
 
@@ -44,7 +43,7 @@ async def respond(
     return JSONBody(to_json(finals))
 
 
-class GenerationRoute(APIRoute):
+class GenerationRoute(StrictJSONRoute):
     """A route that runs the engine: every request, even one whose body fails validation, gets a
     metrics record, closed by its outcome."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from parley.api.errors import ERROR_RESPONSES
-from parley.api.jsonio import JSONBody
+from parley.api.jsonio import JSONBody, StrictJSONRoute
 from parley.api.serving import GenerationRoute, respond
 from parley.api.state import server_of
 from parley.api.tgi import convert, responses
@@ -43,7 +43,7 @@ async def generate_stream(body: GenerateRequest, http: Request) -> Response:
     return await _generate(http, body, stream=True, as_list=False)
 
 
-tokenize_router = APIRouter(tags=["Text Generation Inference"])
+tokenize_router = APIRouter(tags=["Text Generation Inference"], route_class=StrictJSONRoute)
 
 
 @tokenize_router.post("/tokenize", summary="Tokenize inputs (with special tokens, like generation)")
