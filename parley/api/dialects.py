@@ -37,7 +37,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from parley.api.errors import require, validation_error
-from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart
+from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
 from parley.types import FinalEvent, FinishReason, GenerationRequest
 
 FRIENDLI_PREFIX = "/dedicated/"
@@ -52,7 +52,6 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
 EXTRA_PARAMETERS_MODES = ("pass-through", "drop", "error")
 SILICONFLOW_MAX_STOP = 4
 
-Seed = Annotated[int, Field(ge=0)]
 
 
 class Prediction(BaseModel):

@@ -10,6 +10,7 @@ See SDK-WIRE §1.7.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -110,11 +111,15 @@ ERROR_RESPONSES = {
 
 
 # -- request validation (pydantic) ---------------------------------------------------------------
+_UNION_MEMBER = re.compile(r"constrained-\w+|int|float|str|bool|none|[\w-]+\[.*\]")
+
+
 def describe_validation(exc: RequestValidationError) -> ApiError:
     """One message naming each offending field and the rule it broke."""
     parts, first_field = [], None
     for error in exc.errors():
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        # pydantic names the member of a union that failed ("seed.constrained-int"): not a field
+        loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
         if error.get("type") == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "")
             parts.append(f"Malformed JSON body: {detail}".rstrip(": "))

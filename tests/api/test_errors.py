@@ -6,6 +6,8 @@ The default server runs with --max-total-tokens 2048 (so max_input_tokens 2047),
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 import text_generation.errors
@@ -69,6 +71,69 @@ def test_malformed_json(http):
     assert "Malformed JSON" in r.json()["error"]
     r = http.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "Malformed JSON" in r.json()["error"]["message"]
+
+
+def post_raw(http, path, text: str):
+    """`text` sent as is: Python's json would not write lone surrogates or NaN as the client did."""
+    return http.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/generate", '{"inputs": "Hi \\ud800 there"}', "`inputs`"),
+    ("/tokenize", '{"inputs": "\\udfff"}', "`inputs`"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b\\ud83d"}]}',
+     "`messages.1.content`"),
+    ("/v1/completions", '{"prompt": ["ok", "x\\ud800"], "max_tokens": 1}', "`prompt.1`"),
+])
+def test_a_lone_surrogate_is_a_422_naming_the_field(http, path, body, field):
+    # valid JSON escapes that stand for no character: the tokenizer failed on them with a 500
+    r = post_raw(http, path, body)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"] if path in ("/generate", "/tokenize") else r.json()["error"]["message"]
+    assert field in message and "surrogate" in message, message
+    paired = re.sub(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}", r"\\ud83d\\ude00", body)  # a real pair is fine
+    assert post_raw(http, path, paired).status_code == 200, paired
+
+
+@pytest.mark.parametrize("body", ['{"inputs": "Hi", "parameters": {"temperature": NaN, "do_sample": true}}',
+                                  '{"inputs": "Hi", "parameters": {"top_p": Infinity}}',
+                                  '{"inputs": ' + "[" * 3000 + "]" * 3000 + "}"])
+def test_non_json_numbers_and_deep_nesting_are_422(http, body):
+    r = post_raw(http, "/generate", body)
+    assert r.status_code == 422 and "Malformed JSON" in r.json()["error"], r.text
+
+
+def test_seeds_are_u64(http):
+    assert "seed" in tgi_error(http, {"inputs": "Hi", "parameters": {"seed": 2**64, "do_sample": True}})
+    for seed in (2**64, -1):
+        error = openai_error(http, {"messages": [{"role": "user", "content": "Hi"}], "seed": seed, "max_tokens": 1})
+        assert error["param"] == "seed", error
+    body = {"inputs": "Hi", "parameters": {"seed": 2**64 - 1, "do_sample": True, "max_new_tokens": 1}}
+    assert http.post("/generate", json=body).json()["details"]["seed"] == 2**64 - 1
+
+
+CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "tool", "tool_call_id": "call_1", "content": "42"}], "messages.0"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+      {"role": "tool", "tool_call_id": "call_1", "content": "42"}], "messages.2"),
+    ([{"role": "user", "content": "Hi"}, CALL, {"role": "tool", "tool_call_id": "call_9", "content": "42"}],
+     "messages.2.tool_call_id"),
+])
+def test_a_tool_result_must_answer_a_tool_call(http, messages, param):
+    error = openai_error(http, {"messages": messages, "max_tokens": 1})
+    assert error["param"] == param and "tool" in error["message"], error
+
+
+def test_tool_results_answering_the_calls_before_them_are_served(http):
+    two_calls = {**CALL, "tool_calls": CALL["tool_calls"] + [{**CALL["tool_calls"][0], "id": "call_2"}]}
+    results = [{"role": "tool", "tool_call_id": i, "content": "42"} for i in ("call_2", "call_1")]
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}, two_calls, *results],
+                                                "max_tokens": 1})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("body, param, words", [

@@ -7,7 +7,7 @@ from parley.api import dialects
 from parley.api.adapters import adapter_for_model
 from parley.api.budget import room_for_output
 from parley.api.errors import require, validation_error
-from parley.api.openai.schemas import ChatRequest, CompletionRequest, SamplingFields
+from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
 from parley.api.openai.structured import response_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
@@ -47,6 +47,7 @@ def generation_request(body: SamplingFields, prompt: str, engine, *, add_special
 
 def chat_request(body: ChatRequest, engine, tools: ToolPlan | None = None) -> GenerationRequest:
     """Messages go through the model's chat template; the rendered text already holds any BOS."""
+    _check_tool_results(body.messages)
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in body.messages]
     messages, template_kwargs = template_inputs(messages, tools, engine.tokenizer.chat_template)
     try:
@@ -69,6 +70,23 @@ def completion_requests(body: CompletionRequest, engine, max_client_batch_size: 
     require(body.suffix is None, "Input validation error: `suffix` is not supported by this model", "suffix")
     return [generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0)
             for p in prompts]
+
+
+def _check_tool_results(messages: list[ChatMessage]) -> None:
+    """As OpenAI: a message with role 'tool' answers a tool call of the assistant message before it
+    (other results may stand between them), the one its tool_call_id names when both carry ids."""
+    calls: set[str] | None = None  # the open assistant turn's call ids; None: no turn with calls
+    for i, message in enumerate(messages):
+        if message.role != "tool":
+            calls = None
+            if message.role == "assistant" and message.tool_calls:
+                calls = {call["id"] for call in message.tool_calls if isinstance(call.get("id"), str)}
+            continue
+        require(calls is not None, f"Input validation error: `messages.{i}`: a message with role 'tool' must "
+                "answer the `tool_calls` of an assistant message before it", f"messages.{i}")
+        require(not (calls and message.tool_call_id) or message.tool_call_id in calls,
+                f"Input validation error: `messages.{i}.tool_call_id`: {message.tool_call_id!r} answers none of "
+                f"the assistant's tool calls ({', '.join(sorted(calls))})", f"messages.{i}.tool_call_id")
 
 
 def _template_message(message: dict) -> dict:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # a u64 as TGI's; torch's generators take 64 bits
 
 
 class StreamOptions(BaseModel):
@@ -47,7 +48,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0, description="0: off")
     min_p: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)

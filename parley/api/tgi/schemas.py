@@ -25,7 +25,7 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = Field(100, ge=1)
     repetition_penalty: float | None = Field(None, gt=0)
     return_full_text: bool | None = False
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="a u64")
     stop: list[str] | None = None
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, gt=0)
