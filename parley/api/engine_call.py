@@ -39,14 +39,14 @@ class EngineCall:
         self._early: list[tuple[int, object]] = []  # what start() read ahead
         self._open = len(requests)
         self._finals: list[list[FinalEvent]] = [[] for _ in requests]
-        self._admitted = self._closed = False
+        self._admitted_at: float | None = None
+        self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Admits the request and waits for every engine request's first event, so validation and
         overload errors (raised before any event) surface here, as HTTP statuses."""
-        self._admission.acquire()
-        self._admitted = True
+        self._admitted_at = self._admission.acquire()
         self._watcher = asyncio.create_task(self._watch_disconnect())
         self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self._requests)]
         waiting = set(range(len(self._requests)))
@@ -65,14 +65,14 @@ class EngineCall:
         # the KV blocks while the pumps unwind): /metrics never shows them freed but uncounted.
         if self._open == 0:
             self._record.succeeded(self._finals)
-        elif self._admitted:
+        elif self._admitted_at is not None:
             self._record.cancelled()  # no-op when a failure was recorded first
         tasks = self._tasks + ([self._watcher] if self._watcher else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._admitted:
-            self._admission.release()
+        if self._admitted_at is not None:
+            self._admission.release(self._admitted_at)
 
     # -- reading ------------------------------------------------------------------------------
     def stream(self) -> AsyncIterator[list[tuple[int, Event]]]:

@@ -25,12 +25,14 @@ log = logging.getLogger("parley.api")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, error_type: str, param: str | None = None):
+    def __init__(self, status: int, message: str, error_type: str, param: str | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
+        self.retry_after = retry_after  # seconds, for a 429's Retry-After
 
 
 class ClientDisconnected(ApiError):
@@ -93,6 +95,8 @@ def error_body(path: str, err: ApiError) -> dict:
 
 
 def error_response(path: str, err: ApiError, headers: dict | None = None) -> JSONBody:
+    if err.status == 429:  # every 429 says when to come back; 1 s where nothing better is known
+        headers = {**(headers or {}), "Retry-After": str(err.retry_after or 1)}
     return JSONBody(error_body(path, err), status_code=err.status, headers=headers)
 
 

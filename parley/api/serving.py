@@ -51,8 +51,10 @@ class GenerationRoute(StrictJSONRoute):
         handler = super().get_route_handler()
 
         async def run(request: Request) -> Response:
-            request.state.record = record = server_of(request).metrics.record_request()
+            server = server_of(request)
+            request.state.record = record = server.metrics.record_request()
             try:
+                server.admission.check()  # before the body is read: an overloaded server answers at once
                 return await handler(request)
             except ClientDisconnected:
                 record.cancelled()

@@ -50,8 +50,12 @@ def test_second_request_beyond_max_concurrent_requests_is_429(strict):
         r = strict.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}, headers=BEARER)
         assert r.status_code == 429, [line for line in lines if line][-2:]
         assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        assert int(r.headers["retry-after"]) >= 1
         r = strict.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=BEARER)
-        assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
+        assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded" and "retry-after" in r.headers
+        # decided before the body is read, as TGI does: no parsing, rendering or tokenizing when full
+        r = strict.post("/generate", content=b'{"inputs": ', headers={**BEARER, "content-type": "application/json"})
+        assert r.status_code == 429, r.text
     # the client closed the first stream: once the server notices, the slot is free again
     for _ in range(100):
         ok = strict.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}, headers=BEARER)
