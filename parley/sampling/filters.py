@@ -2,11 +2,13 @@
 and returns the mask [R, V] of the tokens it removes (each docstring says what it keeps).
 
 Every filter removes by a threshold value, never by sorted position, so tied tokens are kept or
-dropped together and no result depends on how a sort orders ties. The one exception is a filter
-that leaves a single token: that is greedy, so it keeps the token argmax picks (the lowest id among
-ties); top_k=1 and min_p=1 rows never get here (SamplingBatch runs them as greedy rows). Full sorts of the vocabulary
-(over 100 ms for 32 x 49152 on 2 cores) are avoided: the top-p and typical-p sets are found in
-growing top-k prefixes, which give exactly the values a full sort would start with.
+dropped together and no result depends on how a sort orders ties. The one exception is a top_p
+that leaves a single token: that is greedy, so it keeps the token argmax picks (the lowest id
+among ties); top_k=1 and min_p=1 rows never get here (SamplingBatch runs them as greedy rows).
+
+Full sorts of the vocabulary (over 100 ms for 32 x 49152 on 2 cores) are avoided: the top-p and
+typical-p sets are found in growing top-k prefixes, which give exactly the values a full sort would
+start with.
 """
 
 from __future__ import annotations
