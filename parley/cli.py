@@ -39,6 +39,7 @@ SERVER_FLAGS = {
     "--hostname": (str, "address to bind (default 127.0.0.1)"),
     "--port": (int, "port to listen on (default 8080)"),
     "--max-client-batch-size": (int, "most prompts in one /v1/completions request"),
+    "--payload-limit": (int, "largest request body, in bytes (default 2000000; 413 past it)"),
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
 }
 

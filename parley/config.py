@@ -137,6 +137,7 @@ class ServerConfig:
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
     max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000  # bytes of a request body, as TGI's --payload-limit
     model_name: str | None = None  # served model name; None: derived from model_id
 
     @classmethod
@@ -148,6 +149,7 @@ class ServerConfig:
             api_key=_env("API_KEY", None),
             cors_allow_origin=tuple(o for o in origins.split(",") if o),
             max_client_batch_size=_env("MAX_CLIENT_BATCH_SIZE", cls.max_client_batch_size, int),
+            payload_limit=_env("PAYLOAD_LIMIT", cls.payload_limit, int),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -15,7 +15,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from parley.api.errors import ERROR_RESPONSES, ApiError
-from parley.api.jsonio import StrictJSONRoute
+from parley.api.serving import StrictJSONRoute
 from parley.api.state import ServerState, server_of
 
 router = APIRouter(tags=["LoRA adapters"], responses=ERROR_RESPONSES, route_class=StrictJSONRoute)

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-
 import orjson
 from fastapi import Request, Response
-from fastapi.routing import APIRoute
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -40,18 +37,6 @@ class StrictJSONRequest(Request):
                 # FastAPI answers a JSONDecodeError with a 422 carrying its message
                 raise json.JSONDecodeError(_explain(body) or exc.msg, exc.doc, exc.pos) from None
         return self._json
-
-
-class StrictJSONRoute(APIRoute):
-    """A route whose JSON body is parsed by StrictJSONRequest."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
-
-        return strict
 
 
 def _explain(body: bytes) -> str | None:

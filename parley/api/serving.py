@@ -6,11 +6,13 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.types import Message, Receive
 
 from parley.api import sse
 from parley.api.engine_call import EngineCall, Event
-from parley.api.errors import ClientDisconnected, as_api_error, error_body
-from parley.api.jsonio import JSONBody, StrictJSONRoute
+from parley.api.errors import ApiError, ClientDisconnected, as_api_error, error_body
+from parley.api.jsonio import JSONBody, StrictJSONRequest
 from parley.api.state import server_of
 from parley.types import FinalEvent, GenerationRequest
 
@@ -41,6 +43,45 @@ async def respond(
         raise
     await call.close()
     return JSONBody(to_json(finals))
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose body is read whole before FastAPI sees it: at most `--payload-limit` bytes
+    (a 413 past it, as TGI's payload limit; a larger Content-Length is refused unread), then parsed
+    as strict JSON (jsonio.StrictJSONRequest)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            limit = server_of(request).config.payload_limit
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _too_large(limit)
+            body = StrictJSONRequest(request.scope, _limited(request.receive, limit))
+            await body.body()  # here, not in FastAPI's handler, which turns any error into a 400
+            return await handler(body)
+
+        return strict
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    size = 0
+
+    async def limited() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise _too_large(limit)
+        return message
+
+    return limited
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Payload too large: the body holds more than {limit} bytes (--payload-limit)",
+                    "payload_too_large")
 
 
 class GenerationRoute(StrictJSONRoute):

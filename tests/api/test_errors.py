@@ -103,6 +103,19 @@ def test_non_json_numbers_and_deep_nesting_are_422(http, body):
     assert r.status_code == 422 and "Malformed JSON" in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/tokenize"])
+def test_a_body_past_the_payload_limit_is_413(http, path):
+    huge = b'{"inputs": "' + b"a" * 2_000_001 + b'"}'  # the default --payload-limit: 2,000,000 bytes, as TGI
+    r = http.post(path, content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "payload" in r.text.lower(), r.text[:300]
+    # no Content-Length to refuse it by: counted while it arrives
+    r = http.post(path, content=iter([huge[:1_000_000], huge[1_000_000:]]), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    body = r.json()
+    message = body["error"]["message"] if path.startswith("/v1/") else body["error"]
+    assert body["error_type"] == "payload_too_large" and message.startswith("Payload too large"), body
+
+
 def test_seeds_are_u64(http):
     assert "seed" in tgi_error(http, {"inputs": "Hi", "parameters": {"seed": 2**64, "do_sample": True}})
     for seed in (2**64, -1):
