@@ -130,10 +130,14 @@ class SamplingBatch:
         return batch
 
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (vLLM's threshold); 1e-320 overflowed logits / t
+
+
 def _keeps_one_token(p: SamplingParams) -> bool:
-    """top_k=1 or min_p=1 keep only the most likely token (and its ties, were they filters): greedy,
-    ties broken as argmax breaks them (the lowest id), and no draw from the row's generator."""
-    return p.top_k == 1 or p.min_p >= 1.0
+    """top_k=1 or min_p=1 keep only the most likely token (and its ties, were they filters), and a
+    temperature under MIN_TEMPERATURE puts all the mass there: greedy, ties broken as argmax breaks
+    them (the lowest id), and no draw from the row's generator."""
+    return p.top_k == 1 or p.min_p >= 1.0 or p.temperature < MIN_TEMPERATURE
 
 
 def _flatten(rows: list[int], id_lists: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from parley.sampling import filters
 from parley.sampling.metadata import SampledRows, SamplingBatch, SamplingRow
 
 _PROMPT_CHUNK = 256  # rows of prompt logits turned into logprobs at once
+_HUGE = 1e30  # bound of a penalized logit: dominant, and finite even divided by MIN_TEMPERATURE
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Sampler:
             x[t.rows, t.ids] += t.values
         if t := batch.repetition:
             seen = x[t.rows, t.ids]
-            x[t.rows, t.ids] = torch.where(seen > 0, seen / t.values, seen * t.values)
+            # clamped: a penalty of 1e-300 made logits infinite, and softmax NaN
+            x[t.rows, t.ids] = torch.where(seen > 0, seen / t.values, seen * t.values).clamp_(-_HUGE, _HUGE)
         if t := batch.frequency:
             x[t.rows, t.ids] -= t.values
         for row, previous_id in batch.watermark:

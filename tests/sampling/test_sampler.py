@@ -162,6 +162,22 @@ def test_top_k_1_and_min_p_1_rows_run_as_greedy_rows():
     assert batch.greedy_rows.tolist() == [0, 1] and batch.sampled.rows.tolist() == [2]
 
 
+def test_extreme_parameters_keep_the_numbers_finite():
+    # found by fuzzing the HTTP API: temperature 1e-320 and repetition_penalty 1e-300 made logits
+    # infinite, softmax NaN, and the draw an index past the vocabulary (a 424) or the logprob NaN
+    logits = random_logits(2)
+    out = Sampler(V, "cpu")(logits, [make_row(seed=1, do_sample=True, temperature=1e-320),
+                                     make_row(seed=2, do_sample=True, temperature=1e-30)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    previous = int(logits[0].argmax())
+    for do_sample in (False, True):
+        for penalty in (1e-300, 1e300):
+            row = make_row(seed=3, prompt=[previous], do_sample=do_sample, repetition_penalty=penalty, top_n_tokens=3)
+            out = Sampler(V, "cpu")(logits[:1], [row])
+            assert 0 <= out.token_ids[0] < V and math.isfinite(out.logprobs[0]), (do_sample, penalty, out)
+            assert all(math.isfinite(v) for v in out.top_logprobs[0])
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = log_probs([0.5, 0.3, 0.15])
     assert set(sampled_tokens(logits, top_p=0.7).tolist()) == {0, 1}
