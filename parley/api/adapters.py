@@ -10,15 +10,19 @@ running finish with it.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from parley.api.errors import ERROR_RESPONSES, ApiError
+from parley.api.errors import ERROR_RESPONSES, ApiError, ErrorResponse
 from parley.api.serving import StrictJSONRoute
 from parley.api.state import ServerState, server_of
 
-router = APIRouter(tags=["LoRA adapters"], responses=ERROR_RESPONSES, route_class=StrictJSONRoute)
+# Answers are plain text (vLLM's), errors JSON: with a media-type-less default class FastAPI documents
+# the error models as application/json, and the 200 says text/plain itself.
+router = APIRouter(tags=["LoRA adapters"], route_class=StrictJSONRoute, default_response_class=Response, responses={
+    **ERROR_RESPONSES, 403: {"model": ErrorResponse, "description": "Served without --api-key"},
+    200: {"description": "Success (plain text)", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 
 
 class LoadLoRAAdapter(BaseModel):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 
-from parley.api.errors import ApiError
+from parley.api.errors import ApiError, ErrorResponse
 from parley.api.jsonio import JSONBody
 from parley.api.state import VERSION, server_of
 
 router = APIRouter(tags=["Text Generation Inference"])
 
 
-@router.get("/health", summary="200 once the model is loaded and the engine runs, 503 before")
+@router.get("/health", summary="200 once the model is loaded and the engine runs, 503 before",
+            response_class=Response, responses={200: {"description": "Ready (an empty body)", "content": {}},
+                                                503: {"model": ErrorResponse, "description": "Not ready yet"}})
 async def health(http: Request) -> Response:
     try:
         server_of(http).ready_engine()
@@ -55,7 +58,7 @@ async def info(http: Request) -> Response:
     })
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(http: Request) -> Response:
     body, content_type = server_of(http).metrics.render()
     return Response(body, media_type=content_type)

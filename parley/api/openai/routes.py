@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from parley.api import dialects
 from parley.api.adapters import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
-from parley.api.errors import ERROR_RESPONSES
+from parley.api.errors import ERROR_RESPONSES, STREAMING_RESPONSES
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
@@ -24,7 +24,7 @@ CHAT_PATHS = ("/v1/chat/completions", "/chat/completions", "/models/chat/complet
               "/dedicated/v1/chat/completions", SILICONFLOW_CHAT_PATH)
 COMPLETION_PATHS = ("/v1/completions", "/dedicated/v1/completions")
 
-router = APIRouter(tags=["OpenAI"], route_class=GenerationRoute, responses=ERROR_RESPONSES)
+router = APIRouter(tags=["OpenAI"], route_class=GenerationRoute, responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
 
 
 async def _respond(http: Request, body: SamplingFields, requests: list[GenerationRequest], shape: Shape,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from parley.api.errors import ERROR_RESPONSES
+from parley.api.errors import ERROR_RESPONSES, STREAMING_RESPONSES
 from parley.api.jsonio import JSONBody
 from parley.api.serving import GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
@@ -28,7 +28,8 @@ async def _generate(http: Request, body: GenerateRequest, *, stream: bool, as_li
                          done_marker=False)
 
 
-@router.post("/", summary="Generate tokens; streams (SSE) when `stream` is true, else answers a JSON list")
+@router.post("/", summary="Generate tokens; streams (SSE) when `stream` is true, else answers a JSON list",
+             responses=STREAMING_RESPONSES)
 async def compat_generate(body: CompatGenerateRequest, http: Request) -> Response:
     return await _generate(http, body, stream=bool(body.stream), as_list=True)
 
@@ -38,7 +39,7 @@ async def generate(body: GenerateRequest, http: Request) -> Response:
     return await _generate(http, body, stream=False, as_list=False)
 
 
-@router.post("/generate_stream", summary="Generate a stream of tokens (SSE)")
+@router.post("/generate_stream", summary="Generate a stream of tokens (SSE)", responses=STREAMING_RESPONSES)
 async def generate_stream(body: GenerateRequest, http: Request) -> Response:
     return await _generate(http, body, stream=True, as_list=False)
 
