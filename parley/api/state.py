@@ -47,6 +47,8 @@ class ServerState:
         if self.engine is None:
             message = f"Model failed to load: {self.load_error}" if self.load_error else "Model is loading"
             raise ApiError(503, message, "unhealthy")
+        if self.engine.failure:
+            raise ApiError(503, f"Engine stopped: {self.engine.failure}", "unhealthy")
         return self.engine
 
     async def load(self) -> None:

@@ -215,6 +215,12 @@ class AsyncEngine:
             return await asyncio.to_thread(prepare, *args)
         return prepare(*args)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine loop stopped, if it did: it then serves nothing more (/health says 503)."""
+        error = self.core.fatal_error
+        return None if error is None else f"{type(error).__name__}: {error}"
+
     def stats(self) -> EngineStats:
         blocks = self.core.scheduler.blocks
         return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running,

@@ -113,6 +113,7 @@ class EngineCore:
         self.special_ids = tokenizer.special_ids
         self.model_eos_ids = frozenset(tokenizer.eos_token_ids)
         self._stopping = False
+        self.fatal_error: BaseException | None = None  # what stopped the loop, if anything did
         self.num_steps = 0  # forward passes run
         # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
@@ -120,6 +121,8 @@ class EngineCore:
     # -- thread-safe entry points ------------------------------------------------------------
     def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
         self.inbox.put(("add", prepared, sink, time.monotonic()))
+        if self.fatal_error is not None:  # the loop is gone: nobody else will answer it
+            self._refuse_inbox()
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -133,6 +136,8 @@ class EngineCore:
         """Run `fn` on the engine thread between two steps; the future holds its result or error."""
         future: Future = Future()
         self.inbox.put(("call", fn, future))
+        if self.fatal_error is not None:
+            self._refuse_inbox()
         return future
 
     @property
@@ -147,10 +152,31 @@ class EngineCore:
     def run_forever(self, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)  # OpenMP thread settings are per calling thread
-        while not self._stopping:
-            self._drain_inbox(block=not self.scheduler.has_work)
-            if self.scheduler.has_work and not self._stopping:
-                self.step()
+        try:
+            while not self._stopping:
+                self._drain_inbox(block=not self.scheduler.has_work)
+                if self.scheduler.has_work and not self._stopping:
+                    self.step()
+        except BaseException as exc:  # a fault outside a step's own guards: fail everything, hang nothing
+            log.exception("engine loop stopped")
+            self.fatal_error = exc
+            for req in list(self.requests.values()):
+                self._fail(req, GenerationError(f"engine stopped: {exc!r}"))
+            self._refuse_inbox()  # and the thread ends: the log above has the traceback
+
+    def _refuse_inbox(self) -> None:
+        """Answers what waits in the inbox with the fatal error (from any thread: sinks and futures are
+        thread-safe, and each item is taken once)."""
+        error = GenerationError(f"engine stopped: {self.fatal_error!r}")
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                item[2].send(error)
+            elif item[0] == "call":
+                item[2].set_exception(error)
 
     def step(self) -> None:
         self._expire_deadlines()

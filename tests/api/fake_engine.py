@@ -73,6 +73,7 @@ class FakeStats:
 class FakeEngine:
     STEP_S = 0.003
     BLOCK = 16
+    failure: str | None = None  # the real engine's reason its loop stopped
 
     def __init__(self, config: EngineConfig):
         self.config = dataclasses.replace(config, max_input_tokens=config.max_input_tokens or 1000,

@@ -1,4 +1,5 @@
-"""The edge's concurrency limit and the Retry-After its 429s carry (a fake clock, no waiting)."""
+"""The edge's admission: the concurrency limit and the Retry-After its 429s carry (a fake clock, no
+waiting), and the health of the engine it admits to."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def test_retry_after_is_at_least_a_second():
     with pytest.raises(ApiError) as refused:
         admission.check()
     assert refused.value.retry_after >= 1
+
+
+def test_an_engine_whose_loop_stopped_is_unhealthy():
+    from types import SimpleNamespace
+
+    from parley.api.state import ServerState
+    from parley.config import EngineConfig, ServerConfig
+
+    state = ServerState(ServerConfig(), EngineConfig(), lambda: None)
+    state.engine = SimpleNamespace(failure=None)
+    assert state.ready_engine() is state.engine
+    state.engine.failure = "RuntimeError: boom"
+    with pytest.raises(ApiError) as unhealthy:
+        state.ready_engine()  # what /health and every generation route ask first
+    assert unhealthy.value.status == 503 and "boom" in unhealthy.value.message

@@ -7,8 +7,8 @@ import torch
 from tiny_model import make_tiny_model, start_tiny_engine
 
 from parley.kernels.linear import Int4Weight
-from parley.types import (FinalEvent, FinishReason, GenerationRequest, RequestTimeoutError, SamplingParams,
-                          StoppingCriteria, TokenEvent, ValidationError)
+from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, RequestTimeoutError,
+                          SamplingParams, StoppingCriteria, TokenEvent, ValidationError)
 
 PROMPTS = [
     "The quick brown fox",
@@ -304,3 +304,49 @@ async def test_int4_weights_give_each_request_the_same_tokens_alone_and_batched(
 def test_an_unknown_quantization_is_refused(model_dir):
     with pytest.raises(ValueError, match="quantize"):
         start_tiny_engine(model_dir, quantize="int3")
+
+
+async def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(model_dir, engine):
+    """A forward that raises once (injected) ends the requests of that step with a clear error;
+    the others finish, new ones are served exactly, and no KV block stays taken."""
+    faulty = start_tiny_engine(model_dir)
+    model = faulty.core.runner.model
+    calls = {"n": 0}
+
+    def fails_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = fails_once
+    try:
+        outcomes = await asyncio.gather(*(collect(faulty, greedy(p)) for p in PROMPTS[:3]), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        assert failed and all(isinstance(o, GenerationError) and "injected fault" in str(o) for o in failed)
+        after = await asyncio.gather(*(collect(faulty, greedy(p)) for p in PROMPTS[:3]))
+        expected = await asyncio.gather(*(collect(engine, greedy(p)) for p in PROMPTS[:3]))
+        assert [[t.id for t in f[0].tokens] for f, _ in after] == [[t.id for t in f[0].tokens] for f, _ in expected]
+        assert faulty.stats().kv_blocks_used == 0 and faulty.stats().running == 0
+    finally:
+        faulty.core.stop()
+
+
+async def test_a_fault_that_stops_the_engine_loop_fails_every_request_and_hangs_none(model_dir):
+    """A fault outside a step's guards (injected in the scheduler's update) ends the loop: requests in
+    flight and new ones get an error at once, and `failure` says why (/health answers 503 with it)."""
+    broken = start_tiny_engine(model_dir)
+
+    def update(*args):
+        raise RuntimeError("injected loop fault")
+
+    broken.core.scheduler.update = update
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(*(collect(broken, greedy(p)) for p in PROMPTS[:3]),
+                                                         return_exceptions=True), timeout=60)
+        assert all(isinstance(o, GenerationError) and "injected loop fault" in str(o) for o in outcomes), outcomes
+        assert "injected loop fault" in broken.failure
+        with pytest.raises(GenerationError, match="engine stopped"):
+            await asyncio.wait_for(collect(broken, greedy(PROMPTS[0])), timeout=60)
+    finally:
+        broken.core.stop()
