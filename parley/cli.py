@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+import time
 from typing import Callable
 
 from parley.config import EngineConfig, ServerConfig, parse_lora_adapters
@@ -40,6 +42,7 @@ SERVER_FLAGS = {
     "--port": (int, "port to listen on (default 8080)"),
     "--max-client-batch-size": (int, "most prompts in one /v1/completions request"),
     "--payload-limit": (int, "largest request body, in bytes (default 2000000; 413 past it)"),
+    "--drain-timeout": (float, "seconds requests in flight get to finish after SIGTERM (default 30)"),
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
 }
 
@@ -77,6 +80,31 @@ def serve(args: argparse.Namespace, engine_loader: Callable = _load_real_engine)
 
     from parley.api import create_app
 
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM or Ctrl-C: /health and new requests answer 503 while the requests in flight
+        finish, for up to --drain-timeout seconds; then uvicorn's own shutdown. A second signal
+        stops at once."""
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            state = app.state.server
+            if state.draining or not self.started:
+                super().handle_exit(sig, frame)
+                return
+            state.draining = True
+            log.info("draining: %d requests in flight get up to %.0f s to finish; new ones get 503",
+                     state.admission.in_flight, server_config.drain_timeout)
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(state)))
+
+        async def _drain(self, state) -> None:
+            deadline = time.monotonic() + server_config.drain_timeout
+            while state.admission.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self.should_exit = True
+
     engine_config, server_config = configs(args)
     failures: list[BaseException] = []
 
@@ -85,7 +113,7 @@ def serve(args: argparse.Namespace, engine_loader: Callable = _load_real_engine)
         server.should_exit = True
 
     app = create_app(server_config, engine_config, lambda: engine_loader(engine_config), on_load_failure)
-    server = uvicorn.Server(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
+    server = DrainingServer(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
                                            log_level="info", timeout_graceful_shutdown=5))
     log.info("Parley listening on http://%s:%d; /health answers 503 until the model is loaded",
              server_config.hostname, server_config.port)

@@ -138,6 +138,7 @@ class ServerConfig:
     cors_allow_origin: tuple[str, ...] = ()
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000  # bytes of a request body, as TGI's --payload-limit
+    drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     model_name: str | None = None  # served model name; None: derived from model_id
 
     @classmethod
@@ -150,6 +151,7 @@ class ServerConfig:
             cors_allow_origin=tuple(o for o in origins.split(",") if o),
             max_client_batch_size=_env("MAX_CLIENT_BATCH_SIZE", cls.max_client_batch_size, int),
             payload_limit=_env("PAYLOAD_LIMIT", cls.payload_limit, int),
+            drain_timeout=_env("DRAIN_TIMEOUT", cls.drain_timeout, float),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -37,6 +37,7 @@ class ServerState:
         self.created = int(time.time())
         self.system_fingerprint = f"parley-{VERSION}"
         self._load_engine = load_engine
+        self.draining = False  # set on SIGTERM (cli.DrainingServer): new requests get 503
 
     @property
     def model_name(self) -> str:
@@ -49,6 +50,8 @@ class ServerState:
             raise ApiError(503, message, "unhealthy")
         if self.engine.failure:
             raise ApiError(503, f"Engine stopped: {self.engine.failure}", "unhealthy")
+        if self.draining:
+            raise ApiError(503, "Server is shutting down: requests in flight are finishing", "unhealthy")
         return self.engine
 
     async def load(self) -> None:

@@ -51,3 +51,46 @@ def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):
                            str(free_port())], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "model failed to load" in done.stderr and str(missing) in done.stderr
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
+    """SIGTERM: the stream in flight runs to its end, /health and new requests get 503 meanwhile, and
+    the process exits 0 once it is done (the real CLI around the fake engine, 3 ms a token)."""
+    import signal
+    import sys
+    import threading
+    from pathlib import Path
+
+    import httpx
+
+    from server import CLIENT_TIMEOUT_S, ServerProcess
+
+    fake = Path(__file__).parent / "fake_server.py"
+    proc = ServerProcess([sys.executable, str(fake), "serve"], tmp_path / "server.log").start()
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 600}}
+    events, during = [], {}
+    try:
+        with httpx.Client(base_url=proc.url, timeout=CLIENT_TIMEOUT_S) as http, \
+                http.stream("POST", "/generate_stream", json=body) as stream:
+            lines = stream.iter_lines()
+            events.append(next(line for line in lines if line))  # the stream is running
+            proc.proc.send_signal(signal.SIGTERM)
+
+            def probe():  # from a second connection while the stream drains
+                with httpx.Client(base_url=proc.url, timeout=CLIENT_TIMEOUT_S) as other:
+                    for _ in range(200):
+                        health = other.get("/health")
+                        if health.status_code == 503:
+                            break
+                    during["health"] = health.status_code
+                    during["generate"] = other.post("/generate", json={"inputs": "Hi"}).status_code
+
+            prober = threading.Thread(target=probe)
+            prober.start()
+            events.extend(line for line in lines if line)
+            prober.join(timeout=CLIENT_TIMEOUT_S)
+        assert proc.proc.wait(timeout=CLIENT_TIMEOUT_S) == 0, proc.log()[-2000:]
+    finally:
+        proc.stop()
+    assert during == {"health": 503, "generate": 503}
+    assert len(events) == 600 and '"generated_text"' in events[-1]  # every token, and the final event
