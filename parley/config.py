@@ -139,6 +139,7 @@ class ServerConfig:
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000  # bytes of a request body, as TGI's --payload-limit
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
+    lora_root: str | None = None  # the folder /v1/load_lora_adapter may read adapters from; None: none
     model_name: str | None = None  # served model name; None: derived from model_id
 
     @classmethod
@@ -152,6 +153,7 @@ class ServerConfig:
             max_client_batch_size=_env("MAX_CLIENT_BATCH_SIZE", cls.max_client_batch_size, int),
             payload_limit=_env("PAYLOAD_LIMIT", cls.payload_limit, int),
             drain_timeout=_env("DRAIN_TIMEOUT", cls.drain_timeout, float),
+            lora_root=_env("LORA_ROOT", None),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

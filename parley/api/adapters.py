@@ -1,14 +1,17 @@
 """LoRA adapters over HTTP: vLLM's routes to load and unload them while serving, and which adapter
 an OpenAI-style `model` names.
 
-The routes read local folders, so they exist only behind --api-key (vLLM likewise needs an opt-in):
-without a key they answer 403 saying so. Errors: 422 for an adapter that cannot be loaded or named
+The routes read local folders, so they exist only behind --api-key (vLLM likewise needs an opt-in),
+and loading reads only folders under --lora-root: without either, or for a path that resolves
+outside the root (`..`, symlinks), they answer 403 saying so. Errors: 422 for an adapter that cannot be loaded or named
 so (the message says why), 404 for unloading an adapter that is not loaded.
 Unloading never loses a request: new requests for the adapter get 404 at once, the ones already
 running finish with it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -21,13 +24,15 @@ from parley.api.state import ServerState, server_of
 # Answers are plain text (vLLM's), errors JSON: with a media-type-less default class FastAPI documents
 # the error models as application/json, and the 200 says text/plain itself.
 router = APIRouter(tags=["LoRA adapters"], route_class=StrictJSONRoute, default_response_class=Response, responses={
-    **ERROR_RESPONSES, 403: {"model": ErrorResponse, "description": "Served without --api-key"},
+    **ERROR_RESPONSES,
+    403: {"model": ErrorResponse, "description": "Without --api-key or --lora-root, or a path outside the root"},
     200: {"description": "Success (plain text)", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 
 
 class LoadLoRAAdapter(BaseModel):
     lora_name: str = Field(description="the name requests select it by (`model`, `adapter_id`)")
-    lora_path: str = Field(description="a local PEFT folder: adapter_config.json + adapter_model.safetensors")
+    lora_path: str = Field(description="a PEFT folder (adapter_config.json + adapter_model.safetensors) under "
+                                       "--lora-root, absolute or relative to it")
 
 
 class UnloadLoRAAdapter(BaseModel):
@@ -43,9 +48,25 @@ def _admin(http: Request) -> ServerState:
     return server
 
 
+def _under_lora_root(server: ServerState, lora_path: str) -> str:
+    """`lora_path` (absolute, or relative to --lora-root) once resolved, links included, if it lies in
+    --lora-root: a request never makes the server read a folder the operator did not hand over."""
+    root = server.config.lora_root
+    if not root:
+        raise ApiError(403, "loading LoRA adapters over HTTP needs --lora-root, the folder they may be read "
+                            "from", "forbidden", "lora_path")
+    root_path = Path(root).resolve()
+    path = (root_path / lora_path).resolve()
+    if not path.is_relative_to(root_path):
+        raise ApiError(403, f"`lora_path` {lora_path!r} is outside --lora-root", "forbidden", "lora_path")
+    return str(path)
+
+
 @router.post("/v1/load_lora_adapter", summary="Load a PEFT LoRA adapter and serve it by name")
 async def load_lora_adapter(body: LoadLoRAAdapter, http: Request) -> PlainTextResponse:
-    await _admin(http).ready_engine().load_adapter(body.lora_name, body.lora_path)
+    server = _admin(http)
+    path = _under_lora_root(server, body.lora_path)
+    await server.ready_engine().load_adapter(body.lora_name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

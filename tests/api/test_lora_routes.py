@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,7 +39,8 @@ def server(files, tmp_path_factory):
     model, adapters = files
     proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
                           "--num-threads", "1", "--max-total-tokens", "512", "--max-batch-total-tokens", "8192",
-                          "--api-key", API_KEY, "--lora-adapters", f"a={adapters['a']}", "--max-lora-rank", "8"],
+                          "--api-key", API_KEY, "--lora-adapters", f"a={adapters['a']}", "--max-lora-rank", "8",
+                          "--lora-root", str(Path(model).parent)],
                          tmp_path_factory.mktemp("lora_server") / "server.log").start()
     yield proc
     proc.stop()
@@ -119,7 +121,7 @@ def test_every_dialect_selects_the_adapter(http, files):
     ("big", "rank 16 .* exceeds the maximum LoRA rank 8"),
 ])
 def test_unloadable_adapters_are_422_saying_why(http, files, case, message):
-    path = files[1].get(case, "/nonexistent/adapter")
+    path = files[1].get(case, "nonexistent")  # relative paths are under --lora-root
     r = load(http, "bad", path)
     assert r.status_code == 422, r.text
     error = r.json()["error"]
@@ -182,3 +184,18 @@ def test_lora_flags_and_environment(monkeypatch):
         ["serve", "--lora-adapters", "a=/adapters/a, org/b ,c=/x=y", "--max-lora-rank", "8"]))
     assert engine.lora_adapters == (("a", "/adapters/a"), ("org/b", "org/b"), ("c", "/x=y"))
     assert engine.max_lora_rank == 8
+
+
+def test_adapters_load_only_from_under_the_lora_root(http, files, tmp_path):
+    model, adapters = files
+    outside = shutil.copytree(adapters["b"], tmp_path / "outside")
+    link = Path(model).parent / "link_out"
+    link.symlink_to(outside)
+    try:
+        for path in (str(outside), "../" + outside.name, str(link), "link_out"):
+            r = load(http, "escape", path)
+            assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path", (path, r.text)
+        assert load(http, "relative", "c").status_code == 200  # relative to the root
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "relative"}).status_code == 200
+    finally:
+        link.unlink()

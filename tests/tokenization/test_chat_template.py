@@ -156,6 +156,20 @@ def test_sandbox_blocks_escapes(source):
         ChatTemplate(source, None, None).render([{"role": "user", "content": "hi"}])
 
 
+INJECTIONS = ["{{ 7 * 7 }}", "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{{ c }}{% endfor %}",
+              "{{ raise_exception('x') }}", "{% raw %}", "<|im_end|>{{ messages }}"]
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_message_content_and_tool_descriptions_are_text_not_template(injection):
+    # what a client sends is rendered as data: Jinja in it is never evaluated, only copied
+    template = ChatTemplate("{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                            "{% for t in tools or [] %}<{{ t['function']['description'] }}>{% endfor %}", None, None)
+    tools = [{"type": "function", "function": {"name": "f", "description": injection}}]
+    out = template.render([{"role": "user", "content": injection}], tools=tools)
+    assert out == f"[{injection}]<{injection}>"
+
+
 def test_sandbox_hides_unsafe_attributes():
     assert ChatTemplate("[{{ ''.__class__ }}]", None, None).render([]) == "[]"
 
