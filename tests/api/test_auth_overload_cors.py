@@ -34,6 +34,16 @@ def test_health_needs_no_key_and_both_key_headers_work(strict):
     assert strict.get("/info", headers={"api-key": API_KEY}).status_code == 200
 
 
+def test_keys_never_reach_the_log(strict, strict_server):
+    guess = "sk-guessed-0123456789"
+    strict.get("/info", headers=BEARER)
+    strict.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}, headers={"api-key": guess})
+    strict.get("/v1/models", headers={"authorization": f"Bearer {guess}"})
+    log = strict_server.log()
+    assert "/v1/models" in log  # the requests were logged, their keys not
+    assert API_KEY not in log and guess not in log
+
+
 def test_openai_sdk_reports_authentication_error(strict_server):
     client = openai.OpenAI(base_url=strict_server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
