@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from parley.tools.format import CALL_END, CALL_SEPARATOR, CALL_START, JSON_STYLE
-from parley.tools.validation import ToolChoice, function_name, validate_tools
+from parley.tools.validation import ToolChoice, function_name, strict_schema, validate_tools
 from parley.types import Grammar
 
 
@@ -62,7 +62,10 @@ def _call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
     # OpenAI: a function without parameters takes none (an empty schema is read the same way).
-    return function.get("parameters") or {"properties": {}, "additionalProperties": False}
+    parameters = function.get("parameters") or {"properties": {}, "additionalProperties": False}
+    if function.get("strict") is True:
+        parameters = strict_schema(parameters, "parameters")  # validate_tools checked it
+    return parameters
 
 
 def _lark_str(text: str) -> str:

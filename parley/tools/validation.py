@@ -1,4 +1,8 @@
-"""Checks on the tools and tool_choice of a request, before anything is built from them."""
+"""Checks on the tools and tool_choice of a request, before anything is built from them, and JSON
+Schemas in OpenAI's strict mode (`strict: true` on a function or a json_schema response format):
+every object is closed, so an answer holds no property the schema does not name. OpenAI refuses a
+strict schema with an object left open; Parley closes the objects that say nothing
+(`additionalProperties` absent) and refuses the ones that open themselves, naming where."""
 
 from __future__ import annotations
 
@@ -63,6 +67,8 @@ def _validate_tool(tool: Any, field: str) -> str:
             raise ToolSpecError(
                 f"{field}.function.parameters.type", f"must be 'object', got {parameters['type']!r}"
             )
+        if function.get("strict") is True:
+            strict_schema(parameters, f"{field}.function.parameters")
     return name
 
 
@@ -84,3 +90,33 @@ def _validate_tool_choice(tool_choice: Any, names: list[str]) -> None:
     name = function.get("name") if isinstance(function, dict) else None
     if name not in names:
         raise ToolSpecError("tool_choice.function.name", f"no tool is named {name!r}")
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "contains", "not", "if", "then", "else", "propertyNames")
+
+
+def strict_schema(schema: Any, field: str) -> Any:
+    """A copy of `schema` with every object schema closed; ToolSpecError naming the first object
+    under `field` that sets additionalProperties to anything but false."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    types = schema.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types) or "properties" in schema
+    if is_object:
+        if "additionalProperties" not in schema:
+            out["additionalProperties"] = False
+        elif schema["additionalProperties"] is not False:
+            raise ToolSpecError(f"{field}.additionalProperties", "must be false in strict mode (or left out)")
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: strict_schema(sub, f"{field}.{key}.{name}") for name, sub in schema[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            out[key] = [strict_schema(sub, f"{field}.{key}[{i}]") for i, sub in enumerate(schema[key])]
+    for key in _SCHEMAS:
+        if key in schema:
+            out[key] = strict_schema(schema[key], f"{field}.{key}")
+    return out

@@ -162,6 +162,12 @@ def test_tool_results_answering_the_calls_before_them_are_served(http):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
      ["image"]),
     ({"messages": "Hi"}, "messages", ["list"]),
+    ({"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", "json_schema": {
+        "strict": True, "schema": {"type": "object", "additionalProperties": True}}}},
+     "response_format.json_schema.schema.additionalProperties", ["strict mode"]),
+    ({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function", "function": {
+        "name": "f", "strict": True, "parameters": {"type": "object", "additionalProperties": {"type": "string"}}}}]},
+     "tools[0].function.parameters.additionalProperties", ["strict mode"]),
 ])
 def test_chat_rules(http, body, param, words):
     error = openai_error(http, body)

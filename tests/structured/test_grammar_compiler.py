@@ -80,3 +80,20 @@ def test_gguf_byte_level_tokenizer_is_read_as_byte_level(compiler, backend_token
     for token in backend_tokenizer.encode('{"a": 12}', add_special_tokens=False).ids:
         assert matcher.accept(token), matcher.error
     assert matcher.is_terminated()
+
+
+def _accepts(compiler, backend_tokenizer, grammar: Grammar, text: str) -> bool:
+    matcher = compiler.matcher(grammar)
+    return all(matcher.accept(t) for t in backend_tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_strict_json_schema_refuses_properties_the_schema_does_not_name(compiler, backend_tokenizer):
+    from parley.api.openai.structured import response_grammar
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    extra = '{"city": "Paris", "mayor": "x"}'
+    for strict, accepted in ((False, True), (True, False)):
+        grammar = response_grammar({"type": "json_schema", "json_schema": {"name": "c", "strict": strict,
+                                                                          "schema": schema}})
+        assert _accepts(compiler, backend_tokenizer, grammar, '{"city": "Paris"}')
+        assert _accepts(compiler, backend_tokenizer, grammar, extra) is accepted

@@ -50,3 +50,26 @@ def test_good_tools_pass(tool_choice):
 def test_no_tools_with_auto_or_none_is_fine():
     validate_tools([], "auto")
     validate_tools([], "none")
+
+
+def test_strict_schemas_close_every_object_and_refuse_open_ones():
+    from parley.tools.validation import strict_schema
+
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string"},
+        "stops": {"type": "array", "items": {"type": "object", "properties": {"at": {"type": "string"}}}},
+        "where": {"anyOf": [{"type": "object", "properties": {"lat": {"type": "number"}}}, {"type": "null"}]},
+    }, "$defs": {"p": {"type": "object"}}}
+    closed = strict_schema(schema, "s")
+    assert closed["additionalProperties"] is False and "additionalProperties" not in schema  # a copy
+    assert closed["properties"]["stops"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["where"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["where"]["anyOf"][1]
+    assert closed["$defs"]["p"]["additionalProperties"] is False
+    opened = {"type": "object", "properties": {"a": {"type": "object", "additionalProperties": True}}}
+    with pytest.raises(ToolSpecError) as refused:
+        strict_schema(opened, "tools[0].function.parameters")
+    assert refused.value.field == "tools[0].function.parameters.properties.a.additionalProperties"
+    with pytest.raises(ToolSpecError, match=r"tools\[0\]\.function\.parameters\.properties\.a"):
+        validate_tools([{"type": "function", "function": {"name": "f", "strict": True, "parameters": opened}}])
+    validate_tools([{"type": "function", "function": {"name": "f", "parameters": opened}}])  # not strict: fine

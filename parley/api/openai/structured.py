@@ -4,7 +4,8 @@
     "json_object" | {"type": "json_object"}                    any JSON object (Azure sends the bare string)
     {"type": "json_object", "value": S}                        JSON matching schema S (huggingface_hub's json_schema;
                                                                "schema" instead of "value" also works, as Together's)
-    {"type": "json_schema", "json_schema": {"schema": S, ...}} OpenAI, Azure, Mistral; `name` optional (Friendli)
+    {"type": "json_schema", "json_schema": {"schema": S, ...}} OpenAI, Azure, Mistral; `name` optional (Friendli);
+                                                               `strict: true` closes S's objects (tools/validation.py)
     {"type": "json", "value": S}                               TGI
     {"type": "regex", "value": P} | {"type": "regex", "schema": P}   TGI | Friendli
 
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from parley.api.errors import require, validation_error
+from parley.tools.validation import ToolSpecError, strict_schema
 from parley.types import Grammar, ValidationError
 
 FORMAT_TYPES = ("text", "json_object", "json_schema", "json", "regex")
@@ -40,7 +42,11 @@ def response_grammar(response_format: dict[str, Any] | str | None) -> Grammar | 
         spec = response_format.get("json_schema")
         require(isinstance(spec, dict), "Input validation error: `response_format.json_schema` must be an object "
                 'holding the schema: {"schema": {...}}', "response_format.json_schema")
-        return _json_grammar(spec.get("schema"), "response_format.json_schema.schema")
+        field = "response_format.json_schema.schema"
+        schema = spec.get("schema")
+        if spec.get("strict") is True:
+            schema = _strict(schema, field)
+        return _json_grammar(schema, field)
     value = response_format.get("value", response_format.get("schema"))
     if kind == "regex":
         require(isinstance(value, str), "Input validation error: a regex `response_format` needs the pattern "
@@ -49,6 +55,18 @@ def response_grammar(response_format: dict[str, Any] | str | None) -> Grammar | 
     require(kind == "json_object" or value is not None,
             "Input validation error: a json `response_format` needs the schema in `value`", "response_format.value")
     return _json_grammar(value, "response_format.value")
+
+
+def _strict(schema: Any, field: str) -> Any:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            return schema  # the engine names what is wrong with it
+    try:
+        return strict_schema(schema, field)
+    except ToolSpecError as exc:
+        raise validation_error(f"Input validation error: `{exc.field}`: {str(exc).split(': ', 1)[1]}", exc.field)
 
 
 def _json_grammar(schema: Any, field: str) -> Grammar:
