@@ -43,7 +43,7 @@ SERVER_FLAGS = {
     "--max-client-batch-size": (int, "most prompts in one /v1/completions request"),
     "--payload-limit": (int, "largest request body, in bytes (default 2000000; 413 past it)"),
     "--drain-timeout": (float, "seconds requests in flight get to finish after SIGTERM (default 30)"),
-    "--lora-root": (str, "the only folder /v1/load_lora_adapter may read adapters from (needs --api-key too)"),
+    "--lora-root": (str, "the only folder /v1/load_lora_adapter may read adapters from (with --api-key)"),
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+
 import orjson
 from fastapi import Request, Response
 
@@ -62,8 +63,8 @@ def _find_surrogate(value, path: list) -> tuple[list, str, int] | None:
         return (path, value, match.start()) if match else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        if isinstance(key, str) and _SURROGATE.search(key):
-            return path + [key], key, _SURROGATE.search(key).start()
+        if isinstance(key, str) and (match := _SURROGATE.search(key)):
+            return path + [key], key, match.start()
         found = _find_surrogate(item, path + [key])
         if found:
             return found
