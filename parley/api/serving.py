@@ -18,6 +18,11 @@ from parley.types import FinalEvent, GenerationRequest
 
 Batches = AsyncIterator[list[tuple[int, Event]]]
 
+# A generation route's 200: JSON, or Server-Sent Events when the body (or the route) asks to stream
+# (the schema is an event's: `data` holds one JSON payload, or [DONE] at the end of an OpenAI stream)
+STREAMING_RESPONSES = {200: {"description": "The answer (JSON), or its events (SSE) when streaming", "content": {
+    "text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}}
+
 
 async def respond(
     http: Request,

@@ -161,13 +161,16 @@ class EngineCore:
             log.exception("engine loop stopped")
             self.fatal_error = exc
             for req in list(self.requests.values()):
-                self._fail(req, GenerationError(f"engine stopped: {exc!r}"))
+                self._fail(req, self._stopped())
             self._refuse_inbox()  # and the thread ends: the log above has the traceback
+
+    def _stopped(self) -> GenerationError:
+        return GenerationError(f"engine stopped: {self.fatal_error!r}")
 
     def _refuse_inbox(self) -> None:
         """Answers what waits in the inbox with the fatal error (from any thread: sinks and futures are
         thread-safe, and each item is taken once)."""
-        error = GenerationError(f"engine stopped: {self.fatal_error!r}")
+        error = self._stopped()
         while True:
             try:
                 item = self.inbox.get_nowait()

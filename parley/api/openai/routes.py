@@ -7,14 +7,14 @@ from fastapi import APIRouter, Request, Response
 from parley.api import dialects
 from parley.api.adapters import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
-from parley.api.errors import ERROR_RESPONSES, STREAMING_RESPONSES
+from parley.api.errors import ERROR_RESPONSES
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
 from parley.api.openai.schemas import CompletionRequest, SamplingFields
 from parley.api.openai.structured import grammar_errors_named
 from parley.api.openai.tool_calls import ToolChatShape, ToolPlan
-from parley.api.serving import GenerationRoute, respond
+from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, respond
 from parley.api.state import server_of
 from parley.types import GenerationRequest
 

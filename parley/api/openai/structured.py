@@ -66,7 +66,7 @@ def _strict(schema: Any, field: str) -> Any:
     try:
         return strict_schema(schema, field)
     except ToolSpecError as exc:
-        raise validation_error(f"Input validation error: `{exc.field}`: {str(exc).split(': ', 1)[1]}", exc.field)
+        raise validation_error(f"Input validation error: {exc}", exc.field) from exc
 
 
 def _json_grammar(schema: Any, field: str) -> Grammar:

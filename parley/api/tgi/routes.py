@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from parley.api.errors import ERROR_RESPONSES, STREAMING_RESPONSES
+from parley.api.errors import ERROR_RESPONSES
 from parley.api.jsonio import JSONBody
-from parley.api.serving import GenerationRoute, StrictJSONRoute, respond
+from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
 from parley.api.tgi import convert, responses
 from parley.api.tgi.schemas import CompatGenerateRequest, GenerateRequest
