@@ -13,7 +13,7 @@ import torch
 from parley.adapters.batch import LoRABatcher
 from parley.config import ModelConfig
 from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
-from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape
+from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape, table_width
 from parley.sampling.metadata import SamplingRow
 from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs
 
@@ -75,7 +75,8 @@ class ModelRunner:
         chunks, offset = [], len(sched.decodes)
         for s in sched.prefills:
             context = s.seq.num_computed_tokens + s.num_new_tokens
-            table = s.seq.block_table[: -(-context // self.block_size)]
+            blocks = -(-context // self.block_size)
+            table = s.seq.block_table[:blocks] + [0] * (table_width(blocks, self.block_size) - blocks)
             chunks.append(PrefillChunk(offset, s.num_new_tokens, context, self._tensor(table)))
             offset += s.num_new_tokens
         meta.prefill_chunks = tuple(chunks)
@@ -106,7 +107,7 @@ class ModelRunner:
         return tokens, logprobs[torch.arange(len(tokens)), self._tensor(tokens)].tolist()
 
     def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        widest = max(len(s.seq.block_table) for s in decodes)
+        widest = table_width(max(len(s.seq.block_table) for s in decodes), self.block_size)
         tables = self._tensor([s.seq.block_table + [0] * (widest - len(s.seq.block_table)) for s in decodes])
         context_lens = self._tensor([len(s.seq) for s in decodes])
         key_pos = torch.arange(widest * self.block_size, device=self.device)

@@ -15,9 +15,15 @@ tiny per-step shapes of decoding, and grouped-query heads are handled by a resha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from parley.kernels.linear import rows_per_call
+
+KEY_MULTIPLE = 32  # keys per sequence in a step's attention come in multiples of this (see _weighted_values)
+KEYS_PER_CALL = 512  # at most this many keys per matmul of probabilities and values
 
 
 @dataclass
@@ -25,7 +31,7 @@ class PrefillChunk:
     start: int  # offset of the chunk's first token in the flat batch
     length: int  # tokens in the chunk
     context_len: int  # tokens of the sequence visible once this chunk is written (prefix + chunk)
-    block_table: torch.Tensor  # [ceil(context_len / block_size)] int64
+    block_table: torch.Tensor  # [table_width(ceil(context_len / block_size))] int64, padded with any block
 
 
 @dataclass
@@ -74,23 +80,51 @@ def paged_attention(
         scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)  # [KVH, B, G, L]
         scores.add_(meta.decode_bias)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, -1, head_dim)  # [B, H, D]
+        out[:nd] = _weighted_values(probs, values).transpose(0, 1).reshape(nd, -1, head_dim)  # [B, H, D]
 
     for chunk in meta.prefill_chunks:
         ctx, t = chunk.context_len, chunk.length
-        # [KVH, blocks, block_size, D] -> [KVH, ctx, D]
-        keys = _gather(k_cache, chunk.block_table, meta).flatten(1, 2)[:, :ctx]
-        values = _gather(v_cache, chunk.block_table, meta).flatten(1, 2)[:, :ctx]
+        # [KVH, blocks, block_size, D] -> [KVH, L, D]: the context and the rest of its last blocks
+        keys = _gather(k_cache, chunk.block_table, meta).flatten(1, 2)
+        values = _gather(v_cache, chunk.block_table, meta).flatten(1, 2)
+        width = keys.shape[1]
         qp = q[chunk.start : chunk.start + t].view(t, num_kv_heads, group, head_dim)
         qp = qp.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)  # [KVH, G*T, D]
-        scores = torch.matmul(qp, keys.transpose(-1, -2)).mul_(scale)  # [KVH, G*T, ctx]
-        scores = scores.view(num_kv_heads, group, t, ctx)
-        scores.add_(causal_bias(t, ctx, scores.dtype, scores.device))
+        scores = torch.matmul(qp, keys.transpose(-1, -2)).mul_(scale)  # [KVH, G*T, L]
+        scores = scores.view(num_kv_heads, group, t, width)
+        scores.add_(causal_bias(t, ctx, scores.dtype, scores.device, width))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        probs = probs.view(num_kv_heads, group * t, ctx)
-        chunk_out = torch.matmul(probs, values).view(num_kv_heads, group, t, head_dim)
+        probs = probs.view(num_kv_heads, group * t, width)
+        chunk_out = _weighted_values(probs, values).view(num_kv_heads, group, t, head_dim)
         out[chunk.start : chunk.start + t] = chunk_out.permute(2, 0, 1, 3).reshape(t, -1, head_dim)
     return out
+
+
+def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """probs [..., M, L] @ values [..., L, D], with L a multiple of KEY_MULTIPLE: a row gets the same
+    bits whatever the rows and the masked keys (zero probabilities) beside it. oneDNN's matmuls sum
+    the keys in an order that depends on their number: on AMX when it is not a multiple of 32, on
+    AVX-512 when it passes 1024 (measured: one decode row alone and beside a longer sequence differed
+    in the last bits). So every call sees at most KEYS_PER_CALL keys, from positions aligned to that
+    number, and at most rows_per_call() rows (see parley/kernels/linear.py); the parts of a longer
+    context are added in float32, in order. Up to KEYS_PER_CALL keys this is the plain matmul."""
+    parts = []
+    for start in range(0, probs.shape[-1], KEYS_PER_CALL):
+        p, v = probs[..., start : start + KEYS_PER_CALL], values[..., start : start + KEYS_PER_CALL, :]
+        rows = p.split(rows_per_call(), dim=-2)
+        parts.append(torch.cat([torch.matmul(r, v) for r in rows], dim=-2) if len(rows) > 1 else torch.matmul(p, v))
+    if len(parts) == 1:
+        return parts[0]
+    total = parts[0].float()
+    for part in parts[1:]:
+        total += part
+    return total.to(probs.dtype)
+
+
+def table_width(blocks: int, block_size: int) -> int:
+    """`blocks` rounded up so that a table of that many blocks holds a multiple of KEY_MULTIPLE keys."""
+    step = KEY_MULTIPLE // math.gcd(KEY_MULTIPLE, block_size)
+    return -(-blocks // step) * step
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -108,9 +142,11 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, meta: AttentionMetad
     return gathered.view(num_kv_heads, -1, *cache.shape[2:])
 
 
-def causal_bias(num_queries: int, context_len: int, dtype, device) -> torch.Tensor:
-    """[T, ctx] additive mask: query i (at position ctx - T + i) sees keys at positions <= its own."""
+def causal_bias(num_queries: int, context_len: int, dtype, device, width: int | None = None) -> torch.Tensor:
+    """[T, width] additive mask (width: ctx unless given): query i (at position ctx - T + i) sees
+    keys at positions <= its own."""
+    width = context_len if width is None else width
     q_pos = torch.arange(context_len - num_queries, context_len, device=device).unsqueeze(1)
-    k_pos = torch.arange(context_len, device=device).unsqueeze(0)
-    bias = torch.zeros(num_queries, context_len, dtype=dtype, device=device)
+    k_pos = torch.arange(width, device=device).unsqueeze(0)
+    bias = torch.zeros(num_queries, width, dtype=dtype, device=device)
     return bias.masked_fill_(k_pos > q_pos, float("-inf"))

@@ -1,0 +1,80 @@
+"""Paged attention gives a token the same bits however its sequence is split into steps."""
+
+import pytest
+import torch
+
+from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape, paged_attention, table_width
+
+BLOCK = 16
+KV_HEADS, GROUP, HEAD_DIM = 3, 3, 64  # the default model's attention
+
+
+class Cache:
+    """Sequences of random q, k, v at every position, attended in whatever steps a test asks for."""
+
+    def __init__(self, lengths: list[int], dtype: torch.dtype):
+        generator = torch.Generator().manual_seed(0)
+        heads = KV_HEADS * GROUP
+        # q scaled so that the scores spread as a trained model's do: each softmax has a few large terms
+        self.q = [(3 * torch.randn(n, heads, HEAD_DIM, generator=generator)).to(dtype) for n in lengths]
+        self.k = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=generator).to(dtype) for n in lengths]
+        self.v = [torch.randn(n, KV_HEADS, HEAD_DIM, generator=generator).to(dtype) for n in lengths]
+        self.tables, first = [], 1  # block 0 is left unused, as the runner pads tables with it
+        for n in lengths:
+            blocks = -(-n // BLOCK)
+            self.tables.append(list(range(first, first + blocks)))
+            first += blocks
+        shape = kv_cache_shape(first, BLOCK, KV_HEADS, HEAD_DIM)
+        self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.out = [torch.full_like(q, float("nan")) for q in self.q]
+
+    def step(self, decodes: list[tuple[int, int]], prefills: list[tuple[int, int, int]]) -> None:
+        """decodes: (seq, position); prefills: (seq, start, length); as the runner lays them out."""
+        spans = [(s, pos, 1) for s, pos in decodes] + list(prefills)
+        slots = [self.tables[s][p // BLOCK] * BLOCK + p % BLOCK for s, start, n in spans for p in range(start, start + n)]
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), num_decode_tokens=len(decodes))
+        if decodes:
+            widest = table_width(max(len(self.tables[s]) for s, _ in decodes), BLOCK)
+            meta.decode_block_tables = torch.tensor([self.tables[s] + [0] * (widest - len(self.tables[s]))
+                                                     for s, _ in decodes])
+            visible = torch.arange(widest * BLOCK).unsqueeze(0) <= torch.tensor([p for _, p in decodes]).unsqueeze(1)
+            bias = torch.zeros(visible.shape, dtype=self.q[0].dtype).masked_fill_(~visible, float("-inf"))
+            meta.decode_bias = bias.view(len(decodes), 1, -1)
+        offset, chunks = len(decodes), []
+        for s, start, n in prefills:
+            blocks = -(-(start + n) // BLOCK)
+            table = self.tables[s][:blocks] + [0] * (table_width(blocks, BLOCK) - blocks)
+            chunks.append(PrefillChunk(offset, n, start + n, torch.tensor(table)))
+            offset += n
+        meta.prefill_chunks = tuple(chunks)
+        cat = lambda parts: torch.cat([parts[s][start : start + n] for s, start, n in spans])  # noqa: E731
+        out = paged_attention(cat(self.q), cat(self.k), cat(self.v), self.k_cache, self.v_cache, meta,
+                              HEAD_DIM**-0.5)
+        at = 0
+        for s, start, n in spans:
+            self.out[s][start : start + n] = out[at : at + n]
+            at += n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("length", [40, 112, 700, 1000, 1100])
+def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, length):
+    lengths = [length, 300, 90, 1300]  # the sequence under test, then neighbours: the last one makes
+    # the decode batch span more than 1024 keys, where oneDNN's AVX-512 kernels once summed otherwise
+    whole = Cache(lengths, dtype)
+    whole.step([], [(0, 0, length)])
+
+    split = Cache(lengths, dtype)  # chunks of several sizes beside other prompts, then decode rows
+    cuts = sorted({0, 1, length // 3, length // 3 + 7, length - 6, length})
+    split.step([], [(1, 0, 300)])
+    for i, (start, end) in enumerate(zip(cuts, cuts[1:])):
+        if end < length - 5:
+            split.step([(1, 299)] if i % 2 else [], [(0, start, end - start), (2, 0, 90)] if i == 1 else [(0, start, end - start)])
+    for pos in range(length - 6, length - 3):
+        split.step([(2, 89), (0, pos), (1, 299)], [])
+    for pos in range(length - 3, length):
+        split.step([(3, 1299), (0, pos)], [])
+    if dtype == torch.bfloat16:
+        assert torch.equal(split.out[0], whole.out[0])
+    else:  # float32: MKL's sgemm rounds with the number of rows (README "Determinism")
+        torch.testing.assert_close(split.out[0], whole.out[0], rtol=1e-5, atol=1e-5)
