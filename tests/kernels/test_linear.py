@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from parley.adapters.ops import lora_linear
-from parley.kernels.linear import _onednn_bf16, linear, linear_then, prepack, quantize_int4
+from parley.kernels.linear import (AMX_ROWS, _onednn_bf16, linear, linear_then, prepack, projection_kernel, quantize_int4,
+                                   rows_per_call)
 
 
 def _weight_and_rows(in_features=1536, out_features=576, rows=64):
@@ -49,14 +50,18 @@ def _onednn_kernels(isa: str | None) -> set[str]:
 
 @bf16_kernels
 @pytest.mark.skipif("avx512_bf16" not in _cpu_flags(), reason="this CPU has no AVX512-BF16 kernels to check for")
-def test_bf16_projections_run_on_avx512_bf16_kernels_with_or_without_amx():
-    # parley caps oneDNN below AMX at import (parley/__init__.py): on an AMX Xeon this is what keeps
-    # it off the tile kernels, whose rounding depends on the number of rows; on AMD it is their max.
-    assert _onednn_kernels(None) == {"brg_matmul:avx512_core_bf16"}
+def test_bf16_projections_run_on_the_fastest_kernels_and_say_so():
+    # AMX tiles where the CPU has them (run 32 rows per call, see rows_per_call), AVX512-BF16 elsewhere
+    kernels = _onednn_kernels(None)
+    amx = "amx_bf16" in _cpu_flags()
+    assert len(kernels) == 1 and ("amx" in next(iter(kernels))) == amx, kernels
+    assert ("AMX" in projection_kernel(torch.bfloat16)) == (amx and rows_per_call() == AMX_ROWS)
 
 
 @bf16_kernels
 def test_a_users_onednn_isa_is_kept():
+    if "avx512_bf16" in _cpu_flags():
+        assert _onednn_kernels("AVX512_CORE_BF16") == {"brg_matmul:avx512_core_bf16"}
     assert not any("bf16" in kernel for kernel in _onednn_kernels("AVX512_CORE"))
 
 
@@ -79,11 +84,12 @@ def test_a_rows_projection_does_not_depend_on_the_rows_beside_it(in_features, ou
 def test_a_row_alone_equals_the_same_row_in_a_batch_in_bfloat16():
     # One row takes oneDNN's gemv path, which sums a long inner dimension in another order than
     # gemm: F.linear rounds a few of these rows differently alone than in the batch.
-    weight, x = _weight_and_rows()
+    weight, x = _weight_and_rows(rows=32)  # F.linear keeps a row's bits up to 32 rows on AMX too
     batched = F.linear(x, weight)
-    assert any(not torch.equal(F.linear(x[r : r + 1], weight)[0], batched[r]) for r in range(64))
+    if rows_per_call() != AMX_ROWS:  # AVX-512's gemv; AMX tiles sum one row as they sum 32
+        assert any(not torch.equal(F.linear(x[r : r + 1], weight)[0], batched[r]) for r in range(32))
     packed = prepack(weight)
-    for r in range(64):
+    for r in range(32):
         assert torch.equal(linear(x[r : r + 1], weight)[0], batched[r])
         assert torch.equal(linear(x[r : r + 1], packed)[0], batched[r])
         assert torch.equal(lora_linear(x[r : r + 1], packed, None, None)[0], batched[r])
@@ -91,7 +97,7 @@ def test_a_row_alone_equals_the_same_row_in_a_batch_in_bfloat16():
 
 @bf16_kernels
 def test_prepacked_bfloat16_weights_give_the_same_numbers_as_f_linear():
-    weight, x = _weight_and_rows(576, 960, 40)
+    weight, x = _weight_and_rows(576, 960, 32)
     bias = torch.randn(960).bfloat16()
     packed = prepack(weight)
     assert packed.is_mkldnn
