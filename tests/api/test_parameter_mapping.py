@@ -46,7 +46,14 @@ def test_chat_filters_narrowing_sampling_to_greedy(http, narrowing):
 
 @pytest.mark.parametrize("knob", [{"presence_penalty": 2}, {"frequency_penalty": 2}, {"repetition_penalty": 1.5}])
 def test_chat_penalties_change_the_output(http, knob):
-    assert chat(http, temperature=0, **knob) != chat(http, temperature=0)
+    # The tokens' logprobs, not only the text: a short answer that repeats no token keeps its words
+    # under a penalty, but from its second token on every distribution it is drawn from changes.
+    def tokens(**body):
+        r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 12, "logprobs": True, **body})
+        assert r.status_code == 200, r.text
+        return [(t["token"], t["logprob"]) for t in r.json()["choices"][0]["logprobs"]["content"]]
+
+    assert tokens(temperature=0, **knob) != tokens(temperature=0)
 
 
 def test_chat_logit_bias_bans_a_token(http):
