@@ -14,8 +14,8 @@ in another order than for several rows (gemm), so a token decoded alone would ro
 from the same token in a batch or in a draft verification. A lone row is computed as two
 identical rows, which costs about the same. From two rows on, oneDNN's AVX-512 brgemm kernels give
 a row the same bits whatever rows are beside it. Its AMX tile kernels (Intel Xeon 4th gen on) do
-from 1 to 32 rows, not beyond, so there a batch runs 32 rows per call (`rows_per_call`): a decode
-step at 32 sequences took 126 ms that way on a Xeon against 203 ms with oneDNN kept off AMX.
+up to a number of rows, so there a batch runs in calls of at most 128 rows (`rows_per_call`): a
+decode step at 32 sequences took 126 ms that way on a Xeon against 203 ms with oneDNN kept off AMX.
 
 Int4 (`--quantize int4`, `quantize_int4`): 4-bit weights in groups of 32 along the input, as
 GGUF's Q4_1 keeps them, run by torch's weight-only int4 CPU kernel. A decode step reads a quarter
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32
-AMX_ROWS = 32  # see rows_per_call
+AMX_ROWS = 128  # see rows_per_call
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,10 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
         (weight.dtype == torch.bfloat16 and _onednn_bf16())
         or (weight.dtype == torch.float32 and torch.backends.mkldnn.is_available())
     ):
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        # on AMX, laid out as for one row (batch_size=1): oneDNN then sums a row in the same order
+        # at 1 to 192 rows (its default layout: at 1 to 32), as fast at 512 rows (rows_per_call)
+        hint = 1 if weight.dtype == torch.bfloat16 and rows_per_call() == AMX_ROWS else None
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
     return weight
 
 
@@ -125,9 +128,13 @@ def projection_kernel(dtype: torch.dtype) -> str:
 
 @cache
 def rows_per_call() -> int:
-    """At most this many rows per oneDNN call. Its AMX kernels give a row the same bits at 1 to 32 rows
-    of a call, and other bits beyond: measured on a Xeon for every projection shape of the default
-    model, and for the attention's matmuls. Its AVX-512 kernels keep a row's bits at any number.
+    """At most this many rows per oneDNN call. Its AMX kernels change the order in which they sum a
+    row with the number of rows: on a Xeon, for the default model's projection shapes packed as
+    `prepack` packs them, a row kept its bits at 1 to 192 rows per call (1 or 2 threads), not at
+    193-256 rows of the 1536-wide down projection; the attention's probs@values (at most 512 keys,
+    a multiple of 32, see models/attention.py) kept them up to 600 rows. Hence 128, with margin.
+    A 512-row projection in 128-row calls costs about what one call does; in 32-row calls, which the
+    default layout needed, 2-4x. Its AVX-512 kernels keep a row's bits at any number of rows.
     oneDNN reads ONEDNN_MAX_CPU_ISA once, so this is decided once too."""
     return AMX_ROWS if _amx_in_use() else 1 << 62
 

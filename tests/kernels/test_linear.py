@@ -66,14 +66,14 @@ def test_a_users_onednn_isa_is_kept():
 
 
 @bf16_kernels
-@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (1536, 576), (576, 49152)])
+@pytest.mark.parametrize("in_features, out_features", [(576, 960), (576, 3072), (1536, 576), (576, 49152)])
 def test_a_rows_projection_does_not_depend_on_the_rows_beside_it(in_features, out_features):
-    # The shapes of the default model's projections: a decode batch, a prefill chunk, drafts.
+    # The default model's fused qkv, gate_up, down and lm_head, at the rows of decode batches and prompt chunks.
     generator = torch.Generator().manual_seed(1)
     weight = prepack((torch.randn(out_features, in_features, generator=generator) / 30).bfloat16())
     x = torch.randn(600, in_features, generator=generator).bfloat16()
     alone = torch.cat([linear(x[r : r + 1], weight) for r in range(0, 600, 7)])
-    for rows in (2, 3, 8, 15, 16, 17, 32, 33, 64, 129, 600):
+    for rows in (2, 3, 8, 15, 16, 17, 32, 33, 64, 127, 128, 129, 200, 256, 600):
         for start in {0, 600 - rows}:
             batch = linear(x[start : start + rows], weight)
             at = [r for r in range(start, start + rows) if r % 7 == 0]
