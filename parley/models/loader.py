@@ -17,12 +17,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 
 from parley.config import ModelConfig
 from parley.models.llama import LlamaForCausalLM
+from parley.tokenization.gguf_file import GGUFTensor, read_gguf
 
 log = logging.getLogger("parley.models")
 
@@ -79,10 +79,10 @@ def load_model(
         size = sum(f.stat().st_size for f in files)
         weights = _safetensors_weights(files)
     elif path.suffix == ".gguf":
-        reader = _gguf_reader(path)
-        config = _gguf_config(reader, path)
+        meta, tensors = _read_gguf(path)
+        config = _gguf_config(meta, tensors, path)
         size = path.stat().st_size
-        weights = _gguf_weights(reader, config)
+        weights = _gguf_weights(tensors, config)
     else:
         raise ModelLoadError(f"{path} is neither an HF model folder nor a .gguf file")
     log.info("loading %s (%.1f MB, %s)", path, size / 1e6, config.architecture)
@@ -152,38 +152,27 @@ def _safetensors_weights(files: list[pathlib.Path]) -> Iterator[tuple[str, torch
             raise ModelLoadError(f"cannot read {file} (corrupt or truncated?): {e}") from e
 
 
-def _gguf_reader(path: pathlib.Path) -> GGUFReader:
+def _read_gguf(path: pathlib.Path) -> tuple[dict, list[GGUFTensor]]:
     try:
-        return GGUFReader(path)
+        return read_gguf(str(path))
     except Exception as e:  # any parse failure of a foreign format means a bad file
         raise ModelLoadError(f"cannot read GGUF file {path} (corrupt or truncated?): {e}") from e
 
 
-def _field(reader: GGUFReader, key: str, default=None):
-    """A scalar or string metadata value of the GGUF file."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.parts[field.data[0]]
-    if field.types == [GGUFValueType.STRING]:
-        return bytes(value).decode("utf-8")
-    return value.tolist()[0]
-
-
-def _gguf_config(reader: GGUFReader, path: pathlib.Path) -> ModelConfig:
-    arch = _field(reader, "general.architecture")
+def _gguf_config(fields: dict, tensors: list[GGUFTensor], path: pathlib.Path) -> ModelConfig:
+    arch = fields.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
             f"{path.name}: unsupported GGUF architecture {arch!r}; Parley reads llama and qwen2"
         )
-    tensor_names = {t.name for t in reader.tensors}
+    tensor_names = {t.name for t in tensors}
     if "rope_freqs.weight" in tensor_names:
         raise ModelLoadError(
             f"{path.name}: GGUF llama3 rope frequency factors (rope_freqs.weight) are not supported"
         )
 
     def meta(key, default=None):
-        return _field(reader, f"{arch}.{key}", default)
+        return fields.get(f"{arch}.{key}", default)
 
     scaling_type = meta("rope.scaling.type", "none")
     if scaling_type == "none":
@@ -193,14 +182,14 @@ def _gguf_config(reader: GGUFReader, path: pathlib.Path) -> ModelConfig:
     else:
         raise ModelLoadError(f"{path.name}: unsupported GGUF rope scaling {scaling_type!r}")
 
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = fields.get("tokenizer.ggml.tokens")
     heads = meta("attention.head_count")
     hidden = meta("embedding_length")
-    eos_ids = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
+    eos_ids = [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
     try:
         return ModelConfig(
             architecture=GGUF_ARCHITECTURES[arch],
-            vocab_size=meta("vocab_size") or len(tokens.data),
+            vocab_size=meta("vocab_size") or len(tokens),
             hidden_size=hidden,
             intermediate_size=meta("feed_forward_length"),
             num_layers=meta("block_count"),
@@ -213,7 +202,7 @@ def _gguf_config(reader: GGUFReader, path: pathlib.Path) -> ModelConfig:
             max_position_embeddings=meta("context_length", 2048),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
-            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
         )
     except (TypeError, AttributeError) as e:  # a required key was None
@@ -235,9 +224,9 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_weights(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     permute_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except Exception as e:  # unsupported quantization type, or data cut short
