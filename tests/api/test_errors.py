@@ -162,6 +162,9 @@ def test_tool_results_answering_the_calls_before_them_are_served(http):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
      ["image"]),
     ({"messages": "Hi"}, "messages", ["list"]),
+    ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, "top_logprobs", ["`logprobs`"]),
+    ({"messages": [{"role": "user", "content": "Hi"}], "stream_options": {"include_usage": True}}, "stream_options",
+     ["`stream`"]),
     ({"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", "json_schema": {
         "strict": True, "schema": {"type": "object", "additionalProperties": True}}}},
      "response_format.json_schema.schema.additionalProperties", ["strict mode"]),

@@ -15,6 +15,8 @@ from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
 
 def generation_request(body: SamplingFields, prompt: str, engine, *, add_special_tokens: bool,
                        top_n_tokens: int) -> GenerationRequest:
+    require(body.stream or not body.stream_options,
+            "Input validation error: `stream_options` is only allowed when `stream` is true", "stream_options")
     n = body.n or 1
     require(n <= engine.config.max_n, f"Input validation error: `n` must be <= {engine.config.max_n}. Given: {n}",
             "n")
@@ -54,6 +56,8 @@ def chat_request(body: ChatRequest, engine, tools: ToolPlan | None = None) -> Ge
         prompt = engine.chat_template.render(messages, add_generation_prompt=True, **template_kwargs)
     except ValueError as exc:  # the template refused the messages (e.g. an image for a text model)
         raise validation_error(f"Input validation error: `messages`: {exc}", "messages") from exc
+    require(body.logprobs or not body.top_logprobs,
+            "Input validation error: `top_logprobs` needs `logprobs` to be true", "top_logprobs")
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     request = generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
     if tools:
