@@ -103,9 +103,9 @@ def paged_attention(
 def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """probs [..., M, L] @ values [..., L, D], with L a multiple of KEY_MULTIPLE: a row gets the same
     bits whatever the rows and the masked keys (zero probabilities) beside it. oneDNN's matmuls sum
-    the keys in an order that depends on their number: on AMX when it is not a multiple of 32, on
-    AVX-512 when it passes 1024 (measured: one decode row alone and beside a longer sequence differed
-    in the last bits). So every call sees at most KEYS_PER_CALL keys, from positions aligned to that
+    the keys in an order that depends on their number: on AMX when it is not a multiple of 32 (in the
+    engine on a Xeon, a greedy request alone and beside a longer one parted at its 12th token), on
+    AVX-512 once it passes ~1024 (plain matmuls of 900-1000 keys with a masked tail). So every call sees at most KEYS_PER_CALL keys, from positions aligned to that
     number, and at most rows_per_call() rows (see parley/kernels/linear.py); the parts of a longer
     context are added in float32, in order. Up to KEYS_PER_CALL keys this is the plain matmul."""
     parts = []
