@@ -1,0 +1,60 @@
+"""Prefill speed: one request at a time, distinct prompts (no prefix-cache hits) of growing length,
+one new token each; prints prompt tokens per second, the best of two tries per length.
+
+    python bench/prefill.py                       # 166, 666, 1330, 2662 tokens, bf16, 2 threads
+    python bench/prefill.py --lengths 512 2048 --dtype float32
+
+Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+
+async def measure(engine, lengths: list[int]) -> list[float]:
+    from parley.types import GenerationRequest, StoppingCriteria
+
+    words = " ".join(f"word{i}" for i in range(max(lengths)))
+    speeds = []
+    for n in lengths:
+        best = float("inf")
+        for attempt in range(2):
+            ids = engine.tokenizer.encode(f"z{attempt}q{n} {words}")[:n]  # a new first token: nothing cached
+            request = GenerationRequest(engine.tokenizer.decode(ids), stopping=StoppingCriteria(max_new_tokens=1))
+            started = time.perf_counter()
+            async for _ in engine.generate(request):
+                pass
+            best = min(best, time.perf_counter() - started)
+        speeds.append(n / best)
+    return speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[166, 666, 1330, 2662])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from parley.config import EngineConfig
+    from parley.engine.async_engine import DTYPES, AsyncEngine
+    from parley.kernels.linear import projection_kernel
+
+    engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
+    engine.start()
+    try:
+        speeds = asyncio.run(measure(engine, args.lengths))
+    finally:
+        engine.core.stop()
+    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    print(f"CPU: {cpu}; {args.dtype}, {args.threads} threads; projections: {projection_kernel(DTYPES[args.dtype])}")
+    print("| prompt tokens | " + " | ".join(str(n) for n in args.lengths) + " |")
+    print("|---" * (len(args.lengths) + 1) + "|")
+    print("| prefill tok/s | " + " | ".join(f"{s:.0f}" for s in speeds) + " |")
+
+
+if __name__ == "__main__":
+    main()
