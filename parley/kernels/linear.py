@@ -25,15 +25,18 @@ dequantizing costs more than it saves. It computes each row on its own, so it is
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32
 AMX_ROWS = 128  # see rows_per_call
+
+log = logging.getLogger("parley.kernels")
+_rows_per_call: int | None = None  # see rows_per_call
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,6 @@ def projection_kernel(dtype: torch.dtype) -> str:
     return f"oneDNN up to {os.environ.get('ONEDNN_MAX_CPU_ISA', 'AVX-512')}"
 
 
-@cache
 def rows_per_call() -> int:
     """At most this many rows per oneDNN call. Its AMX kernels change the order in which they sum a
     row with the number of rows: on a Xeon, for the default model's projection shapes packed as
@@ -135,8 +137,45 @@ def rows_per_call() -> int:
     a multiple of 32, see models/attention.py) kept them up to 600 rows. Hence 128, with margin.
     A 512-row projection in 128-row calls costs about what one call does; in 32-row calls, which the
     default layout needed, 2-4x. Its AVX-512 kernels keep a row's bits at any number of rows.
-    oneDNN reads ONEDNN_MAX_CPU_ISA once, so this is decided once too."""
-    return AMX_ROWS if _amx_in_use() else 1 << 62
+    oneDNN reads ONEDNN_MAX_CPU_ISA once, so this is decided once too (`check_rows_per_call` may
+    lower it for a model's shapes)."""
+    global _rows_per_call
+    if _rows_per_call is None:
+        _rows_per_call = AMX_ROWS if _amx_in_use() else 1 << 62
+    return _rows_per_call
+
+
+def check_rows_per_call(weights: list[torch.Tensor]) -> None:
+    """Where batches are split (AMX), check on each weight shape of a model that a row gets the same
+    bits in a call of rows_per_call() rows as in a call of two: the limit was measured on the default
+    model's shapes only. Where one does not, split at 32 rows, as far as the default layout held,
+    and say so; if even that fails, say that outputs may depend on the batch."""
+    global _rows_per_call
+    if rows_per_call() != AMX_ROWS:
+        return
+    shapes = {tuple(w.shape): w for w in weights}
+    for limit in (AMX_ROWS, 32):
+        if all(_keeps_rows(weight, limit) for weight in shapes.values()):
+            if limit != AMX_ROWS:
+                log.warning("oneDNN's AMX kernels keep a row's bits only in calls of %d rows for this model", limit)
+            _rows_per_call = limit
+            return
+    _rows_per_call = 32
+    log.error("oneDNN's AMX kernels round a row differently with the rows beside it for this model's shapes: "
+              "outputs may depend on the batch; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 avoids AMX")
+
+
+def _keeps_rows(weight: torch.Tensor, rows: int) -> bool:
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    whole = _projection(x, weight)
+    return all(torch.equal(_projection(x[r : r + 2], weight), whole[r : r + 2]) for r in range(0, rows, 2))
+
+
+def _projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One call of the kernel `linear` runs, whatever the number of rows."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
 
 
 def _amx_in_use() -> bool:

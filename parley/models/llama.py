@@ -18,7 +18,7 @@ from torch import nn
 
 from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
-from parley.kernels.linear import can_quantize_int4, linear, prepack, quantize_int4
+from parley.kernels.linear import can_quantize_int4, check_rows_per_call, linear, prepack, quantize_int4
 from parley.models.attention import AttentionMetadata, paged_attention
 
 
@@ -160,6 +160,8 @@ class LlamaForCausalLM(nn.Module):
             layer.prepack(quantize)
         packed = prepack(self.lm_head)
         self.lm_head_packed = packed if packed is not self.lm_head else None
+        weights = [getattr(layer, name) for layer in self.layers for name in layer.PROJECTIONS] + [packed]
+        check_rows_per_call([w for w in weights if isinstance(w, torch.Tensor) and w.is_mkldnn])
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -158,3 +158,27 @@ def test_int4_rows_are_the_same_alone_as_in_a_batch(dtype):
     torch.testing.assert_close(batched.float(), (x.float() @ weight.float().t() + bias.float()), rtol=0.05, atol=0.05)
     for r in range(33):
         assert torch.equal(linear(x[r : r + 1], quantized, bias)[0], batched[r])
+
+
+def test_a_models_shapes_that_round_with_the_batch_lower_the_rows_per_call(monkeypatch, caplog):
+    # Where rows are split (AMX), the limit is checked on every shape of the loaded model: here a
+    # stand-in kernel that rounds with the number of rows beyond 32, one that always does, one that never does.
+    from parley.kernels import linear as module
+
+    weight = torch.randn(8, 64)
+    monkeypatch.setattr(module, "_rows_per_call", AMX_ROWS)
+    monkeypatch.setattr(module, "_projection", lambda x, w: x * 2 + (x.shape[0] > 32))
+    module.check_rows_per_call([weight])
+    assert rows_per_call() == 32 and "calls of 32 rows" in caplog.text
+    module.check_rows_per_call([weight])  # 32 now: checked again at 32, which holds
+    assert rows_per_call() == 32
+
+    monkeypatch.setattr(module, "_rows_per_call", AMX_ROWS)
+    monkeypatch.setattr(module, "_projection", lambda x, w: x * 2 + (x.shape[0] > 2))
+    module.check_rows_per_call([weight])
+    assert rows_per_call() == 32 and "may depend on the batch" in caplog.text
+
+    monkeypatch.setattr(module, "_rows_per_call", AMX_ROWS)
+    monkeypatch.setattr(module, "_projection", lambda x, w: x * 2)  # row by row
+    module.check_rows_per_call([weight])
+    assert rows_per_call() == AMX_ROWS
