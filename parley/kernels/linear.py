@@ -82,7 +82,7 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     ):
         # on AMX, laid out as for one row (batch_size=1): oneDNN then sums a row in the same order
         # at 1 to 192 rows (its default layout: at 1 to 32), as fast at 512 rows (rows_per_call)
-        hint = 1 if weight.dtype == torch.bfloat16 and rows_per_call() == AMX_ROWS else None
+        hint = 1 if weight.dtype == torch.bfloat16 and _amx_in_use() else None
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
     return weight
 
@@ -97,9 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight, bias: torch.Tenso
         return linear(x.expand(2, -1), weight, bias)[:1]
     if x.shape[0] > rows_per_call():
         return torch.cat([linear(part, weight, bias) for part in x.split(rows_per_call())])
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return _projection(x, weight, bias)
 
 
 def linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Tensor) -> torch.Tensor:
@@ -171,11 +169,11 @@ def _keeps_rows(weight: torch.Tensor, rows: int) -> bool:
     return all(torch.equal(_projection(x[r : r + 2], weight), whole[r : r + 2]) for r in range(0, rows, 2))
 
 
-def _projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """One call of the kernel `linear` runs, whatever the number of rows."""
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def _amx_in_use() -> bool:
