@@ -1,12 +1,18 @@
-"""The one compiled part of Parley: the multi-LoRA CPU kernel (parley/kernels/_lora.c).
+"""The compiled parts of Parley: the multi-LoRA CPU kernel (parley/kernels/_lora.c) and paged
+attention (parley/kernels/_attention.c).
 
-It is optional: where it cannot be built (no C compiler) the install goes on, and where it cannot
-run (another architecture, no AVX512-BF16) parley/kernels/lora.py reports it unavailable, so LoRA
-runs on the torch path.
+Both are optional: where they cannot be built (no C compiler) the install goes on, and where they
+cannot run (another architecture, no AVX512-BF16) parley/kernels/lora.py and attention.py report
+them unavailable, so LoRA and attention run on their torch paths.
 -fopenmp links the libgomp.so.1 that torch loads too, so the kernel shares torch's thread pool.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("parley.kernels._lora", ["parley/kernels/_lora.c"], optional=True,
-                             extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])])
+
+def kernel(name: str) -> Extension:
+    return Extension(f"parley.kernels.{name}", [f"parley/kernels/{name}.c"], optional=True,
+                     extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
+
+
+setup(ext_modules=[kernel("_lora"), kernel("_attention")])

@@ -71,7 +71,7 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
         if sched.decodes:
-            meta.decode_block_tables, meta.decode_bias = self._decode_tables(sched.decodes)
+            meta.decode_block_tables, meta.decode_bias, meta.decode_context_lens = self._decode_tables(sched.decodes)
         chunks, offset = [], len(sched.decodes)
         for s in sched.prefills:
             context = s.seq.num_computed_tokens + s.num_new_tokens
@@ -106,7 +106,7 @@ class ModelRunner:
         tokens = drafts[:accepted] + [best[accepted]]
         return tokens, logprobs[torch.arange(len(tokens)), self._tensor(tokens)].tolist()
 
-    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         widest = table_width(max(len(s.seq.block_table) for s in decodes), self.block_size)
         tables = self._tensor([s.seq.block_table + [0] * (widest - len(s.seq.block_table)) for s in decodes])
         context_lens = self._tensor([len(s.seq) for s in decodes])
@@ -114,7 +114,7 @@ class ModelRunner:
         visible = key_pos.unsqueeze(0) < context_lens.unsqueeze(1)  # [B, L]
         dtype = self.kv_caches[0][0].dtype
         bias = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-        return tables, bias.view(len(decodes), 1, -1)
+        return tables, bias.view(len(decodes), 1, -1), context_lens
 
     def _prompt_logprobs(self, s: ScheduledSequence, chunk: PrefillChunk, hidden: torch.Tensor) -> list[float]:
         """Logprob of each prompt token given the ones before it, for the positions in this chunk."""

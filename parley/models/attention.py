@@ -9,7 +9,12 @@ as they are, batched over (KVH, B). With blocks outermost the gather gives [B, L
 each matmul first copies into head-major order: two extra copies of the whole context per layer
 and step (a batch-32 decode step was 74 ms that way, 48-51 ms this way).
 
-Plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
+In bfloat16 on CPUs with AVX512-BF16 (the AMD and Intel machines this project runs on) one call
+of parley/kernels/_attention.c a layer does the whole batch, reading the blocks in place: at 32
+decode rows of ~200 tokens a step's attention went 22.0 -> 12.2 ms, at one row 6.8 -> 1.9 ms
+(bench/profile_step.py, Xeon with AMX). Elsewhere, and in float32, the torch path below runs.
+
+The torch path is plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
 tiny per-step shapes of decoding, and grouped-query heads are handled by a reshape, not a repeat.
 """
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parley.kernels import attention as kernel
 from parley.kernels.linear import rows_per_call
 
 KEY_MULTIPLE = 32  # keys per sequence in a step's attention come in multiples of this (see _weighted_values)
@@ -46,10 +52,13 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] int64, padded
     decode_bias: torch.Tensor | None = None  # [num_decode, 1, max_blocks * block_size]: 0 or -inf
+    decode_context_lens: torch.Tensor | None = None  # [num_decode] int: keys each decode token sees
     prefill_chunks: tuple[PrefillChunk, ...] = ()
     # a block table above -> the cache rows holding its blocks (see `_gather`), computed by the
     # first layer that needs them and reused by the others (tensors hash by identity)
     gather_rows: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict, repr=False)
+    # every row's table and visible keys as the kernel reads them (`_kernel_rows`), built once a step
+    kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -69,6 +78,8 @@ def paged_attention(
     group = q.shape[1] // num_kv_heads
     k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    if use_kernel(q, k_cache):
+        return kernel.attend(q, k_cache, v_cache, *_kernel_rows(meta), scale)
     out = torch.empty_like(q)
 
     nd = meta.num_decode_tokens
@@ -98,6 +109,36 @@ def paged_attention(
         chunk_out = _weighted_values(probs, values).view(num_kv_heads, group, t, head_dim)
         out[chunk.start : chunk.start + t] = chunk_out.permute(2, 0, 1, 3).reshape(t, -1, head_dim)
     return out
+
+
+_KERNEL_OK: dict[tuple, bool] = {}
+
+
+def use_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether parley/kernels/_attention.c serves this model: bfloat16 on a CPU with AVX512-BF16.
+    It reads the blocks in place, row by row (a row's bits depend on nothing else by construction),
+    and costs one call a layer: at 32 decode rows the torch path below was a third of the step."""
+    key = (q.device, q.dtype, q.shape[1], k_cache.shape[0], q.shape[2])
+    if key not in _KERNEL_OK:
+        _KERNEL_OK[key] = kernel.available(*key)
+    return _KERNEL_OK[key]
+
+
+def _kernel_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tables int64 [decodes + chunks, W], seq int32 [N]: each row's table, keys int32 [N]: how many
+    of its sequence's first tokens each row sees), built by the first layer and kept in `meta`."""
+    if meta.kernel_rows is None:
+        nd, tables, seq, keys = meta.num_decode_tokens, [], [], []
+        if nd:
+            tables += list(meta.decode_block_tables)
+            seq.append(torch.arange(nd, dtype=torch.int32))
+            keys.append(meta.decode_context_lens.to(torch.int32))
+        for i, chunk in enumerate(meta.prefill_chunks):
+            tables.append(chunk.block_table)
+            seq.append(torch.full((chunk.length,), nd + i, dtype=torch.int32))
+            keys.append(torch.arange(chunk.context_len - chunk.length + 1, chunk.context_len + 1, dtype=torch.int32))
+        meta.kernel_rows = (torch.nn.utils.rnn.pad_sequence(tables, batch_first=True), torch.cat(seq), torch.cat(keys))
+    return meta.kernel_rows
 
 
 def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

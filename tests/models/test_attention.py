@@ -1,8 +1,11 @@
-"""Paged attention gives a token the same bits however its sequence is split into steps."""
+"""Paged attention gives a token the same bits however its sequence is split into steps, on the
+kernel (parley/kernels/_attention.c, bfloat16 with AVX512-BF16) and on the torch path."""
 
 import pytest
 import torch
 
+from parley.kernels import attention as kernel
+from parley.models import attention
 from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape, paged_attention, table_width
 
 BLOCK = 16
@@ -37,7 +40,8 @@ class Cache:
             widest = table_width(max(len(self.tables[s]) for s, _ in decodes), BLOCK)
             meta.decode_block_tables = torch.tensor([self.tables[s] + [0] * (widest - len(self.tables[s]))
                                                      for s, _ in decodes])
-            visible = torch.arange(widest * BLOCK).unsqueeze(0) <= torch.tensor([p for _, p in decodes]).unsqueeze(1)
+            meta.decode_context_lens = torch.tensor([p + 1 for _, p in decodes])
+            visible = torch.arange(widest * BLOCK).unsqueeze(0) < meta.decode_context_lens.unsqueeze(1)
             bias = torch.zeros(visible.shape, dtype=self.q[0].dtype).masked_fill_(~visible, float("-inf"))
             meta.decode_bias = bias.view(len(decodes), 1, -1)
         offset, chunks = len(decodes), []
@@ -56,7 +60,18 @@ class Cache:
             at += n
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+HAS_KERNEL = kernel.available("cpu", torch.bfloat16, KV_HEADS * GROUP, KV_HEADS, HEAD_DIM)
+PATHS = [pytest.param((torch.bfloat16, "kernel"), marks=pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")),
+         (torch.bfloat16, "torch"), (torch.float32, "torch")]
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: f"{str(p[0])[6:]}-{p[1]}")
+def dtype(request, monkeypatch):
+    dtype, path = request.param
+    monkeypatch.setattr(attention, "use_kernel", lambda q, k_cache: path == "kernel")
+    return dtype
+
+
 @pytest.mark.parametrize("length", [40, 112, 700, 1000, 1100])
 def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, length):
     lengths = [length, 300, 90, 1300]  # the sequence under test, then neighbours: the last one makes
@@ -78,3 +93,18 @@ def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, 
         assert torch.equal(split.out[0], whole.out[0])
     else:  # float32: MKL's sgemm rounds with the number of rows (README "Determinism")
         torch.testing.assert_close(split.out[0], whole.out[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
+def test_the_kernel_is_attention_within_bfloat16_rounding():
+    lengths = [1, 17, 300, 1300]
+    cache = Cache(lengths, torch.bfloat16)
+    cache.step([], [(s, 0, n) for s, n in enumerate(lengths)])
+    for s, n in enumerate(lengths):
+        q = cache.q[s].double().view(n, KV_HEADS, GROUP, HEAD_DIM)
+        k, v = cache.k[s].double(), cache.v[s].double()  # [n, KVH, D]
+        scores = torch.einsum("tkgd,skd->tkgs", q, k) * HEAD_DIM**-0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1)[:, None, None, :], float("-inf"))
+        expected = torch.einsum("tkgs,skd->tkgd", torch.softmax(scores, dim=-1), v).reshape(n, -1, HEAD_DIM)
+        # one rounding of the output to bf16 (8 bits), plus float32 sums
+        torch.testing.assert_close(cache.out[s].double(), expected, rtol=2**-8, atol=1e-3)
