@@ -14,12 +14,14 @@
  * on any number of threads.
  *
  * Numerics: q.k is summed in fp32 over exact bf16 products (dpbf16), scaled in fp32; the softmax is
- * float32 (a vector exp, ~1 ulp); probabilities stay float32 and the weighted values are summed in
- * fp32 and rounded to bf16 once. That is at least as precise as eager attention in bf16, which
- * rounds the scores and the probabilities to bf16.
+ * float32 (a vector exp, ~1 ulp), its numerators rounded to bf16 as eager attention rounds its
+ * probabilities; the weighted values are summed in fp32, divided by the float32 sum and rounded to
+ * bf16 once. Eager attention in bf16 also rounds the scores to bf16; this does not.
  *
- * The cache of one layer: bf16 [kv_heads, num_blocks, block_size, head_dim]; tables int64
- * [sequences, table_stride] of block ids; per row int32 seq (its table's row) and keys.
+ * The cache of one layer: bf16, kv_heads x num_blocks blocks of block_size x head_dim elements
+ * each, laid out for dpbf16 (see key_block); the new tokens' keys and values are written by the
+ * same call. tables int64 [sequences, table_stride] of block ids; per row int32 seq (its table's
+ * row) and keys.
  *
  * Off x86-64 (or built with -DPARLEY_NO_SIMD) the module loads, says it is unsupported, and
  * parley/models/attention.py keeps its torch path.
@@ -29,6 +31,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -44,20 +47,60 @@ typedef struct {
     int64_t q_stride; /* elements between rows; a row's heads are contiguous */
     bf16 *out;
     int64_t out_stride;
-    const bf16 *k_cache, *v_cache;
+    bf16 *k_cache, *v_cache;
     const int64_t *tables;
     const int32_t *seq, *keys;
     float scale;
+    int64_t new_rows; /* tokens whose key and value go into the cache first */
+    const bf16 *k_new, *v_new;
+    int64_t k_stride, v_stride; /* elements between rows; a row's heads are contiguous */
+    const int64_t *slots;       /* each new token's slot: block * block_size + offset */
 } Call;
+
+#define UNIT_ROWS 4  /* rows of one sequence attended together */
+#define KEY_TILE 128 /* tokens whose keys (or values) all of a unit's rows use before the next ones */
+
+typedef struct {
+    int64_t first, rows;
+} Unit;
+
+/* The kernel's cache layout, per KV head and block of `block_size` tokens (a multiple of 16):
+ *   keys   [head_dim / 2][block_size][2]: for each pair of dimensions, every token's pair, so one
+ *          load gives 16 tokens' pairs and dpbf16 sums 16 scores at once, with no sum across lanes;
+ *   values [block_size / 2][head_dim][2]: for each pair of tokens, each dimension of both, so one
+ *          dpbf16 adds two tokens' weighted values to 16 dimensions. */
+static inline const bf16 *key_block(const Call *c, int64_t kv_head, const int64_t *table, int64_t t) {
+    return c->k_cache + (kv_head * c->num_blocks + table[t / c->block_size]) * c->block_size * c->head_dim +
+           2 * (t % c->block_size);
+}
+
+static inline const bf16 *value_pair(const Call *c, int64_t kv_head, const int64_t *table, int64_t t) {
+    return c->v_cache + (kv_head * c->num_blocks + table[t / c->block_size]) * c->block_size * c->head_dim +
+           (t % c->block_size) * c->head_dim;
+}
+
+/* Each new token's key and value into its slot, in the layout above. */
+static void write_cache(const Call *c) {
+    const int64_t dim = c->head_dim, bs = c->block_size;
+    for (int64_t r = 0; r < c->new_rows; r++) {
+        const int64_t block = c->slots[r] / bs, at = c->slots[r] % bs;
+        for (int64_t h = 0; h < c->kv_heads; h++) {
+            const int64_t base = (h * c->num_blocks + block) * bs * dim;
+            const bf16 *k = c->k_new + r * c->k_stride + h * dim, *v = c->v_new + r * c->v_stride + h * dim;
+            bf16 *kc = c->k_cache + base + 2 * at, *vc = c->v_cache + base + (at / 2) * 2 * dim + at % 2;
+            for (int64_t p = 0; p < dim / 2; p++) {
+                kc[p * 2 * bs] = k[2 * p];
+                kc[p * 2 * bs + 1] = k[2 * p + 1];
+            }
+            for (int64_t d = 0; d < dim; d++) vc[2 * d] = v[d];
+        }
+    }
+}
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(PARLEY_NO_SIMD)
 #include <immintrin.h>
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-TARGET static inline __m512 widen(__m256i v) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
 
 /* e^x for x <= 0, as Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial,
  * scaled by 2^n (scalef flushes what underflows to zero). */
@@ -77,78 +120,113 @@ TARGET static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static inline const bf16 *token_at(const Call *c, const bf16 *cache, int64_t kv_head, const int64_t *table,
-                                   int64_t t) {
-    const int64_t block = table[t / c->block_size];
-    return cache + ((kv_head * c->num_blocks + block) * c->block_size + t % c->block_size) * c->head_dim;
+/* q_g . k_t * scale for the 16 tokens from t (one key group), for one row's `group` heads: four
+ * sums over every fourth dimension pair (four chains of dpbf16, which one chain's latency would
+ * otherwise bound), added as (0 + 1) + (2 + 3). */
+TARGET static inline void score_group(const Call *c, const int32_t *q, const bf16 *k, float *scores, int64_t stride,
+                                      int64_t group) {
+    const int64_t dim = c->head_dim, pair_stride = 2 * c->block_size;
+    for (int64_t g = 0; g < group; g++) {
+        const int32_t *qg = q + g * dim / 2;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t p = 0; p < dim / 2; p += 4)
+            for (int j = 0; j < 4; j++)
+                acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32(qg[p + j]),
+                                          (__m512bh)_mm512_loadu_si512(k + (p + j) * pair_stride));
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_storeu_ps(scores + g * stride, _mm512_mul_ps(sum, _mm512_set1_ps(c->scale)));
+    }
 }
 
-/* One row, one KV head: its `group` query heads over the row's keys. `scores`: [group][keys]. */
-TARGET static void attend_unit(const Call *c, int64_t row, int64_t kv_head, float *scores, int64_t stride) {
-    const int64_t group = c->heads / c->kv_heads, dim = c->head_dim, vecs = dim / 16, keys = c->keys[row];
-    const int64_t *table = c->tables + (int64_t)c->seq[row] * c->table_stride;
-    const bf16 *q = c->q + row * c->q_stride + kv_head * group * dim;
-
-    /* scores[g][t] = scale * q_g . k_t */
-    __m512bh qv[MAX_GROUP][MAX_HEAD_DIM / 32];
-    for (int64_t g = 0; g < group; g++)
-        for (int64_t d = 0; d < dim / 32; d++) qv[g][d] = (__m512bh)_mm512_loadu_si512(q + g * dim + 32 * d);
-    for (int64_t t = 0; t < keys; t++) {
-        const bf16 *k = token_at(c, c->k_cache, kv_head, table, t);
-        __m512bh kv[MAX_HEAD_DIM / 32];
-        for (int64_t d = 0; d < dim / 32; d++) kv[d] = (__m512bh)_mm512_loadu_si512(k + 32 * d);
-        for (int64_t g = 0; g < group; g++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t d = 0; d < dim / 32; d++) acc = _mm512_dpbf16_ps(acc, qv[g][d], kv[d]);
-            scores[g * stride + t] = _mm512_reduce_add_ps(acc) * c->scale;
-        }
-    }
-
-    /* softmax numerators in place, and 1 / their sum; lanes of 16 keys, then in lane order */
-    float inverse[MAX_GROUP];
+/* A row's scores [group][stride] -> softmax numerators rounded to bf16 (as eager attention rounds
+ * its probabilities), in place, zero past `keys`; inverse[g] = 1 / their float32 sum. Lanes of 16
+ * tokens, then in lane order. */
+TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int64_t keys, float *inverse) {
     const int64_t full = keys / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (keys - full)) - 1);
     for (int64_t g = 0; g < group; g++) {
         float *s = scores + g * stride;
+        bf16 *probs = (bf16 *)s;
         __m512 high = _mm512_set1_ps(-INFINITY);
         for (int64_t t = 0; t < full; t += 16) high = _mm512_max_ps(high, _mm512_loadu_ps(s + t));
         high = _mm512_mask_max_ps(high, tail, high, _mm512_maskz_loadu_ps(tail, s + full));
         const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(high));
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < full; t += 16) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), top));
-            _mm512_storeu_ps(s + t, e);
+        for (int64_t t = 0; t < keys; t += 16) { /* t's probabilities overwrite scores before t */
+            const __mmask16 valid = t < full ? (__mmask16)0xFFFF : tail;
+            const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), top)));
             sum = _mm512_add_ps(sum, e);
-        }
-        if (tail) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), top));
-            _mm512_mask_storeu_ps(s + full, tail, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+            _mm256_storeu_si256((__m256i *)(probs + t), (__m256i)_mm512_cvtneps_pbh(e));
         }
         inverse[g] = 1.0f / _mm512_reduce_add_ps(sum);
     }
+}
 
-    /* out_g = sum_t p_g[t] v_t / sum_t p_g[t], heads taken up to 4 at a time to share each v load */
-    bf16 *out = c->out + row * c->out_stride + kv_head * group * dim;
+/* acc[g][dim] += sum over tokens t in [from, to) of p_g[t] v_t, two tokens a dpbf16, heads taken
+ * up to 4 at a time to share each value load. `probs`: bf16 [group][2 * stride]. */
+TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *table, const bf16 *probs,
+                                int64_t stride, int64_t group, int64_t from, int64_t to, int64_t keys, float *acc) {
+    const int64_t dim = c->head_dim, vecs = dim / 16;
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t gn = group - g0 < 4 ? group - g0 : 4;
-        __m512 acc[4][MAX_HEAD_DIM / 16];
+        __m512 sums[4][MAX_HEAD_DIM / 16];
         for (int64_t g = 0; g < gn; g++)
-            for (int64_t d = 0; d < vecs; d++) acc[g][d] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < keys; t++) {
-            const bf16 *v = token_at(c, c->v_cache, kv_head, table, t);
-            __m512 vv[MAX_HEAD_DIM / 16];
-            for (int64_t d = 0; d < vecs; d++) vv[d] = widen(_mm256_loadu_si256((const __m256i *)(v + 16 * d)));
+            for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_loadu_ps(acc + (g0 + g) * dim + 16 * d);
+        for (int64_t t = from; t < to; t += 2) {
+            const bf16 *v = value_pair(c, kv_head, table, t);
+            /* past the last key: its probability is zero, and its value (whatever the slot holds) is
+               read as zero too, so that no stale inf or NaN gets in */
+            const __mmask32 take = t + 1 < keys ? 0xFFFFFFFFu : 0x55555555u;
+            __m512bh vv[MAX_HEAD_DIM / 16];
+            for (int64_t d = 0; d < vecs; d++) vv[d] = (__m512bh)_mm512_maskz_loadu_epi16(take, v + 32 * d);
             for (int64_t g = 0; g < gn; g++) {
-                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * stride + t]);
-                for (int64_t d = 0; d < vecs; d++) acc[g][d] = _mm512_fmadd_ps(p, vv[d], acc[g][d]);
+                int32_t pair;
+                memcpy(&pair, probs + (g0 + g) * 2 * stride + t, sizeof pair);
+                const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
+                for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_dpbf16_ps(sums[g][d], p, vv[d]);
             }
         }
-        for (int64_t g = 0; g < gn; g++) {
-            const __m512 norm = _mm512_set1_ps(inverse[g0 + g]);
-            for (int64_t d = 0; d < vecs; d++)
-                _mm256_storeu_si256((__m256i *)(out + (g0 + g) * dim + 16 * d),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][d], norm)));
+        for (int64_t g = 0; g < gn; g++)
+            for (int64_t d = 0; d < vecs; d++) _mm512_storeu_ps(acc + (g0 + g) * dim + 16 * d, sums[g][d]);
+    }
+}
+
+/* A unit: up to UNIT_ROWS consecutive rows of one sequence, one KV head. The rows go through the
+ * keys together, KEY_TILE at a time, so each tile of keys and values is read from memory once for
+ * all of them; each row's arithmetic is the same as alone (its sums run over its own tokens in
+ * order, and each KV-head's running sums wait in `acc` between tiles as they are).
+ * scratch: [UNIT_ROWS][group][stride] scores, then acc [UNIT_ROWS][group][head_dim]. */
+TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
+    const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
+    const int64_t *table = c->tables + (int64_t)c->seq[u.first] * c->table_stride;
+    float *acc = scratch + UNIT_ROWS * group * stride, inverse[UNIT_ROWS][MAX_GROUP];
+    int64_t longest = 0;
+    for (int64_t r = 0; r < u.rows; r++) longest = c->keys[u.first + r] > longest ? c->keys[u.first + r] : longest;
+
+    for (int64_t tile = 0; tile < longest; tile += KEY_TILE)
+        for (int64_t r = 0; r < u.rows; r++) {
+            const int64_t row = u.first + r, keys = c->keys[row];
+            const int32_t *q = (const int32_t *)(c->q + row * c->q_stride + kv_head * group * dim);
+            for (int64_t t = tile; t < keys && t < tile + KEY_TILE; t += 16)
+                score_group(c, q, key_block(c, kv_head, table, t), scratch + r * group * stride + t, stride, group);
+        }
+    for (int64_t r = 0; r < u.rows; r++)
+        softmax_row(scratch + r * group * stride, stride, group, c->keys[u.first + r], inverse[r]);
+    memset(acc, 0, sizeof(float) * (size_t)(u.rows * group * dim));
+    for (int64_t tile = 0; tile < longest; tile += KEY_TILE)
+        for (int64_t r = 0; r < u.rows; r++) {
+            const int64_t keys = c->keys[u.first + r];
+            if (tile < keys)
+                weigh_values(c, kv_head, table, (const bf16 *)(scratch + r * group * stride), stride, group, tile,
+                             keys < tile + KEY_TILE ? keys : tile + KEY_TILE, keys, acc + r * group * dim);
+        }
+    for (int64_t r = 0; r < u.rows; r++) {
+        bf16 *out = c->out + (u.first + r) * c->out_stride + kv_head * group * dim;
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 norm = _mm512_set1_ps(inverse[r][g]);
+            for (int64_t d = 0; d < dim / 16; d++)
+                _mm256_storeu_si256((__m256i *)(out + g * dim + 16 * d),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (r * group + g) * dim + 16 * d), norm)));
         }
     }
 }
@@ -160,19 +238,21 @@ static int cpu_supported(void) {
            __builtin_cpu_supports("avx512bf16");
 }
 #else
-static void attend_unit(const Call *c, int64_t row, int64_t kv_head, float *scores, int64_t stride) {
-    (void)c, (void)row, (void)kv_head, (void)scores, (void)stride;
+static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
+    (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
 }
 static int cpu_supported(void) { return 0; }
 #endif
 
 /* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
- *        num_blocks, block_size, tables, table_stride, seq, keys, scale): pointers as ints, strides
- * in elements. The caller checks shapes (parley/kernels/attention.py). */
+ *        num_blocks, block_size, tables, table_stride, seq, keys, scale,
+ *        k_new, k_stride, v_new, v_stride, slots): pointers as ints, strides in elements; the `rows`
+ * new tokens' keys and values are written first. The caller checks shapes
+ * (parley/kernels/attention.py). */
 static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 18) {
-        PyErr_SetString(PyExc_TypeError, "attend takes 18 arguments");
+    if (nargs != 23) {
+        PyErr_SetString(PyExc_TypeError, "attend takes 23 arguments");
         return NULL;
     }
     const int threads = (int)PyLong_AsLong(args[0]);
@@ -184,30 +264,48 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .num_blocks = PyLong_AsLongLong(args[11]), .block_size = PyLong_AsLongLong(args[12]),
               .tables = PyLong_AsVoidPtr(args[13]), .table_stride = PyLong_AsLongLong(args[14]),
               .seq = PyLong_AsVoidPtr(args[15]), .keys = PyLong_AsVoidPtr(args[16]),
-              .scale = (float)PyFloat_AsDouble(args[17])};
+              .scale = (float)PyFloat_AsDouble(args[17]), .new_rows = PyLong_AsLongLong(args[1]),
+              .k_new = PyLong_AsVoidPtr(args[18]), .k_stride = PyLong_AsLongLong(args[19]),
+              .v_new = PyLong_AsVoidPtr(args[20]), .v_stride = PyLong_AsLongLong(args[21]),
+              .slots = PyLong_AsVoidPtr(args[22])};
     if (PyErr_Occurred()) return NULL;
     const int64_t group = c.heads / c.kv_heads;
-    if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads) {
+    if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads ||
+        c.block_size % 16) {
         PyErr_SetString(PyExc_ValueError, "unsupported head layout");
         return NULL;
     }
-    int64_t longest = 1;
-    for (int64_t r = 0; r < c.rows; r++) longest = c.keys[r] > longest ? c.keys[r] : longest;
-    const int64_t stride = (longest + 15) / 16 * 16, units = c.rows * c.kv_heads;
-    const int team = threads < 1 ? 1 : (units < threads ? (int)units : threads);
-    float *scratch = malloc(sizeof(float) * (size_t)(team * group * stride));
-    if (scratch == NULL) return PyErr_NoMemory();
+    int64_t longest = 1, count = 0;
+    Unit *units = malloc(sizeof(Unit) * (size_t)(c.rows + 1));
+    if (units == NULL) return PyErr_NoMemory();
+    for (int64_t r = 0; r < c.rows; r++) {
+        longest = c.keys[r] > longest ? c.keys[r] : longest;
+        if (count && units[count - 1].rows < UNIT_ROWS && c.seq[units[count - 1].first] == c.seq[r])
+            units[count - 1].rows++;
+        else
+            units[count++] = (Unit){r, 1};
+    }
+    const int64_t stride = (longest + 15) / 16 * 16, work = count * c.kv_heads;
+    const int64_t per_thread = UNIT_ROWS * group * (stride + c.head_dim);
+    const int team = threads < 1 ? 1 : (work < threads ? (int)work : threads);
+    float *scratch = malloc(sizeof(float) * (size_t)(team * per_thread));
+    if (scratch == NULL) {
+        free(units);
+        return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
+    write_cache(&c);
 #pragma omp parallel num_threads(team) if (team > 1)
     {
-        float *scores = scratch;
+        float *mine = scratch;
 #ifdef _OPENMP
-        scores += (int64_t)omp_get_thread_num() * group * stride;
+        mine += (int64_t)omp_get_thread_num() * per_thread;
 #endif
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < units; u++) attend_unit(&c, u / c.kv_heads, u % c.kv_heads, scores, stride);
+        for (int64_t w = 0; w < work; w++) attend_unit(&c, units[w / c.kv_heads], w % c.kv_heads, mine, stride);
     }
     Py_END_ALLOW_THREADS
+    free(units);
     free(scratch);
     Py_RETURN_NONE;
 }

@@ -15,26 +15,31 @@ except ImportError:  # not built here (see setup.py)
 
 
 def available(device: torch.device | str, dtype: torch.dtype, num_heads: int, num_kv_heads: int,
-              head_dim: int) -> bool:
+              head_dim: int, block_size: int) -> bool:
     return (_attention is not None and torch.device(device).type == "cpu" and dtype == torch.bfloat16
             and head_dim % 32 == 0 and head_dim <= 256 and num_heads % num_kv_heads == 0
-            and num_heads // num_kv_heads <= 32 and _attention.supported())
+            and num_heads // num_kv_heads <= 32 and block_size % 16 == 0 and _attention.supported())
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-           seq: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [N, H, D] (rows may be strided, heads contiguous); caches [KVH, num_blocks, block_size, D];
-    tables int64 [S, W] block ids; seq, keys int32 [N]: each row's table and how many of its first
-    tokens it sees (all of them already in the cache). Returns [N, H, D]."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           slots: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """Write each row's k, v [N, KVH, D] into its slot (int64 [N]) of the caches, then attend: q
+    [N, H, D] (rows may be strided, heads contiguous, as k and v); caches of [KVH, num_blocks,
+    block_size, D] elements, in the kernel's own layout within each block (only this function reads
+    or writes them); tables int64 [S, W] block ids; seq, keys int32 [N]: each row's table and how
+    many of its sequence's first tokens it sees (itself included). Returns [N, H, D]."""
     rows, heads, head_dim = q.shape
     kv_heads, num_blocks, block_size = k_cache.shape[:3]
-    if not (q.stride(2) == 1 and q.stride(1) == head_dim and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and tables.dtype == torch.int64 and tables.stride(1) == 1
-            and seq.dtype == keys.dtype == torch.int32 and seq.is_contiguous() and keys.is_contiguous()
-            and seq.shape[0] == keys.shape[0] == rows):
+    if not (all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (q, k, v))
+            and k.shape == v.shape == (rows, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype == k_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == slots.dtype == torch.int64
+            and tables.stride(1) == 1 and slots.is_contiguous() and seq.dtype == keys.dtype == torch.int32
+            and seq.is_contiguous() and keys.is_contiguous() and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows):
         raise ValueError("attend: unexpected layout")
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     _attention.attend(torch.get_num_threads(), rows, heads, kv_heads, head_dim, q.data_ptr(), q.stride(0),
                       out.data_ptr(), heads * head_dim, k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
-                      block_size, tables.data_ptr(), tables.stride(0), seq.data_ptr(), keys.data_ptr(), scale)
+                      block_size, tables.data_ptr(), tables.stride(0), seq.data_ptr(), keys.data_ptr(), scale,
+                      k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr())
     return out

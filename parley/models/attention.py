@@ -10,9 +10,12 @@ each matmul first copies into head-major order: two extra copies of the whole co
 and step (a batch-32 decode step was 74 ms that way, 48-51 ms this way).
 
 In bfloat16 on CPUs with AVX512-BF16 (the AMD and Intel machines this project runs on) one call
-of parley/kernels/_attention.c a layer does the whole batch, reading the blocks in place: at 32
-decode rows of ~200 tokens a step's attention went 22.0 -> 12.2 ms, at one row 6.8 -> 1.9 ms
-(bench/profile_step.py, Xeon with AMX). Elsewhere, and in float32, the torch path below runs.
+of parley/kernels/_attention.c a layer writes the new keys and values and does the whole batch,
+reading the blocks in place (laid out its own way for dpbf16). Measured on a Xeon with AMX against
+the torch path: a decode step's attention at 32 rows of ~200 tokens 22.0 -> 9.5 ms, at one row
+6.8 -> 1.5 ms (bench/profile_step.py); prefill of 166 / 666 / 1,330 / 2,662 tokens 1783 / 1764 /
+1404 / 665 -> 2143 / 2028 / 1616 / 1052 tok/s (bench/prefill.py). Elsewhere, and in float32, the
+torch path below runs.
 
 The torch path is plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
 tiny per-step shapes of decoding, and grouped-query heads are handled by a reshape, not a repeat.
@@ -74,12 +77,12 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [N, H, D]
+    if use_kernel(q, k_cache):
+        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
     k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    if use_kernel(q, k_cache):
-        return kernel.attend(q, k_cache, v_cache, *_kernel_rows(meta), scale)
     out = torch.empty_like(q)
 
     nd = meta.num_decode_tokens
@@ -117,8 +120,10 @@ _KERNEL_OK: dict[tuple, bool] = {}
 def use_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether parley/kernels/_attention.c serves this model: bfloat16 on a CPU with AVX512-BF16.
     It reads the blocks in place, row by row (a row's bits depend on nothing else by construction),
-    and costs one call a layer: at 32 decode rows the torch path below was a third of the step."""
-    key = (q.device, q.dtype, q.shape[1], k_cache.shape[0], q.shape[2])
+    and costs one call a layer: at 32 decode rows the torch path below was a third of the step.
+    The kernel lays each block out its own way: a cache is only ever used by one of the two paths
+    (the choice depends only on the model, its dtype and device, and the block size)."""
+    key = (q.device, q.dtype, q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2])
     if key not in _KERNEL_OK:
         _KERNEL_OK[key] = kernel.available(*key)
     return _KERNEL_OK[key]

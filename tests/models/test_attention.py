@@ -60,7 +60,7 @@ class Cache:
             at += n
 
 
-HAS_KERNEL = kernel.available("cpu", torch.bfloat16, KV_HEADS * GROUP, KV_HEADS, HEAD_DIM)
+HAS_KERNEL = kernel.available("cpu", torch.bfloat16, KV_HEADS * GROUP, KV_HEADS, HEAD_DIM, BLOCK)
 PATHS = [pytest.param((torch.bfloat16, "kernel"), marks=pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")),
          (torch.bfloat16, "torch"), (torch.float32, "torch")]
 
@@ -106,5 +106,6 @@ def test_the_kernel_is_attention_within_bfloat16_rounding():
         scores = torch.einsum("tkgd,skd->tkgs", q, k) * HEAD_DIM**-0.5
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1)[:, None, None, :], float("-inf"))
         expected = torch.einsum("tkgs,skd->tkgd", torch.softmax(scores, dim=-1), v).reshape(n, -1, HEAD_DIM)
-        # one rounding of the output to bf16 (8 bits), plus float32 sums
-        torch.testing.assert_close(cache.out[s].double(), expected, rtol=2**-8, atol=1e-3)
+        # the probabilities are rounded to bf16 (at most 2^-9 of each) and weigh values of at most
+        # max|v|; then one rounding of the output to bf16
+        torch.testing.assert_close(cache.out[s].double(), expected, rtol=2**-8, atol=2**-9 * v.abs().max().item())
