@@ -5,7 +5,7 @@ import torch
 
 from parley.sampling import filters
 from parley.sampling.metadata import SamplingBatch, SamplingRow
-from parley.sampling.sampler import Sampler, prompt_logprobs
+from parley.sampling.sampler import Sampler, inverse_cdf, prompt_logprobs
 from parley.types import SamplingParams
 
 V = 64
@@ -436,3 +436,27 @@ def two_threads():
 def test_full_vocabulary_batch_invariance(two_threads):
     logits = random_logits(8, 49152, scale=4.0).bfloat16().float()  # bf16 logits: many ties
     assert_rows_equal_alone(logits)
+
+
+def test_the_draw_over_the_tokens_left_is_the_draw_over_the_whole_vocabulary():
+    """inverse_cdf sums only the tokens a filter left when they are few: the same token for every u
+    as the running sum over the whole row (the other branch, taken when many are left)."""
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 4096, generator=generator)
+    probs[probs < 0.995] = 0  # ~20 tokens left a row, at scattered ids
+    probs[3] = 0
+    probs[3, [0, 4095]] = 0.5  # the first and the last id
+    probs = probs / probs.sum(-1, keepdim=True)
+    assert int((probs > 0).sum(-1).max()) * 4 < probs.shape[1]  # the compact branch
+    wide = torch.cat([probs, torch.full((6, 20000), 0.0)], dim=1)
+    wide[:, 4096:] = 1e-30  # every token left (the whole-row branch), adding nothing to the float64 sums
+    for _ in range(200):
+        u = torch.rand(6, generator=generator, dtype=torch.float64)
+        chosen = inverse_cdf(probs, u)
+        assert (probs.gather(1, chosen[:, None]) > 0).all()
+        cdf = probs.double().cumsum(-1)
+        expected = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1)  # the first id whose running sum passes u
+        assert torch.equal(chosen, expected)
+        assert torch.equal(inverse_cdf(wide, u), chosen)
+    for row in (0, 3):  # the end points of the CDF pick the first and the last token left
+        assert int(inverse_cdf(probs[row : row + 1], torch.zeros(1, dtype=torch.float64))) == int(probs[row].nonzero()[0])
