@@ -1,7 +1,9 @@
-"""Prefill speed: one request at a time, distinct prompts (no prefix-cache hits) of growing length,
-one new token each; prints prompt tokens per second, the best of two tries per length.
+"""Prefill and decode speed as the context grows: one request at a time, distinct prompts (no
+prefix-cache hits) of growing length. Prints prompt tokens per second (one new token; the best of
+two tries per length) and, after the same prompts, decode tokens per second (64 new tokens, from
+the first to the last).
 
-    python bench/prefill.py                       # 166, 666, 1330, 2662 tokens, bf16, 2 threads
+    python bench/prefill.py                       # 166 to 4,000 tokens, bf16, 2 threads
     python bench/prefill.py --lengths 512 2048 --dtype float32
 
 Run it on a quiet machine.
@@ -14,11 +16,14 @@ import asyncio
 import time
 
 
-async def measure(engine, lengths: list[int]) -> list[float]:
-    from parley.types import GenerationRequest, StoppingCriteria
+DECODED = 64
+
+
+async def measure(engine, lengths: list[int]) -> tuple[list[float], list[float]]:
+    from parley.types import GenerationRequest, StoppingCriteria, TokenEvent
 
     words = " ".join(f"word{i}" for i in range(max(lengths)))
-    speeds = []
+    prefill, decode = [], []
     for n in lengths:
         best = float("inf")
         for attempt in range(2):
@@ -28,13 +33,17 @@ async def measure(engine, lengths: list[int]) -> list[float]:
             async for _ in engine.generate(request):
                 pass
             best = min(best, time.perf_counter() - started)
-        speeds.append(n / best)
-    return speeds
+        prefill.append(n / best)
+        request = GenerationRequest(engine.tokenizer.decode(ids), stopping=StoppingCriteria(
+            max_new_tokens=DECODED + 1, min_new_tokens=DECODED + 1))
+        times = [time.perf_counter() async for event in engine.generate(request) if isinstance(event, TokenEvent)]
+        decode.append(DECODED / (times[-1] - times[0]))
+    return prefill, decode
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[166, 666, 1330, 2662])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[166, 666, 1330, 2662, 4000])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -46,14 +55,15 @@ def main() -> None:
     engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
     engine.start()
     try:
-        speeds = asyncio.run(measure(engine, args.lengths))
+        prefill, decode = asyncio.run(measure(engine, args.lengths))
     finally:
         engine.core.stop()
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     print(f"CPU: {cpu}; {args.dtype}, {args.threads} threads; projections: {projection_kernel(DTYPES[args.dtype])}")
     print("| prompt tokens | " + " | ".join(str(n) for n in args.lengths) + " |")
     print("|---" * (len(args.lengths) + 1) + "|")
-    print("| prefill tok/s | " + " | ".join(f"{s:.0f}" for s in speeds) + " |")
+    print("| prefill tok/s | " + " | ".join(f"{s:.0f}" for s in prefill) + " |")
+    print("| decode tok/s | " + " | ".join(f"{s:.1f}" for s in decode) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ rotary, norms, sampling, and the rest (the engine's Python, the scheduler, small
 
     python bench/profile_step.py                  # bf16, 2 threads, default model
     python bench/profile_step.py --batch 32 --dtype float32
+    python bench/profile_step.py --batch 1 --context 4000   # decode at 4,000 tokens of context
 
 Each batch runs as many sampled requests (temperature 0.7, top_p 0.95, as bench/run.py) with
 exactly 200 new tokens, and times steps 40 to 160, when every sequence decodes. The parts are
@@ -76,6 +77,9 @@ async def profile(timers: Timers, batch: int, args) -> dict[str, float]:
     engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
     engine.start()
     prompt = engine.chat_template.render([{"role": "user", "content": "Tell me about the history of printing."}])
+    if args.context:  # a long prompt of distinct words, cut to about that many tokens
+        words = " ".join(f"word{i}" for i in range(args.context))
+        prompt = engine.tokenizer.decode(engine.tokenizer.encode(words)[: args.context - 50]) + prompt
 
     async def one(i: int) -> None:
         request = GenerationRequest(prompt, add_special_tokens=False, seeds=[i],
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=0, help="prompt tokens (default: a short chat)")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
