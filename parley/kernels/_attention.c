@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -55,6 +57,7 @@ typedef struct {
     const bf16 *k_new, *v_new;
     int64_t k_stride, v_stride; /* elements between rows; a row's heads are contiguous */
     const int64_t *slots;       /* each new token's slot: block * block_size + offset */
+    int amx;                    /* units run on AMX tiles (attend_unit_amx) */
 } Call;
 
 #define UNIT_ROWS 4  /* rows of one sequence attended together */
@@ -231,6 +234,128 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
     }
 }
 
+
+/* The same unit on AMX tiles (Intel Sapphire Rapids and later), where oneDNN's matmuls run too:
+ * one tile op multiplies all of the unit's rows and heads (M = rows x group <= 16) by 16 tokens'
+ * keys, or 16 tokens' values, where dpbf16 took one head and 16 tokens (or 2) at a time. Each
+ * element of a tile product is its own sum over the same pairs in the same order whatever the
+ * other rows of the tile, so a row still keeps its bits alone or beside others; they are not the
+ * dpbf16 path's bits, and a machine takes one path for good (`amx` in attend()). */
+typedef struct __attribute__((packed)) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+AMX static void tile_config(int64_t m, int qk) {
+    TileConfig config __attribute__((aligned(64))) = {.palette = 1};
+    if (qk) { /* 0: scores [M][16] fp32; 1: q [M][32 bf16]; 2: keys [16 pairs][16 tokens x 2] */
+        config.rows[0] = config.rows[1] = (uint8_t)m, config.rows[2] = 16;
+        config.colsb[0] = config.colsb[1] = config.colsb[2] = 64;
+    } else { /* 0-3: sums [M][16 dims] fp32; 4: probabilities [M][16 tokens]; 5: values [8 token pairs][16 dims x 2] */
+        for (int i = 0; i < 4; i++) config.rows[i] = (uint8_t)m, config.colsb[i] = 64;
+        config.rows[4] = (uint8_t)m, config.colsb[4] = 32;
+        config.rows[5] = 8, config.colsb[5] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* scratch as attend_unit's, then q [16][head_dim] bf16, a [16][16] fp32 tile, and one block's
+ * values [8][head_dim][2] bf16 */
+AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
+    const int64_t group = c->heads / c->kv_heads, dim = c->head_dim, m = u.rows * group;
+    const int64_t *table = c->tables + (int64_t)c->seq[u.first] * c->table_stride;
+    float *acc = scratch + UNIT_ROWS * group * stride, inverse[UNIT_ROWS][MAX_GROUP];
+    bf16 *q = (bf16 *)(acc + UNIT_ROWS * group * dim);
+    float *tile = (float *)(q + 16 * dim);
+    bf16 *last_values = (bf16 *)(tile + 256);
+    int64_t longest = 0;
+    for (int64_t r = 0; r < u.rows; r++) {
+        const int64_t row = u.first + r;
+        longest = c->keys[row] > longest ? c->keys[row] : longest;
+        memcpy(q + r * group * dim, c->q + row * c->q_stride + kv_head * group * dim, sizeof(bf16) * group * dim);
+    }
+    const int64_t groups_end = (longest + 15) / 16 * 16, pair_stride = 2 * c->block_size;
+
+    tile_config(m, 1);
+    const __m512 scale = _mm512_set1_ps(c->scale);
+    for (int64_t t = 0; t < longest; t += 16) {
+        const bf16 *k = key_block(c, kv_head, table, t);
+        _tile_zero(0);
+        for (int64_t d = 0; d < dim; d += 32) {
+            _tile_loadd(1, q + d, dim * sizeof(bf16));
+            _tile_loadd(2, k + (d / 2) * pair_stride, pair_stride * sizeof(bf16));
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, tile, 64);
+        for (int64_t i = 0; i < m; i++) _mm512_storeu_ps(scratch + i * stride + t, _mm512_mul_ps(_mm512_loadu_ps(tile + 16 * i), scale));
+    }
+    for (int64_t r = 0; r < u.rows; r++) {
+        const int64_t keys = c->keys[u.first + r];
+        softmax_row(scratch + r * group * stride, stride, group, keys, inverse[r]);
+        for (int64_t g = 0; g < group; g++) /* zero probabilities up to the unit's longest row */
+            for (int64_t t = (keys + 15) / 16 * 16; t < groups_end; t += 16)
+                _mm256_storeu_si256((__m256i *)((bf16 *)(scratch + (r * group + g) * stride) + t), _mm256_setzero_si256());
+    }
+
+    tile_config(m, 0);
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t = 0; t < longest; t += 16) {
+            const bf16 *v = value_pair(c, kv_head, table, t);
+            if (t + 16 > longest) { /* the last block's slots past the keys: read as zeros, stale inf or NaN too */
+                memset(last_values, 0, sizeof(bf16) * 16 * dim);
+                for (int64_t i = 0; i < longest - t; i++)
+                    for (int64_t d = 0; d < dim; d++) last_values[(i / 2) * 2 * dim + 2 * d + i % 2] = v[(i / 2) * 2 * dim + 2 * d + i % 2];
+                v = last_values;
+            }
+            _tile_loadd(4, (const bf16 *)scratch + t, stride * sizeof(float));
+            const int64_t row_bytes = 2 * dim * sizeof(bf16);
+            _tile_loadd(5, v + 2 * d0, row_bytes);
+            _tile_dpbf16ps(0, 4, 5);
+            if (d0 + 16 < dim) {
+                _tile_loadd(5, v + 2 * (d0 + 16), row_bytes);
+                _tile_dpbf16ps(1, 4, 5);
+            }
+            if (d0 + 32 < dim) {
+                _tile_loadd(5, v + 2 * (d0 + 32), row_bytes);
+                _tile_dpbf16ps(2, 4, 5);
+            }
+            if (d0 + 48 < dim) {
+                _tile_loadd(5, v + 2 * (d0 + 48), row_bytes);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+        }
+        /* sums [M][dim] at acc, 16 dims a tile */
+        _tile_stored(0, acc + d0, dim * sizeof(float));
+        if (d0 + 16 < dim) _tile_stored(1, acc + d0 + 16, dim * sizeof(float));
+        if (d0 + 32 < dim) _tile_stored(2, acc + d0 + 32, dim * sizeof(float));
+        if (d0 + 48 < dim) _tile_stored(3, acc + d0 + 48, dim * sizeof(float));
+    }
+    _tile_release();
+    for (int64_t r = 0; r < u.rows; r++) {
+        bf16 *out = c->out + (u.first + r) * c->out_stride + kv_head * group * dim;
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 norm = _mm512_set1_ps(inverse[r][g]);
+            for (int64_t d = 0; d < dim / 16; d++)
+                _mm256_storeu_si256((__m256i *)(out + g * dim + 16 * d),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (r * group + g) * dim + 16 * d), norm)));
+        }
+    }
+}
+
+/* Whether this process may use AMX tiles: the CPU has them and Linux grants their state. */
+static int amx_supported(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
 static int cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -241,18 +366,22 @@ static int cpu_supported(void) {
 static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
 }
+static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
+    (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
+}
 static int cpu_supported(void) { return 0; }
+static int amx_supported(void) { return 0; }
 #endif
 
 /* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
  *        num_blocks, block_size, tables, table_stride, seq, keys, scale,
- *        k_new, k_stride, v_new, v_stride, slots): pointers as ints, strides in elements; the `rows`
+ *        k_new, k_stride, v_new, v_stride, slots, amx): pointers as ints, strides in elements; the `rows`
  * new tokens' keys and values are written first. The caller checks shapes
  * (parley/kernels/attention.py). */
 static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 23) {
-        PyErr_SetString(PyExc_TypeError, "attend takes 23 arguments");
+    if (nargs != 24) {
+        PyErr_SetString(PyExc_TypeError, "attend takes 24 arguments");
         return NULL;
     }
     const int threads = (int)PyLong_AsLong(args[0]);
@@ -267,26 +396,27 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .scale = (float)PyFloat_AsDouble(args[17]), .new_rows = PyLong_AsLongLong(args[1]),
               .k_new = PyLong_AsVoidPtr(args[18]), .k_stride = PyLong_AsLongLong(args[19]),
               .v_new = PyLong_AsVoidPtr(args[20]), .v_stride = PyLong_AsLongLong(args[21]),
-              .slots = PyLong_AsVoidPtr(args[22])};
+              .slots = PyLong_AsVoidPtr(args[22]), .amx = PyObject_IsTrue(args[23])};
     if (PyErr_Occurred()) return NULL;
     const int64_t group = c.heads / c.kv_heads;
     if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads ||
-        c.block_size % 16) {
+        c.block_size % 16 || (c.amx && (group > 16 || !amx_supported()))) {
         PyErr_SetString(PyExc_ValueError, "unsupported head layout");
         return NULL;
     }
     int64_t longest = 1, count = 0;
+    const int64_t cap = c.amx && 16 / group < UNIT_ROWS ? 16 / group : UNIT_ROWS; /* AMX: rows x group <= 16 */
     Unit *units = malloc(sizeof(Unit) * (size_t)(c.rows + 1));
     if (units == NULL) return PyErr_NoMemory();
     for (int64_t r = 0; r < c.rows; r++) {
         longest = c.keys[r] > longest ? c.keys[r] : longest;
-        if (count && units[count - 1].rows < UNIT_ROWS && c.seq[units[count - 1].first] == c.seq[r])
+        if (count && units[count - 1].rows < cap && c.seq[units[count - 1].first] == c.seq[r])
             units[count - 1].rows++;
         else
             units[count++] = (Unit){r, 1};
     }
     const int64_t stride = (longest + 15) / 16 * 16, work = count * c.kv_heads;
-    const int64_t per_thread = UNIT_ROWS * group * (stride + c.head_dim);
+    const int64_t per_thread = UNIT_ROWS * group * (stride + c.head_dim) + (c.amx ? 16 * c.head_dim + 256 : 0);
     const int team = threads < 1 ? 1 : (work < threads ? (int)work : threads);
     float *scratch = malloc(sizeof(float) * (size_t)(team * per_thread));
     if (scratch == NULL) {
@@ -302,7 +432,8 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         mine += (int64_t)omp_get_thread_num() * per_thread;
 #endif
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t w = 0; w < work; w++) attend_unit(&c, units[w / c.kv_heads], w % c.kv_heads, mine, stride);
+        for (int64_t w = 0; w < work; w++)
+            (c.amx ? attend_unit_amx : attend_unit)(&c, units[w / c.kv_heads], w % c.kv_heads, mine, stride);
     }
     Py_END_ALLOW_THREADS
     free(units);
@@ -315,7 +446,13 @@ static PyObject *supported(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(cpu_supported());
 }
 
+static PyObject *amx(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(amx_supported());
+}
+
 static PyMethodDef methods[] = {
+    {"amx", amx, METH_NOARGS, "Whether this CPU and process can run the kernel on AMX tiles."},
     {"attend", (PyCFunction)(void (*)(void))attend, METH_FASTCALL, "Paged attention for every row, into out."},
     {"supported", supported, METH_NOARGS, "Whether this CPU runs the kernel (AVX512-BF16)."},
     {NULL, NULL, 0, NULL},

@@ -6,6 +6,8 @@ its torch path elsewhere.
 
 from __future__ import annotations
 
+import os
+
 import torch  # before _attention: the kernel then shares torch's OpenMP runtime (see setup.py)
 
 try:
@@ -19,6 +21,20 @@ def available(device: torch.device | str, dtype: torch.dtype, num_heads: int, nu
     return (_attention is not None and torch.device(device).type == "cpu" and dtype == torch.bfloat16
             and head_dim % 32 == 0 and head_dim <= 256 and num_heads % num_kv_heads == 0
             and num_heads // num_kv_heads <= 32 and block_size % 16 == 0 and _attention.supported())
+
+
+def use_amx() -> bool:
+    """Whether the kernel runs on AMX tiles: where the CPU has them, unless oneDNN is kept off them
+    (ONEDNN_MAX_CPU_ISA below AMX, the way to run AMD's path on an Intel machine): then the
+    dpbf16 path runs, as on AMD."""
+    global _amx
+    if _amx is None:
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+        _amx = bool(_attention is not None and _attention.amx() and (cap == "ALL" or "AMX" in cap))
+    return _amx
+
+
+_amx: bool | None = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -41,5 +57,5 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     _attention.attend(torch.get_num_threads(), rows, heads, kv_heads, head_dim, q.data_ptr(), q.stride(0),
                       out.data_ptr(), heads * head_dim, k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
                       block_size, tables.data_ptr(), tables.stride(0), seq.data_ptr(), keys.data_ptr(), scale,
-                      k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr())
+                      k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), use_amx())
     return out

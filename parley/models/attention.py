@@ -11,11 +11,12 @@ and step (a batch-32 decode step was 74 ms that way, 48-51 ms this way).
 
 In bfloat16 on CPUs with AVX512-BF16 (the AMD and Intel machines this project runs on) one call
 of parley/kernels/_attention.c a layer writes the new keys and values and does the whole batch,
-reading the blocks in place (laid out its own way for dpbf16). Measured on a Xeon with AMX against
-the torch path: a decode step's attention at 32 rows of ~200 tokens 22.0 -> 9.5 ms, at one row
-6.8 -> 1.5 ms (bench/profile_step.py); prefill of 166 / 666 / 1,330 / 2,662 tokens 1783 / 1764 /
-1404 / 665 -> 2143 / 2028 / 1616 / 1052 tok/s (bench/prefill.py). Elsewhere, and in float32, the
-torch path below runs.
+reading the blocks in place (laid out its own way), on AMX tiles where the CPU has them and on
+dpbf16 elsewhere. Measured on a Xeon with AMX against the torch path: a decode step's attention at
+32 rows of ~200 tokens 22.0 -> 8.9 ms, at one row 6.8 -> 1.4 ms (bench/profile_step.py); prefill
+of 166 / 666 / 1,330 / 2,662 tokens 1783 / 1764 / 1404 / 665 -> 2261 / 2725 / 2696 / 2409 tok/s
+(bench/prefill.py; dpbf16 alone: 2143 / 2028 / 1616 / 1052). Elsewhere, and in float32, the torch
+path below runs.
 
 The torch path is plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
 tiny per-step shapes of decoding, and grouped-query heads are handled by a reshape, not a repeat.

@@ -61,14 +61,18 @@ class Cache:
 
 
 HAS_KERNEL = kernel.available("cpu", torch.bfloat16, KV_HEADS * GROUP, KV_HEADS, HEAD_DIM, BLOCK)
-PATHS = [pytest.param((torch.bfloat16, "kernel"), marks=pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")),
+HAS_AMX = HAS_KERNEL and kernel._attention.amx()
+PATHS = [pytest.param((torch.bfloat16, "amx"), marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX")),
+         pytest.param((torch.bfloat16, "dpbf16"), marks=pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")),
          (torch.bfloat16, "torch"), (torch.float32, "torch")]
 
 
 @pytest.fixture(params=PATHS, ids=lambda p: f"{str(p[0])[6:]}-{p[1]}")
 def dtype(request, monkeypatch):
+    """The kernel on AMX tiles, the kernel on dpbf16 (AMD's path), or the torch path."""
     dtype, path = request.param
-    monkeypatch.setattr(attention, "use_kernel", lambda q, k_cache: path == "kernel")
+    monkeypatch.setattr(attention, "use_kernel", lambda q, k_cache: path != "torch")
+    monkeypatch.setattr(kernel, "_amx", path == "amx")
     return dtype
 
 
@@ -95,8 +99,10 @@ def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, 
         torch.testing.assert_close(split.out[0], whole.out[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [pytest.param(True, marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX")), False])
 @pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
-def test_the_kernel_is_attention_within_bfloat16_rounding():
+def test_the_kernel_is_attention_within_bfloat16_rounding(amx, monkeypatch):
+    monkeypatch.setattr(kernel, "_amx", amx)
     lengths = [1, 17, 300, 1300]
     cache = Cache(lengths, torch.bfloat16)
     cache.step([], [(s, 0, n) for s, n in enumerate(lengths)])
@@ -109,3 +115,20 @@ def test_the_kernel_is_attention_within_bfloat16_rounding():
         # the probabilities are rounded to bf16 (at most 2^-9 of each) and weigh values of at most
         # max|v|; then one rounding of the output to bf16
         torch.testing.assert_close(cache.out[s].double(), expected, rtol=2**-8, atol=2**-9 * v.abs().max().item())
+
+
+@pytest.mark.parametrize("amx", [pytest.param(True, marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX")), False])
+@pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
+def test_the_kernel_never_reads_what_lies_past_a_sequence(amx, monkeypatch):
+    """Slots past a sequence's tokens hold whatever an earlier sequence left there, inf and NaN
+    included: they must not reach the output."""
+    monkeypatch.setattr(kernel, "_amx", amx)
+    lengths = [21, 7, 50]  # none fills its last block
+    clean, stale = Cache(lengths, torch.bfloat16), Cache(lengths, torch.bfloat16)
+    stale.k_cache.fill_(float("nan"))
+    stale.v_cache.fill_(float("inf"))
+    for cache in (clean, stale):
+        cache.step([], [(s, 0, n - 1) for s, n in enumerate(lengths)])
+        cache.step([(s, n - 1) for s, n in enumerate(lengths)], [])
+    for s in range(len(lengths)):
+        assert torch.equal(stale.out[s], clean.out[s])
