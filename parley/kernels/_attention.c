@@ -351,9 +351,13 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
 
 /* Whether this process may use AMX tiles: the CPU has them and Linux grants their state. */
 static int amx_supported(void) {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return 0;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    static int known = -1; /* asked once a process: the permission is the process's */
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    }
+    return known;
 }
 
 static int cpu_supported(void) {
