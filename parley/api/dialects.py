@@ -124,6 +124,12 @@ FIELDS: tuple[FieldMapping, ...] = (
 )
 
 
+def wire_name(body: BaseModel, internal: str) -> str | None:
+    """The wire field that sets `internal` in `body` (the later row, as `apply`); None if none does."""
+    given = [row.wire for row in FIELDS if row.internal == internal and getattr(body, row.wire, None) is not None]
+    return given[-1] if given else None
+
+
 def apply(body: BaseModel, request: GenerationRequest) -> set[str]:
     """Sets the internal field of every `FIELDS` row whose wire field `body` gives (null: not
     given). Returns the internal fields set."""

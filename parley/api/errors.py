@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +52,21 @@ def require(condition: bool, message: str, param: str) -> None:
     """A request rule checked in the HTTP layer (dialect rules the engine cannot know)."""
     if not condition:
         raise validation_error(message, param)
+
+
+@contextmanager
+def fields_named(names: dict[str, str]) -> Iterator[None]:
+    """Engine complaints about its own field names (`max_new_tokens`, `inputs`, `grammar`...)
+    reported in the client's: `names` maps an engine field to the field the client sent."""
+    try:
+        yield
+    except ValidationError as exc:
+        if exc.field not in names:
+            raise
+        message = str(exc)
+        for engine_name, wire_name in names.items():  # its own field, and any other it mentions
+            message = message.replace(f"`{engine_name}`", f"`{wire_name}`")
+        raise validation_error(message, names[exc.field]) from exc
 
 
 _ENGINE_ERRORS: dict[type, tuple[int, str]] = {

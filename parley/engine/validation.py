@@ -87,7 +87,7 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
             grammar_compiler.validate(request.grammar)
             matchers = [grammar_compiler.matcher(request.grammar) for _ in range(n)]
         except ValueError as exc:
-            raise ValidationError(f"Input validation error: grammar: {exc}", "grammar") from exc
+            raise ValidationError(f"Input validation error: `grammar`: {exc}", "grammar") from exc
     draft_ids = tokenizer.encode(request.draft_text, add_special_tokens=False) if request.draft_text else []
     return PreparedRequest(request, prompt_ids, seeds, matchers, draft_ids)
 

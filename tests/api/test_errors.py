@@ -157,8 +157,10 @@ def test_tool_results_answering_the_calls_before_them_are_served(http):
     ({"messages": [{"role": "user", "content": "Hi"}], "top_k": -1}, "top_k", ["greater than or equal to 0"]),
     ({"messages": [{"role": "user", "content": "Hi"}], "n": 100}, "n", ["16"]),
     ({"messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"abc": 1}}, "logit_bias", ["token ids"]),
-    ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5000}, "max_new_tokens", ["2048"]),
-    ({"messages": [{"role": "user", "content": LONG}], "max_tokens": 1}, "inputs", ["2047"]),
+    ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5000}, "max_tokens", ["2048", "`max_tokens`"]),
+    ({"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 5000}, "max_completion_tokens",
+     ["2048", "`max_completion_tokens`", "`messages` tokens"]),
+    ({"messages": [{"role": "user", "content": LONG}], "max_tokens": 1}, "messages", ["2047", "`messages`"]),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
      ["image"]),
     ({"messages": "Hi"}, "messages", ["list"]),
@@ -175,6 +177,15 @@ def test_tool_results_answering_the_calls_before_them_are_served(http):
 def test_chat_rules(http, body, param, words):
     error = openai_error(http, body)
     assert error["param"] == param and all(w in error["message"] for w in words), error
+    # the engine's own names for the body's fields never reach a chat client
+    assert not any(f"`{name}`" in error["message"] for name in ("max_new_tokens", "inputs", "top_n_tokens")), error
+
+
+def test_completions_errors_name_the_completions_fields(http):
+    error = openai_error(http, {"prompt": "Hi", "max_tokens": 5000}, path="/v1/completions")
+    assert error["param"] == "max_tokens" and "`max_tokens`" in error["message"], error
+    error = openai_error(http, {"prompt": LONG, "max_tokens": 1}, path="/v1/completions")
+    assert error["param"] == "prompt" and "`prompt`" in error["message"] and "`inputs`" not in error["message"], error
 
 
 def test_completions_batch_limit(http):
@@ -195,7 +206,7 @@ def test_sdks_raise_their_validation_errors(server):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
             model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=5000)
-    assert "max_new_tokens" in e.value.message
+    assert "max_tokens" in e.value.message and "max_new_tokens" not in e.value.message
     with pytest.raises(text_generation.errors.ValidationError):
         Client(server.url).generate("Hi", max_new_tokens=0)  # not checked by the client itself
     with pytest.raises(HubValidationError):

@@ -7,12 +7,11 @@ from fastapi import APIRouter, Request, Response
 from parley.api import dialects
 from parley.api.adapters import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
-from parley.api.errors import ERROR_RESPONSES
+from parley.api.errors import ERROR_RESPONSES, fields_named
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
 from parley.api.openai.schemas import CompletionRequest, SamplingFields
-from parley.api.openai.structured import grammar_errors_named
 from parley.api.openai.tool_calls import ToolChatShape, ToolPlan
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, respond
 from parley.api.state import server_of
@@ -28,12 +27,15 @@ router = APIRouter(tags=["OpenAI"], route_class=GenerationRoute, responses={**ER
 
 
 async def _respond(http: Request, body: SamplingFields, requests: list[GenerationRequest], shape: Shape,
-                   grammar_field: str = "response_format") -> Response:
+                   names: dict[str, str]) -> Response:
+    """`names`: the engine's field names -> the body's, for the engine's validation errors."""
     server = server_of(http)
     env = Envelope(server.model_name, server.system_fingerprint, shape.id_prefix)
     n = requests[0].n
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    with grammar_errors_named(grammar_field):
+    names = {"max_new_tokens": dialects.wire_name(body, "stopping.max_new_tokens") or "max_tokens",
+             "seed": dialects.wire_name(body, "seeds") or "seed", "min_tokens": "min_tokens", **names}
+    with fields_named(names):
         return await respond(
             http, requests, stream=bool(body.stream),
             to_json=lambda finals: responses.response(shape, env, finals, n),
@@ -49,13 +51,15 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
     shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(engine.tokenizer, bool(body.logprobs)),
                                     http)
     return await _respond(http, body, [convert.chat_request(body, engine, tools)], shape,
-                          grammar_field="tools" if tools else "response_format")
+                          {"grammar": "tools" if tools else "response_format", "inputs": "messages",
+                           "top_n_tokens": "top_logprobs"})
 
 
 async def completions(body: CompletionRequest, http: Request) -> Response:
     server = server_of(http)
     requests = convert.completion_requests(body, server.ready_engine(), server.config.max_client_batch_size)
-    return await _respond(http, body, requests, CompletionShape(body.logprobs is not None))
+    return await _respond(http, body, requests, CompletionShape(body.logprobs is not None),
+                          {"grammar": "response_format", "inputs": "prompt", "top_n_tokens": "logprobs"})
 
 
 for path in CHAT_PATHS:

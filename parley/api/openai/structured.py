@@ -10,19 +10,17 @@
     {"type": "regex", "value": P} | {"type": "regex", "schema": P}   TGI | Friendli
 
 A schema may be an object or its JSON text. Whether the engine can enforce it is the engine's call:
-it answers a ValidationError about `grammar`, which `grammar_errors_named` renames for the client.
+it answers a ValidationError about `grammar`, which the routes rename for the client (errors.fields_named).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from parley.api.errors import require, validation_error
 from parley.tools.validation import ToolSpecError, strict_schema
-from parley.types import Grammar, ValidationError
+from parley.types import Grammar
 
 FORMAT_TYPES = ("text", "json_object", "json_schema", "json", "regex")
 
@@ -75,15 +73,3 @@ def _json_grammar(schema: Any, field: str) -> Grammar:
     require(isinstance(schema, (dict, str)),
             f"Input validation error: `{field}` must be a JSON Schema (an object, or its JSON text)", field)
     return Grammar("json", schema if isinstance(schema, str) else json.dumps(schema))
-
-
-@contextmanager
-def grammar_errors_named(field: str) -> Iterator[None]:
-    """Engine complaints about the request's grammar, reported as complaints about `field`
-    (`response_format`, or `tools` when the grammar came from the tools)."""
-    try:
-        yield
-    except ValidationError as exc:
-        if exc.field != "grammar":
-            raise
-        raise validation_error(str(exc).replace("grammar:", f"`{field}`:", 1), field) from exc
