@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,11 +205,14 @@ async def bench_server(server: Server, args) -> list[Row]:
     gaps from the chunks that carry content."""
     env = {**os.environ, **(server.env or {})}
     started = time.perf_counter()
-    process = subprocess.Popen(server.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{server.name}-", suffix=".log")
+    process = subprocess.Popen(server.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     rows = []
     try:
+        # a new connection for every request: llama-server closes a kept-alive one after a few
+        # requests, and the next request on it fails (the same for every server: ~0.1 ms each)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=600,
-                                     limits=httpx.Limits(max_connections=64)) as http:
+                                     limits=httpx.Limits(max_connections=64, max_keepalive_connections=0)) as http:
             while True:
                 try:
                     if (await http.get("/health")).status_code == 200:
@@ -244,12 +248,18 @@ async def bench_server(server: Server, args) -> list[Row]:
                 samples, wall = await run_wave(one, concurrency, args.requests_per_client)
                 rows.append(summarize(server.name, concurrency, samples, wall, tree_rss_mb(process.pid)))
                 print_row(rows[-1])
+    except (httpx.HTTPError, RuntimeError) as exc:  # one server failing leaves the others' figures
+        log.seek(0)
+        tail = "".join(log.readlines()[-15:])
+        print(f"{server.name} failed ({type(exc).__name__}: {exc}); exit code {process.poll()}; its log ends:\n{tail}",
+              flush=True)
     finally:
         process.terminate()
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
     return rows
 
 
