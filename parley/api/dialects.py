@@ -13,7 +13,8 @@ Which rules apply where:
   honors them.
 - Friendli (/dedicated/v1/...): `model` is "ENDPOINT_ID[:ADAPTER_ROUTE]". The adapter part selects
   the LoRA adapter; the endpoint id is not checked and alone means the base model. The
-  `X-Friendli-Team` header is accepted and ignored (one server, one team).
+  `X-Friendli-Team` header is accepted and ignored (one server, one team). Every choice returns
+  the seed it was sampled with (`FriendliChoices`).
 - Azure's `extra-parameters` header: `error` answers 422 naming every parameter Parley does not
   know. `pass-through`, `drop` and no header at all honor the known parameters and ignore unknown
   ones: Parley is both the service and the model, so passing an extra parameter on to a model that
@@ -160,8 +161,14 @@ def normalize(body: ChatBody, http: Request) -> None:
 
 
 def response_shape(shape, http: Request):
-    """`shape` (a ChatShape), in the finish-reason vocabulary of the dialect `http` speaks."""
-    return EosFinishReasons(shape) if http.url.path.startswith(SILICONFLOW_PREFIX) else shape
+    """`shape` (a ChatShape or CompletionShape) as the dialect `http` speaks it: SiliconFlow's
+    finish reasons, Friendli's seeds."""
+    path = http.url.path
+    if path.startswith(SILICONFLOW_PREFIX):
+        return EosFinishReasons(shape)
+    if path.startswith(FRIENDLI_PREFIX):
+        return FriendliChoices(shape)
+    return shape
 
 
 def mistral_model_card(max_context_length: int) -> dict:
@@ -224,6 +231,31 @@ class EosFinishReasons:
 
     def final_choice(self, index: int, final: FinalEvent) -> dict:
         return _eos(self._shape.final_choice(index, final), final)
+
+
+class FriendliChoices:
+    """Friendli's choices: each ends with the `seed` it was sampled with (its documents: "If nothing
+    is given, random seed is used for sampling, and return the seed along with the generated
+    result"), so any answer can be drawn again; a greedy one says 0, as any seed gives it. Its
+    completions choices also carry the generated token ids (`tokens`), which its SDK requires."""
+
+    def __init__(self, shape):
+        self._shape = shape
+
+    def __getattr__(self, name: str):
+        return getattr(self._shape, name)
+
+    def choice(self, index: int, final: FinalEvent) -> dict:
+        return self._with_seed(self._shape.choice(index, final), final)
+
+    def final_choice(self, index: int, final: FinalEvent) -> dict:
+        return self._with_seed(self._shape.final_choice(index, final), final)
+
+    def _with_seed(self, choice: dict, final: FinalEvent) -> dict:
+        choice["seed"] = final.seed if final.seed is not None else 0
+        if "text" in choice:  # completions
+            choice["tokens"] = [t.id for t in final.tokens]
+        return choice
 
 
 def _eos(choice: dict, final: FinalEvent) -> dict:

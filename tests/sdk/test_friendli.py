@@ -104,3 +104,25 @@ def test_timeout_microseconds_past_is_429(server):
                    json={"model": ENDPOINT, "messages": MESSAGES, "max_tokens": 50, "timeout_microseconds": 1},
                    timeout=CLIENT_TIMEOUT_S)
     assert r.status_code == 429 and "timed out" in r.json()["error"]["message"]
+
+
+def test_every_choice_returns_the_seed_that_draws_it_again(server):
+    """Friendli: "If nothing is given, random seed is used for sampling, and return the seed along
+    with the generated result". Its chat SDK drops fields its models do not declare, so raw HTTP."""
+    def chat(**kwargs):
+        r = httpx.post(server.url + "/dedicated/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": ENDPOINT, "messages": MESSAGES, **kwargs}, timeout=CLIENT_TIMEOUT_S)
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"], choice["seed"]
+
+    text, seed = chat(**SAMPLED)  # no seed given: a random one, returned
+    assert isinstance(seed, int) and chat(seed=[seed], **SAMPLED) == (text, seed)
+    assert chat(seed=[7], **SAMPLED)[1] == 7
+    assert chat(max_tokens=3, temperature=0)[1] == 0  # greedy: any seed gives it
+
+
+def test_completions_choices_carry_their_seed_and_tokens(client):
+    """The SDK's completions choice requires `seed` and `tokens`; without them it cannot parse the answer."""
+    body = {"model": ENDPOINT, "prompt": "The sun is", "max_tokens": 4, "temperature": 1.0, "seed": [11]}
+    choice = client.dedicated.completions.complete(dedicated_completions_body=body).choices[0]
+    assert choice.seed == 11 and len(choice.tokens) == 4 and choice.text

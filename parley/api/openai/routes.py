@@ -58,7 +58,8 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
 async def completions(body: CompletionRequest, http: Request) -> Response:
     server = server_of(http)
     requests = convert.completion_requests(body, server.ready_engine(), server.config.max_client_batch_size)
-    return await _respond(http, body, requests, CompletionShape(body.logprobs is not None),
+    shape = dialects.response_shape(CompletionShape(body.logprobs is not None), http)
+    return await _respond(http, body, requests, shape,
                           {"grammar": "response_format", "inputs": "prompt", "top_n_tokens": "logprobs"})
 
 

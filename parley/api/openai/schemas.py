@@ -76,3 +76,4 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20, description="how many alternatives to report per token")
     suffix: str | None = None
+    seed: Seed | list[Seed] | None = Field(None, description="Friendli: a list gives one seed per choice")
