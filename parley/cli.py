@@ -45,7 +45,15 @@ SERVER_FLAGS = {
     "--drain-timeout": (float, "seconds requests in flight get to finish after SIGTERM (default 30)"),
     "--lora-root": (str, "the only folder /v1/load_lora_adapter may read adapters from (with --api-key)"),
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
+    "--unknown-fields": (lambda value: _one_of(value, ("refuse", "ignore")), "refuse (default: 400, or 422 on TGI's routes, naming a body field Parley does "
+                              "not know) | ignore (for clients that send fields of their own)"),
 }
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(allowed)}, not {value!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

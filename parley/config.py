@@ -141,6 +141,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     lora_root: str | None = None  # the folder /v1/load_lora_adapter may read adapters from; None: none
     model_name: str | None = None  # served model name; None: derived from model_id
+    unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
@@ -154,6 +155,9 @@ class ServerConfig:
             payload_limit=_env("PAYLOAD_LIMIT", cls.payload_limit, int),
             drain_timeout=_env("DRAIN_TIMEOUT", cls.drain_timeout, float),
             lora_root=_env("LORA_ROOT", None),
+            unknown_fields=_env("UNKNOWN_FIELDS", cls.unknown_fields),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["unknown_fields"] not in ("refuse", "ignore"):
+            raise ValueError(f"--unknown-fields must be refuse or ignore, not {values['unknown_fields']!r}")
         return cls(**values)

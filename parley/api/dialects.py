@@ -15,12 +15,13 @@ Which rules apply where:
   the LoRA adapter; the endpoint id is not checked and alone means the base model. The
   `X-Friendli-Team` header is accepted and ignored (one server, one team). Every choice returns
   the seed it was sampled with (`FriendliChoices`).
-- Azure's `extra-parameters` header: `error` answers 422 naming every parameter Parley does not
-  know. `pass-through`, `drop` and no header at all honor the known parameters and ignore unknown
-  ones: Parley is both the service and the model, so passing an extra parameter on to a model that
-  ignores it and dropping it come to the same thing. (Azure itself defaults to `error`; Parley
-  cannot, since its SDK sends the header only with `model_extras` and every other SDK sends fields
-  of its own, SDK-WIRE §1.4.)
+- Unknown fields: without Azure's `extra-parameters` header, a field no dialect here declares is
+  refused with OpenAI's 400 ("Unrecognized request argument supplied"), naming it (null ones count
+  as absent); `--unknown-fields ignore` relaxes that for clients that send fields of their own.
+  With the header, Azure's modes: `error` answers 422 naming every parameter Parley does not know;
+  `pass-through` and `drop` honor the known parameters and ignore unknown ones (Parley is both the
+  service and the model, so passing an extra parameter on to a model that ignores it and dropping
+  it come to the same thing; Azure's SDK sends `pass-through` with its `model_extras`).
 - SiliconFlow (/siliconflow/v1/..., chosen by the client's base URL): its documented limits
   (1 < max_tokens < 4096, at most 4 stop sequences) and its finish reason "eos" for a choice that
   the model's end-of-sequence token ended. Other routes say "stop" there: Friendli and
@@ -37,7 +38,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from parley.api.errors import require, validation_error
+from parley.api.errors import refuse_unknown_fields, require, validation_error
 from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
 from parley.types import FinalEvent, FinishReason, GenerationRequest
 
@@ -69,8 +70,8 @@ class Prediction(BaseModel):
 
 
 class ChatBody(ChatRequest):
-    """The chat body of every dialect. Unknown fields are kept (`model_extra`) only so that Azure's
-    `extra-parameters: error` can name them; nothing else reads them."""
+    """The chat body of every dialect. Unknown fields are kept (`model_extra`) only to be refused by
+    name (see "Unknown fields" above); nothing else reads them."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -146,9 +147,10 @@ def apply(body: BaseModel, request: GenerationRequest) -> set[str]:
 
 
 # -- per-vendor rules -----------------------------------------------------------------------------
-def normalize(body: ChatBody, http: Request) -> None:
-    """Applies, in place, the rules of the dialect `http` speaks (module docstring)."""
-    _check_extra_parameters(body, http.headers.get("extra-parameters"))
+def normalize(body: ChatBody, http: Request, enforce_known: bool = True) -> None:
+    """Applies, in place, the rules of the dialect `http` speaks (module docstring).
+    `enforce_known`: unknown fields are refused unless a header says otherwise (--unknown-fields)."""
+    _check_extra_parameters(body, http.headers.get("extra-parameters"), enforce_known)
     _check_seed_list(body)
     if body.safe_prompt:
         body.messages = _with_safety_prompt(body.messages)
@@ -177,8 +179,11 @@ def mistral_model_card(max_context_length: int) -> dict:
             "max_context_length": max_context_length}
 
 
-def _check_extra_parameters(body: ChatBody, header: str | None) -> None:
-    mode = (header or "pass-through").strip().lower()
+def _check_extra_parameters(body: ChatBody, header: str | None, enforce_known: bool) -> None:
+    if header is None:
+        refuse_unknown_fields(body, 400, enforce_known)
+        return
+    mode = header.strip().lower()
     require(mode in EXTRA_PARAMETERS_MODES, "Input validation error: header `extra-parameters` must be one of "
             f"{', '.join(EXTRA_PARAMETERS_MODES)}. Given: {header!r}", "extra-parameters")
     unknown = sorted(body.model_extra or {})

@@ -69,6 +69,29 @@ def fields_named(names: dict[str, str]) -> Iterator[None]:
         raise validation_error(message, names[exc.field]) from exc
 
 
+def unknown_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """The fields of `body` (and of the models inside it) that no schema field declares, given a
+    value: null counts as not given, as some SDKs send every field they know, nulls included."""
+    names = [prefix + name for name, value in (body.model_extra or {}).items() if value is not None]
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        if isinstance(value, BaseModel) and value.model_config.get("extra") == "allow":
+            names += unknown_fields(value, f"{prefix}{name}.")
+    return names
+
+
+def refuse_unknown_fields(body: BaseModel, status: int, enforce: bool) -> None:
+    """Nothing is silently ignored: a field Parley does not know is refused, naming it as sent
+    (OpenAI answers 400 "Unrecognized request argument supplied"; TGI's routes 422 as for every
+    invalid input), unless the server runs with `--unknown-fields ignore` (`enforce` False)."""
+    names = unknown_fields(body) if enforce else []
+    if names:
+        listed = ", ".join(f"`{name}`" for name in names)
+        raise ApiError(status, f"Unrecognized request argument supplied: {listed} (a server started with "
+                       "`--unknown-fields ignore` ignores them)", "invalid_request_error" if status == 400
+                       else "validation", names[0])
+
+
 _ENGINE_ERRORS: dict[type, tuple[int, str]] = {
     ValidationError: (422, "validation"),
     OverloadedError: (429, "overloaded"),
@@ -126,7 +149,8 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
-    for status, description in ((401, "Missing or wrong API key (with --api-key)"),
+    for status, description in ((400, "Unrecognized request argument (see --unknown-fields)"),
+                                (401, "Missing or wrong API key (with --api-key)"),
                                 (404, "Unknown adapter"), (413, "Body longer than --payload-limit"),
                                 (422, "Input validation error"), (424, "Generation error"),
                                 (429, "Model is overloaded"), (500, "Incomplete generation"))

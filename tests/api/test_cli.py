@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from parley.cli import build_parser, configs
 
 
@@ -38,6 +40,15 @@ def test_environment_variables_and_flags_win(monkeypatch):
     engine, server = parse("--port", "7001")
     assert server.port == 7001 and engine.max_total_tokens == 300
     assert server.api_key == "from-env" and server.cors_allow_origin == ("http://x",)
+
+
+def test_unknown_fields_flag(monkeypatch):
+    assert parse()[1].unknown_fields == "refuse"
+    assert parse("--unknown-fields", "ignore")[1].unknown_fields == "ignore"
+    monkeypatch.setenv("UNKNOWN_FIELDS", "ignore")
+    assert parse()[1].unknown_fields == "ignore"
+    with pytest.raises(SystemExit):  # argparse's usage error, naming the choices
+        parse("--unknown-fields", "sometimes")
 
 
 def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):

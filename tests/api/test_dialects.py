@@ -75,3 +75,13 @@ def test_extra_parameters_header(header, unknown, status):
     with pytest.raises(ApiError) as err:
         dialects.normalize(body, http(extra_parameters=header))
     assert err.value.status == status and err.value.param == ("x" if unknown else "extra-parameters")
+
+
+def test_unknown_fields_are_refused_by_name_unless_the_server_ignores_them():
+    body = ChatBody(messages=HI, temprature=0, stop_token=None)  # the typo is the point; a null counts as absent
+    with pytest.raises(ApiError) as err:
+        dialects.normalize(body, http())
+    assert err.value.status == 400 and err.value.param == "temprature" and "`temprature`" in err.value.message
+    assert "stop_token" not in err.value.message
+    dialects.normalize(body, http(), enforce_known=False)  # --unknown-fields ignore
+    dialects.normalize(body, http(extra_parameters="pass-through"))  # Azure's SDK, with model_extras

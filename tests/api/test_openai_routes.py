@@ -82,8 +82,28 @@ def test_chat_stream_framing(http):
                                   "/models/chat/completions?api-version=2024-05-01-preview",
                                   "/dedicated/v1/chat/completions"])
 def test_chat_route_aliases(http, path):
-    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": "endpoint", "extra": 1})
+    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": "endpoint"})
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "temprature": 0}, 400, "temprature"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "unknown": None}, 200, None),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "echo": True}, 400, "echo"),
+    ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 1, "temprature": 0.5}}, 422,
+     "parameters.temprature"),
+    ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 1}, "stream": True}, 422, "stream"),
+    ("/", {"inputs": "Hi", "parameters": {"max_new_tokens": 1}, "stream": False}, 200, None),
+])
+def test_unknown_fields_are_refused_naming_them(http, path, body, status, param):
+    """Nothing silently ignored: a typo'd `temprature` used to sample at temperature 1 without a word."""
+    r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    if param:
+        error = r.json()["error"]
+        message = error["message"] if isinstance(error, dict) else error
+        assert f"`{param}`" in message and "--unknown-fields" in message
+        assert not isinstance(error, dict) or error["param"] == param
 
 
 def test_completions_string_and_list(oai):

@@ -102,10 +102,11 @@ def test_generate_stream_route(http):
 
 
 def test_text_generation_client_sends_nulls(http):
-    """text-generation sends every parameter, unset ones as null, plus unknown fields are ignored."""
+    """text-generation sends every parameter, unset ones as null (an unknown field is refused by name:
+    tests/api/test_openai_routes.py)."""
     params = dict.fromkeys(["best_of", "repetition_penalty", "frequency_penalty", "seed", "temperature", "top_k",
                             "top_p", "truncate", "typical_p", "top_n_tokens", "grammar", "adapter_id"])
-    body = {"inputs": PROMPT, "stream": False, "unknown": 1,
+    body = {"inputs": PROMPT, "stream": False, "unknown": None,
             "parameters": {**params, "max_new_tokens": 2, "stop": [], "do_sample": False, "details": True,
                            "watermark": False, "return_full_text": False, "decoder_input_details": False}}
     r = http.post("/?api-version=2024-05-01-preview", json=body)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from parley.api import dialects
 from parley.api.adapters import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
-from parley.api.errors import ERROR_RESPONSES, fields_named
+from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
@@ -45,8 +45,9 @@ async def _respond(http: Request, body: SamplingFields, requests: list[Generatio
 
 
 async def chat_completions(body: ChatBody, http: Request) -> Response:
-    engine = server_of(http).ready_engine()
-    dialects.normalize(body, http)
+    server = server_of(http)
+    engine = server.ready_engine()
+    dialects.normalize(body, http, enforce_known=server.config.unknown_fields == "refuse")
     tools = ToolPlan.of(body)
     shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(engine.tokenizer, bool(body.logprobs)),
                                     http)
@@ -57,6 +58,7 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
 
 async def completions(body: CompletionRequest, http: Request) -> Response:
     server = server_of(http)
+    refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
     requests = convert.completion_requests(body, server.ready_engine(), server.config.max_client_batch_size)
     shape = dialects.response_shape(CompletionShape(body.logprobs is not None), http)
     return await _respond(http, body, requests, shape,

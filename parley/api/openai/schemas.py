@@ -73,6 +73,8 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="allow")  # kept only to be refused by name (errors.refuse_unknown_fields)
+
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20, description="how many alternatives to report per token")
     suffix: str | None = None

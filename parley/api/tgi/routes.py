@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from parley.api.errors import ERROR_RESPONSES
+from parley.api.errors import ERROR_RESPONSES, refuse_unknown_fields
 from parley.api.jsonio import JSONBody
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
@@ -15,7 +15,9 @@ router = APIRouter(tags=["Text Generation Inference"], route_class=GenerationRou
 
 
 async def _generate(http: Request, body: GenerateRequest, *, stream: bool, as_list: bool) -> Response:
-    engine = server_of(http).ready_engine()
+    server = server_of(http)
+    refuse_unknown_fields(body, 422, server.config.unknown_fields == "refuse")
+    engine = server.ready_engine()
     request = convert.generation_request(body, engine, stream=stream)
     params = body.params
 

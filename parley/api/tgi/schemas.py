@@ -1,11 +1,12 @@
-"""TGI's request bodies (tgi-openapi.json). Every optional field accepts null; unknown fields are
-ignored (pydantic's default), as text-generation sends every parameter, nulls included."""
+"""TGI's request bodies (tgi-openapi.json). Every optional field accepts null, as text-generation
+sends every parameter, nulls included. Unknown fields are kept only to be refused by name (a 422,
+errors.refuse_unknown_fields; null ones count as absent)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GrammarType(BaseModel):
@@ -14,6 +15,8 @@ class GrammarType(BaseModel):
 
 
 class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     adapter_id: str | None = None
     best_of: int | None = Field(None, gt=0)
     decoder_input_details: bool | None = False
@@ -37,6 +40,8 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     inputs: str
     parameters: GenerateParameters | None = None
 
