@@ -194,6 +194,22 @@ TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *t
     }
 }
 
+/* The unit's rows' outputs: their weighted values `acc` [rows][group][head_dim] times 1 / each
+ * head's sum, rounded to bf16. */
+TARGET static void write_out(const Call *c, Unit u, int64_t kv_head, const float *acc,
+                             float inverse[UNIT_ROWS][MAX_GROUP]) {
+    const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
+    for (int64_t r = 0; r < u.rows; r++) {
+        bf16 *out = c->out + (u.first + r) * c->out_stride + kv_head * group * dim;
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 norm = _mm512_set1_ps(inverse[r][g]);
+            for (int64_t d = 0; d < dim / 16; d++)
+                _mm256_storeu_si256((__m256i *)(out + g * dim + 16 * d),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (r * group + g) * dim + 16 * d), norm)));
+        }
+    }
+}
+
 /* A unit: up to UNIT_ROWS consecutive rows of one sequence, one KV head. The rows go through the
  * keys together, KEY_TILE at a time, so each tile of keys and values is read from memory once for
  * all of them; each row's arithmetic is the same as alone (its sums run over its own tokens in
@@ -223,15 +239,7 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
                 weigh_values(c, kv_head, table, (const bf16 *)(scratch + r * group * stride), stride, group, tile,
                              keys < tile + KEY_TILE ? keys : tile + KEY_TILE, keys, acc + r * group * dim);
         }
-    for (int64_t r = 0; r < u.rows; r++) {
-        bf16 *out = c->out + (u.first + r) * c->out_stride + kv_head * group * dim;
-        for (int64_t g = 0; g < group; g++) {
-            const __m512 norm = _mm512_set1_ps(inverse[r][g]);
-            for (int64_t d = 0; d < dim / 16; d++)
-                _mm256_storeu_si256((__m256i *)(out + g * dim + 16 * d),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (r * group + g) * dim + 16 * d), norm)));
-        }
-    }
+    write_out(c, u, kv_head, acc, inverse);
 }
 
 
@@ -338,15 +346,7 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
         if (d0 + 48 < dim) _tile_stored(3, acc + d0 + 48, dim * sizeof(float));
     }
     _tile_release();
-    for (int64_t r = 0; r < u.rows; r++) {
-        bf16 *out = c->out + (u.first + r) * c->out_stride + kv_head * group * dim;
-        for (int64_t g = 0; g < group; g++) {
-            const __m512 norm = _mm512_set1_ps(inverse[r][g]);
-            for (int64_t d = 0; d < dim / 16; d++)
-                _mm256_storeu_si256((__m256i *)(out + g * dim + 16 * d),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (r * group + g) * dim + 16 * d), norm)));
-        }
-    }
+    write_out(c, u, kv_head, acc, inverse);
 }
 
 /* Whether this process may use AMX tiles: the CPU has them and Linux grants their state. */
