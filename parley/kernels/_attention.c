@@ -408,6 +408,21 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "unsupported head layout");
         return NULL;
     }
+    /* what the kernel reads and writes stays inside the caches, whatever the caller passes */
+    int64_t sequences = 0;
+    for (int64_t r = 0; r < c.rows; r++) {
+        if (c.seq[r] < 0 || c.keys[r] < 1 || c.keys[r] > c.table_stride * c.block_size || c.slots[r] < 0 ||
+            c.slots[r] >= c.num_blocks * c.block_size) {
+            PyErr_SetString(PyExc_ValueError, "attend: a row's keys, table or slot is out of range");
+            return NULL;
+        }
+        sequences = c.seq[r] >= sequences ? c.seq[r] + 1 : sequences;
+    }
+    for (int64_t i = 0; i < sequences * c.table_stride; i++)
+        if (c.tables[i] < 0 || c.tables[i] >= c.num_blocks) {
+            PyErr_SetString(PyExc_ValueError, "attend: a block table names a block outside the cache");
+            return NULL;
+        }
     int64_t longest = 1, count = 0;
     const int64_t cap = c.amx && 16 / group < UNIT_ROWS ? 16 / group : UNIT_ROWS; /* AMX: rows x group <= 16 */
     Unit *units = malloc(sizeof(Unit) * (size_t)(c.rows + 1));

@@ -51,7 +51,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
             and k.shape == v.shape == (rows, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype == k_cache.dtype
             and k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == slots.dtype == torch.int64
             and tables.stride(1) == 1 and slots.is_contiguous() and seq.dtype == keys.dtype == torch.int32
-            and seq.is_contiguous() and keys.is_contiguous() and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows):
+            and seq.is_contiguous() and keys.is_contiguous() and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows
+            and (rows == 0 or int(seq.max()) < tables.shape[0])):
         raise ValueError("attend: unexpected layout")
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     _attention.attend(torch.get_num_threads(), rows, heads, kv_heads, head_dim, q.data_ptr(), q.stride(0),

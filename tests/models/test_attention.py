@@ -132,3 +132,18 @@ def test_the_kernel_never_reads_what_lies_past_a_sequence(amx, monkeypatch):
         cache.step([(s, n - 1) for s, n in enumerate(lengths)], [])
     for s in range(len(lengths)):
         assert torch.equal(stale.out[s], clean.out[s])
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
+def test_the_kernel_refuses_to_read_or_write_outside_the_cache():
+    cache = Cache([20], torch.bfloat16)
+    q, k, v = torch.zeros(1, KV_HEADS * GROUP, HEAD_DIM, dtype=torch.bfloat16), *torch.zeros(2, 1, KV_HEADS, HEAD_DIM,
+                                                                                                  dtype=torch.bfloat16)
+    blocks = cache.k_cache.shape[1]
+    one = torch.ones(1, dtype=torch.int32)
+    for slots, table, keys in [([blocks * BLOCK], [[1]], one),  # a slot past the cache
+                               ([0], [[blocks]], one),  # a block past the cache
+                               ([0], [[1]], one * (BLOCK + 1))]:  # more keys than the table holds
+        with pytest.raises(ValueError):
+            kernel.attend(q, k, v, cache.k_cache, cache.v_cache, torch.tensor(slots), torch.tensor(table),
+                          torch.zeros(1, dtype=torch.int32), keys, 0.125)
