@@ -57,16 +57,16 @@ def require(condition: bool, message: str, param: str) -> None:
 @contextmanager
 def fields_named(names: dict[str, str]) -> Iterator[None]:
     """Engine complaints about its own field names (`max_new_tokens`, `inputs`, `grammar`...)
-    reported in the client's: `names` maps an engine field to the field the client sent."""
+    reported in the client's: `names` maps an engine field to the field the client sent. Every
+    complaint's message is renamed, whichever field it is about (a `min_tokens` rule names
+    `max_new_tokens` too)."""
     try:
         yield
     except ValidationError as exc:
-        if exc.field not in names:
-            raise
         message = str(exc)
-        for engine_name, wire_name in names.items():  # its own field, and any other it mentions
+        for engine_name, wire_name in names.items():
             message = message.replace(f"`{engine_name}`", f"`{wire_name}`")
-        raise validation_error(message, names[exc.field]) from exc
+        raise validation_error(message, names.get(exc.field, exc.field)) from exc
 
 
 def unknown_fields(body: BaseModel, prefix: str = "") -> list[str]:

@@ -44,7 +44,7 @@ typedef uint16_t bf16;
 #define MAX_GROUP 32 /* query heads per KV head */
 
 typedef struct {
-    int64_t rows, heads, kv_heads, head_dim, num_blocks, block_size, table_stride;
+    int64_t rows, heads, kv_heads, head_dim, num_blocks, block_size, sequences, table_stride;
     const bf16 *q;
     int64_t q_stride; /* elements between rows; a row's heads are contiguous */
     bf16 *out;
@@ -53,8 +53,7 @@ typedef struct {
     const int64_t *tables;
     const int32_t *seq, *keys;
     float scale;
-    int64_t new_rows; /* tokens whose key and value go into the cache first */
-    const bf16 *k_new, *v_new;
+    const bf16 *k_new, *v_new; /* each row's own key and value, written into the cache first */
     int64_t k_stride, v_stride; /* elements between rows; a row's heads are contiguous */
     const int64_t *slots;       /* each new token's slot: block * block_size + offset */
     int amx;                    /* units run on AMX tiles (attend_unit_amx) */
@@ -66,6 +65,13 @@ typedef struct {
 typedef struct {
     int64_t first, rows;
 } Unit;
+
+/* The most keys any of the unit's rows sees. */
+static int64_t unit_keys(const Call *c, Unit u) {
+    int64_t longest = 0;
+    for (int64_t r = 0; r < u.rows; r++) longest = c->keys[u.first + r] > longest ? c->keys[u.first + r] : longest;
+    return longest;
+}
 
 /* The kernel's cache layout, per KV head and block of `block_size` tokens (a multiple of 16):
  *   keys   [head_dim / 2][block_size][2]: for each pair of dimensions, every token's pair, so one
@@ -85,7 +91,7 @@ static inline const bf16 *value_pair(const Call *c, int64_t kv_head, const int64
 /* Each new token's key and value into its slot, in the layout above. */
 static void write_cache(const Call *c) {
     const int64_t dim = c->head_dim, bs = c->block_size;
-    for (int64_t r = 0; r < c->new_rows; r++) {
+    for (int64_t r = 0; r < c->rows; r++) {
         const int64_t block = c->slots[r] / bs, at = c->slots[r] % bs;
         for (int64_t h = 0; h < c->kv_heads; h++) {
             const int64_t base = (h * c->num_blocks + block) * bs * dim;
@@ -213,14 +219,13 @@ TARGET static void write_out(const Call *c, Unit u, int64_t kv_head, const float
 /* A unit: up to UNIT_ROWS consecutive rows of one sequence, one KV head. The rows go through the
  * keys together, KEY_TILE at a time, so each tile of keys and values is read from memory once for
  * all of them; each row's arithmetic is the same as alone (its sums run over its own tokens in
- * order, and each KV-head's running sums wait in `acc` between tiles as they are).
+ * order, and each row's running sums wait in `acc` between tiles as they are).
  * scratch: [UNIT_ROWS][group][stride] scores, then acc [UNIT_ROWS][group][head_dim]. */
 TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
     const int64_t *table = c->tables + (int64_t)c->seq[u.first] * c->table_stride;
     float *acc = scratch + UNIT_ROWS * group * stride, inverse[UNIT_ROWS][MAX_GROUP];
-    int64_t longest = 0;
-    for (int64_t r = 0; r < u.rows; r++) longest = c->keys[u.first + r] > longest ? c->keys[u.first + r] : longest;
+    const int64_t longest = unit_keys(c, u);
 
     for (int64_t tile = 0; tile < longest; tile += KEY_TILE)
         for (int64_t r = 0; r < u.rows; r++) {
@@ -279,10 +284,9 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
     bf16 *q = (bf16 *)(acc + UNIT_ROWS * group * dim);
     float *tile = (float *)(q + 16 * dim);
     bf16 *last_values = (bf16 *)(tile + 256);
-    int64_t longest = 0;
+    const int64_t longest = unit_keys(c, u);
     for (int64_t r = 0; r < u.rows; r++) {
         const int64_t row = u.first + r;
-        longest = c->keys[row] > longest ? c->keys[row] : longest;
         memcpy(q + r * group * dim, c->q + row * c->q_stride + kv_head * group * dim, sizeof(bf16) * group * dim);
     }
     const int64_t groups_end = (longest + 15) / 16 * 16, pair_stride = 2 * c->block_size;
@@ -378,14 +382,14 @@ static int amx_supported(void) { return 0; }
 #endif
 
 /* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
- *        num_blocks, block_size, tables, table_stride, seq, keys, scale,
+ *        num_blocks, block_size, tables, sequences, table_stride, seq, keys, scale,
  *        k_new, k_stride, v_new, v_stride, slots, amx): pointers as ints, strides in elements; the `rows`
  * new tokens' keys and values are written first. The caller checks shapes
  * (parley/kernels/attention.py). */
 static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 24) {
-        PyErr_SetString(PyExc_TypeError, "attend takes 24 arguments");
+    if (nargs != 25) {
+        PyErr_SetString(PyExc_TypeError, "attend takes 25 arguments");
         return NULL;
     }
     const int threads = (int)PyLong_AsLong(args[0]);
@@ -395,12 +399,12 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .out = PyLong_AsVoidPtr(args[7]), .out_stride = PyLong_AsLongLong(args[8]),
               .k_cache = PyLong_AsVoidPtr(args[9]), .v_cache = PyLong_AsVoidPtr(args[10]),
               .num_blocks = PyLong_AsLongLong(args[11]), .block_size = PyLong_AsLongLong(args[12]),
-              .tables = PyLong_AsVoidPtr(args[13]), .table_stride = PyLong_AsLongLong(args[14]),
-              .seq = PyLong_AsVoidPtr(args[15]), .keys = PyLong_AsVoidPtr(args[16]),
-              .scale = (float)PyFloat_AsDouble(args[17]), .new_rows = PyLong_AsLongLong(args[1]),
-              .k_new = PyLong_AsVoidPtr(args[18]), .k_stride = PyLong_AsLongLong(args[19]),
-              .v_new = PyLong_AsVoidPtr(args[20]), .v_stride = PyLong_AsLongLong(args[21]),
-              .slots = PyLong_AsVoidPtr(args[22]), .amx = PyObject_IsTrue(args[23])};
+              .tables = PyLong_AsVoidPtr(args[13]), .sequences = PyLong_AsLongLong(args[14]),
+              .table_stride = PyLong_AsLongLong(args[15]), .seq = PyLong_AsVoidPtr(args[16]),
+              .keys = PyLong_AsVoidPtr(args[17]), .scale = (float)PyFloat_AsDouble(args[18]),
+              .k_new = PyLong_AsVoidPtr(args[19]), .k_stride = PyLong_AsLongLong(args[20]),
+              .v_new = PyLong_AsVoidPtr(args[21]), .v_stride = PyLong_AsLongLong(args[22]),
+              .slots = PyLong_AsVoidPtr(args[23]), .amx = PyObject_IsTrue(args[24])};
     if (PyErr_Occurred()) return NULL;
     const int64_t group = c.heads / c.kv_heads;
     if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads ||
@@ -409,16 +413,14 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     /* what the kernel reads and writes stays inside the caches, whatever the caller passes */
-    int64_t sequences = 0;
     for (int64_t r = 0; r < c.rows; r++) {
-        if (c.seq[r] < 0 || c.keys[r] < 1 || c.keys[r] > c.table_stride * c.block_size || c.slots[r] < 0 ||
+        if (c.seq[r] < 0 || c.seq[r] >= c.sequences || c.keys[r] < 1 || c.keys[r] > c.table_stride * c.block_size || c.slots[r] < 0 ||
             c.slots[r] >= c.num_blocks * c.block_size) {
             PyErr_SetString(PyExc_ValueError, "attend: a row's keys, table or slot is out of range");
             return NULL;
         }
-        sequences = c.seq[r] >= sequences ? c.seq[r] + 1 : sequences;
     }
-    for (int64_t i = 0; i < sequences * c.table_stride; i++)
+    for (int64_t i = 0; i < c.sequences * c.table_stride; i++)
         if (c.tables[i] < 0 || c.tables[i] >= c.num_blocks) {
             PyErr_SetString(PyExc_ValueError, "attend: a block table names a block outside the cache");
             return NULL;

@@ -51,12 +51,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
             and k.shape == v.shape == (rows, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype == k_cache.dtype
             and k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == slots.dtype == torch.int64
             and tables.stride(1) == 1 and slots.is_contiguous() and seq.dtype == keys.dtype == torch.int32
-            and seq.is_contiguous() and keys.is_contiguous() and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows
-            and (rows == 0 or int(seq.max()) < tables.shape[0])):
+            and seq.is_contiguous() and keys.is_contiguous() and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows):
         raise ValueError("attend: unexpected layout")
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     _attention.attend(torch.get_num_threads(), rows, heads, kv_heads, head_dim, q.data_ptr(), q.stride(0),
                       out.data_ptr(), heads * head_dim, k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
-                      block_size, tables.data_ptr(), tables.stride(0), seq.data_ptr(), keys.data_ptr(), scale,
+                      block_size, tables.data_ptr(), tables.shape[0], tables.stride(0), seq.data_ptr(), keys.data_ptr(), scale,
                       k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), use_amx())
     return out

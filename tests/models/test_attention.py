@@ -141,9 +141,11 @@ def test_the_kernel_refuses_to_read_or_write_outside_the_cache():
                                                                                                   dtype=torch.bfloat16)
     blocks = cache.k_cache.shape[1]
     one = torch.ones(1, dtype=torch.int32)
-    for slots, table, keys in [([blocks * BLOCK], [[1]], one),  # a slot past the cache
-                               ([0], [[blocks]], one),  # a block past the cache
-                               ([0], [[1]], one * (BLOCK + 1))]:  # more keys than the table holds
+    zero = torch.zeros(1, dtype=torch.int32)
+    for slots, table, seq, keys in [([blocks * BLOCK], [[1]], zero, one),  # a slot past the cache
+                                    ([0], [[blocks]], zero, one),  # a block past the cache
+                                    ([0], [[1]], zero, one * (BLOCK + 1)),  # more keys than the table holds
+                                    ([0], [[1]], one, one)]:  # a table that is not there
         with pytest.raises(ValueError):
-            kernel.attend(q, k, v, cache.k_cache, cache.v_cache, torch.tensor(slots), torch.tensor(table),
-                          torch.zeros(1, dtype=torch.int32), keys, 0.125)
+            kernel.attend(q, k, v, cache.k_cache, cache.v_cache, torch.tensor(slots), torch.tensor(table), seq, keys,
+                          0.125)

@@ -34,7 +34,7 @@ async def _respond(http: Request, body: SamplingFields, requests: list[Generatio
     n = requests[0].n
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     names = {"max_new_tokens": dialects.wire_name(body, "stopping.max_new_tokens") or "max_tokens",
-             "seed": dialects.wire_name(body, "seeds") or "seed", "min_tokens": "min_tokens", **names}
+             "seed": dialects.wire_name(body, "seeds") or "seed", **names}
     with fields_named(names):
         return await respond(
             http, requests, stream=bool(body.stream),
