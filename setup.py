@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 
 
 def kernel(name: str) -> Extension:
-    return Extension(f"parley.kernels.{name}", [f"parley/kernels/{name}.c"], optional=True,
+    return Extension(f"parley.kernels.{name}", [f"parley/kernels/{name}.c"], depends=["parley/kernels/cpu.h"], optional=True,
                      extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[kernel("_lora"), kernel("_attention")])
+setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_q4")])

@@ -99,7 +99,7 @@ class EngineConfig:
     watermark_delta: float = 2.0
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) of the PEFT folders loaded at start
     max_lora_rank: int = 64
-    quantize: str | None = None  # "int4": 4-bit decoder projections (faster at small batches)
+    quantize: str | None = None  # "int4": 4-bit decoder projections, as a Q4 GGUF's run anyway
 
     @classmethod
     def from_env(cls, **overrides) -> "EngineConfig":

@@ -32,13 +32,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-typedef uint16_t bf16;
+#include "cpu.h"
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 32 /* query heads per KV head */
@@ -106,10 +104,7 @@ static void write_cache(const Call *c) {
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(PARLEY_NO_SIMD)
-#include <immintrin.h>
-
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#if PARLEY_SIMD
 
 /* e^x for x <= 0, as Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial,
  * scaled by 2^n (scalef flushes what underflows to zero). */
@@ -254,14 +249,6 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
  * element of a tile product is its own sum over the same pairs in the same order whatever the
  * other rows of the tile, so a row still keeps its bits alone or beside others; they are not the
  * dpbf16 path's bits, and a machine takes one path for good (`amx` in attend()). */
-typedef struct __attribute__((packed)) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
-
-#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
-
 AMX static void tile_config(int64_t m, int qk) {
     TileConfig config __attribute__((aligned(64))) = {.palette = 1};
     if (qk) { /* 0: scores [M][16] fp32; 1: q [M][32 bf16]; 2: keys [16 pairs][16 tokens x 2] */
@@ -353,23 +340,6 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
     write_out(c, u, kv_head, acc, inverse);
 }
 
-/* Whether this process may use AMX tiles: the CPU has them and Linux grants their state. */
-static int amx_supported(void) {
-    static int known = -1; /* asked once a process: the permission is the process's */
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-                syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-    }
-    return known;
-}
-
-static int cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
-}
 #else
 static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
@@ -377,8 +347,6 @@ static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, 
 static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
 }
-static int cpu_supported(void) { return 0; }
-static int amx_supported(void) { return 0; }
 #endif
 
 /* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,

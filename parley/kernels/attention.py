@@ -6,9 +6,9 @@ its torch path elsewhere.
 
 from __future__ import annotations
 
-import os
-
 import torch  # before _attention: the kernel then shares torch's OpenMP runtime (see setup.py)
+
+from parley.kernels.linear import isa_allows_amx
 
 try:
     from parley.kernels import _attention
@@ -29,8 +29,7 @@ def use_amx() -> bool:
     dpbf16 path runs, as on AMD."""
     global _amx
     if _amx is None:
-        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-        _amx = bool(_attention is not None and _attention.amx() and (cap == "ALL" or "AMX" in cap))
+        _amx = bool(_attention is not None and _attention.amx() and isa_allows_amx())
     return _amx
 
 

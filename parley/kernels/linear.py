@@ -17,10 +17,9 @@ a row the same bits whatever rows are beside it. Its AMX tile kernels (Intel Xeo
 up to a number of rows, so there a batch runs in calls of at most 128 rows (`rows_per_call`): a
 decode step at 32 sequences took 126 ms that way on a Xeon against 203 ms with oneDNN kept off AMX.
 
-Int4 (`--quantize int4`, `quantize_int4`): 4-bit weights in groups of 32 along the input, as
-GGUF's Q4_1 keeps them, run by torch's weight-only int4 CPU kernel. A decode step reads a quarter
-of the bytes, which is what bounds it at small batches; at 8 rows and more the kernel's
-dequantizing costs more than it saves. It computes each row on its own, so it is batch-invariant.
+4-bit weights (GGUF's Q4_1 projections, or any with `--quantize int4`): on CPUs with AVX512-BF16 in
+bfloat16, parley/kernels/_q4.c runs them from their 4 bits at every number of rows, batch-invariant
+by construction (see there). A batch-1 decode step reads a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -29,10 +28,15 @@ import logging
 import os
 from dataclasses import dataclass
 
-import torch
+import torch  # before _q4: the kernel then shares torch's OpenMP runtime (see setup.py)
 import torch.nn.functional as F
 
-INT4_GROUP = 32
+try:
+    from parley.kernels import _q4
+except ImportError:  # not built here (see setup.py)
+    _q4 = None
+
+Q4_GROUP, Q4_BLOCK = 32, 16  # inputs per d and m; outputs per block of the kernel
 AMX_ROWS = 128  # see rows_per_call
 
 log = logging.getLogger("parley.kernels")
@@ -40,36 +44,89 @@ _rows_per_call: int | None = None  # see rows_per_call
 
 
 @dataclass(frozen=True)
-class Int4Weight:
-    """w[o, i] = (q[o, i] - 8) * scale[i / 32, o] + zero[i / 32, o], q in 0..15 (torch's int4 CPU layout)."""
+class Q4Rows:
+    """Weights [out, in] as GGUF's Q4_1 keeps them: w[o, i] = d[o, i / 32] * q[o, i] + m[o, i / 32]."""
 
-    packed: torch.Tensor  # uint8 [out, in / 2], from _convert_weight_to_int4pack_for_cpu
-    scales_and_zeros: torch.Tensor  # [in / 32, out, 2], in the model's dtype
+    q: torch.Tensor  # uint8 [out, in], 0..15
+    d: torch.Tensor  # float16 [out, in / 32]
+    m: torch.Tensor  # float16 [out, in / 32]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [out, in]: d * q is exact in float32, so each weight is rounded once, as gguf's."""
+        groups = self.q.view(self.q.shape[0], -1, Q4_GROUP).float()
+        return (groups * self.d.float().unsqueeze(-1) + self.m.float().unsqueeze(-1)).view(self.q.shape)
+
+    @staticmethod
+    def cat(parts: list[Q4Rows]) -> Q4Rows:
+        """The parts' rows one after another, as a fused projection holds them."""
+        return Q4Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "d", "m")))
+
+
+@dataclass(frozen=True)
+class Q4Weight:
+    """4-bit weights packed for parley/kernels/_q4.c: per 16 outputs and 32 inputs, d and m fp16,
+    then the 4-bit values in the kernel's order (see there)."""
+
+    data: torch.Tensor  # uint8 [out / 16, in / 32, 320]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * 2
+        return self.data.shape[0] * Q4_BLOCK, self.data.shape[1] * Q4_GROUP
 
 
-def can_quantize_int4(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] % INT4_GROUP == 0
-
-
-def quantize_int4(weight: torch.Tensor) -> Int4Weight:
-    """Each group of 32 inputs of each output on 16 even steps from its min to its max. Weights
-    dequantized from GGUF Q4_1 lie on such a grid already (Q4_1 maps a block's min to 0 and its
-    max to 15), so they come back to their own 4-bit values, but for the rounding of the scale and
-    zero to the weight's dtype."""
+def quantize_q4(weight: torch.Tensor) -> Q4Rows:
+    """Each 32 inputs of each output on 16 even steps from their min to their max, as Q4_1 does
+    (for `--quantize int4`)."""
     out_features, in_features = weight.shape
-    groups = weight.float().view(out_features, in_features // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)  # [out, groups]
-    scale = ((high - low) / 15).to(weight.dtype).float()  # the kernel takes them in x's dtype
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: any scale
-    zero = (low + 8 * scale).to(weight.dtype).float()
-    q = torch.round((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).clamp(0, 15)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features).int(), 1)
-    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(weight.dtype).contiguous()  # [groups, out, 2]
-    return Int4Weight(packed, scales_and_zeros)
+    groups = weight.float().view(out_features, in_features // Q4_GROUP, Q4_GROUP)
+    low = groups.amin(-1).half()
+    d = ((groups.amax(-1) - low.float()) / 15).half()
+    d = torch.where(d > 0, d, torch.ones_like(d))  # a constant group: any step
+    q = torch.round((groups - low.float().unsqueeze(-1)) / d.float().unsqueeze(-1)).clamp(0, 15)
+    return Q4Rows(q.to(torch.uint8).view(out_features, in_features), d, low)
+
+
+def can_run_q4(weight: torch.Tensor) -> bool:
+    """Whether `pack_q4` may replace this projection weight: bfloat16 on a CPU the kernel runs on,
+    outputs a multiple of 16, inputs of 32."""
+    return (_q4 is not None and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.shape[0] % Q4_BLOCK == 0 and weight.shape[1] % Q4_GROUP == 0
+            and _q4.supported())
+
+
+def pack_q4(rows: Q4Rows) -> Q4Weight:
+    """In the kernel's order: per block of 16 outputs and group of 32 inputs, d [16] and m [16]
+    fp16, then 8 chunks of 32 bytes, chunk c's byte j holding output j / 2's inputs 4c + j % 2 (low
+    nibble) and 4c + 2 + j % 2 (high nibble) of the group."""
+    out_features, in_features = rows.q.shape
+    blocks, groups = out_features // Q4_BLOCK, in_features // Q4_GROUP
+    # q[block, output, group, chunk, half, parity] -> [block, group, chunk, output, parity, half]
+    q = rows.q.view(blocks, Q4_BLOCK, groups, 8, 2, 2).permute(0, 2, 3, 1, 5, 4).reshape(blocks, groups, 8, 32, 2)
+    nibbles = (q[..., 0] | (q[..., 1] << 4)).view(blocks, groups, 256)
+
+    def per_block(scales: torch.Tensor) -> torch.Tensor:  # [out, groups] fp16 -> [blocks, groups, 32] bytes
+        return scales.view(blocks, Q4_BLOCK, groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return Q4Weight(torch.cat([per_block(rows.d), per_block(rows.m), nibbles], dim=-1).contiguous())
+
+
+def dequantize_q4(weight: Q4Weight) -> torch.Tensor:
+    """bf16 [out, in]: the weights as the kernel multiplies them."""
+    out = torch.empty(weight.shape, dtype=torch.bfloat16)
+    _q4.dequantize(*weight.shape, weight.data.data_ptr(), out.data_ptr())
+    return out
+
+
+def q4_amx() -> bool:
+    """Whether the 4-bit kernel runs on AMX tiles: where the CPU has them, unless oneDNN is kept off
+    them too (ONEDNN_MAX_CPU_ISA below AMX: AMD's path on an Intel machine, as in attention.use_amx)."""
+    global _q4_amx
+    if _q4_amx is None:
+        _q4_amx = bool(_q4 is not None and _q4.amx() and isa_allows_amx())
+    return _q4_amx
+
+
+_q4_amx: bool | None = None
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -87,12 +144,10 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] @ weight^T (+ bias) -> [N, out]; `weight` plain, from `prepack` or `quantize_int4`."""
-    if isinstance(weight, Int4Weight):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight.packed, INT4_GROUP,
-                                                       weight.scales_and_zeros)
-        return y if bias is None else y + bias
+def linear(x: torch.Tensor, weight: torch.Tensor | Q4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] @ weight^T (+ bias) -> [N, out]; `weight` plain, from `prepack` or `pack_q4`."""
+    if isinstance(weight, Q4Weight):
+        return _linear_q4(x, weight, bias)
     if x.shape[0] == 1:
         return linear(x.expand(2, -1), weight, bias)[:1]
     if x.shape[0] > rows_per_call():
@@ -176,10 +231,26 @@ def _projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight, bias)
 
 
+def _linear_q4(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    if not (x.dim() == 2 and x.shape[1] == in_features and x.dtype == torch.bfloat16 and x.stride(1) == 1
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous() and bias.shape == (out_features,)))):
+        raise ValueError("4-bit linear: unexpected input layout")
+    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    if x.shape[0]:
+        _q4.linear(torch.get_num_threads(), x.shape[0], out_features, in_features, x.data_ptr(), x.stride(0),
+                   weight.data.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), out_features, q4_amx())
+    return y
+
+
 def _amx_in_use() -> bool:
     """Whether oneDNN may run bf16 on AMX tiles here: the CPU has them and ONEDNN_MAX_CPU_ISA allows them."""
+    return _onednn_bf16() and torch.cpu._is_amx_tile_supported() and isa_allows_amx()
+
+
+def isa_allows_amx() -> bool:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return _onednn_bf16() and torch.cpu._is_amx_tile_supported() and (isa in ("ALL", "DEFAULT") or "AMX" in isa)
+    return isa in ("ALL", "DEFAULT") or "AMX" in isa
 
 
 def _onednn_bf16() -> bool:

@@ -18,7 +18,7 @@ from torch import nn
 
 from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
-from parley.kernels.linear import can_quantize_int4, check_rows_per_call, linear, prepack, quantize_int4
+from parley.kernels.linear import Q4_GROUP, Q4Rows, can_run_q4, check_rows_per_call, linear, pack_q4, prepack, quantize_q4
 from parley.models.attention import AttentionMetadata, paged_attention
 
 
@@ -80,12 +80,19 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
         self.down_weight = _param(hidden, config.intermediate_size)
 
-    def prepack(self, quantize: str | None = None) -> None:
-        """Swap each projection weight for its `prepack`ed (or, with quantize="int4", 4-bit) form
-        where that differs (the plain copy is dropped: loading weights is over by then)."""
+    def prepack(self, quantize: str | None, q4: dict[str, Q4Rows]) -> None:
+        """Swap each projection weight for the form `linear` runs fastest: 4-bit where it has 4-bit
+        rows (`q4`, from a GGUF file, or quantized here with quantize="int4") and the kernel runs,
+        else `prepack`ed (the plain copy is dropped: loading weights is over by then). Where the
+        4-bit kernel does not run, int4 weights are kept in the model's dtype, with their 4-bit values."""
         for name in self.PROJECTIONS:
             weight = getattr(self, name)
-            packed = quantize_int4(weight) if quantize == "int4" and can_quantize_int4(weight) else prepack(weight)
+            rows = q4.get(name)
+            if rows is None and quantize == "int4" and weight.shape[1] % Q4_GROUP == 0:
+                rows = quantize_q4(weight)
+                if not can_run_q4(weight):
+                    weight.copy_(rows.dequantize())
+            packed = pack_q4(rows) if rows is not None and can_run_q4(weight) else prepack(weight)
             if packed is not weight:
                 delattr(self, name)  # unregister the parameter; a plain attribute takes its place
                 setattr(self, name, packed)
@@ -124,6 +131,7 @@ class LlamaForCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         self.lm_head = self.embed_tokens if tied else _param(config.vocab_size, config.hidden_size)
         self.lm_head_packed: torch.Tensor | None = None  # set by prepack()
+        self.q4_rows: dict[str, Q4Rows] = {}  # HF name -> 4-bit rows, from load_weights until prepack
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(config))  # [max_positions, D/2]
         # Cast with the model's dtype by .to(), like HF's cos.to(x.dtype).
@@ -154,21 +162,32 @@ class LlamaForCausalLM(nn.Module):
     def prepack(self, quantize: str | None = None) -> None:
         """Lay the projection weights out for the fastest `linear` on this device and dtype, once
         the weights are loaded (see parley/kernels/linear.py); quantize="int4" makes the decoder
-        layers' projections 4-bit. The lm_head stays in the model's dtype (a tied one keeps the
-        plain embedding matrix too, for the embedding lookup)."""
-        for layer in self.layers:
-            layer.prepack(quantize)
+        layers' projections 4-bit (those loaded in 4 bits are anyway, where the kernel runs). The
+        lm_head stays in the model's dtype (a tied one keeps the plain embedding matrix too, for the
+        embedding lookup)."""
+        for i, layer in enumerate(self.layers):
+            q4 = {}
+            for projection, parts in self._projection_parts(i).items():
+                rows = [self.q4_rows.get(f"{module}.weight") for module, _ in parts]
+                if all(r is not None for r in rows):
+                    q4[projection] = Q4Rows.cat(rows)
+            layer.prepack(quantize, q4)
+        self.q4_rows.clear()
         packed = prepack(self.lm_head)
         self.lm_head_packed = packed if packed is not self.lm_head else None
         weights = [getattr(layer, name) for layer in self.layers for name in layer.PROJECTIONS] + [packed]
         check_rows_per_call([w for w in weights if isinstance(w, torch.Tensor) and w.is_mkldnn])
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Fill the (fused) parameters from HF-named tensors; ValueError on unknown/missing/misshapen."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Q4Rows]]) -> None:
+        """Fill the (fused) parameters from HF-named tensors; ValueError on unknown/missing/misshapen.
+        4-bit rows fill them dequantized, and are kept for `prepack`."""
         targets = self._weight_targets()
         loaded = set()
         for name, tensor in weights:
+            if isinstance(tensor, Q4Rows):
+                self.q4_rows[name] = tensor
+                tensor = tensor.dequantize()
             target = targets.get(name)
             if target is None:
                 if name.endswith("rotary_emb.inv_freq") or (
@@ -190,27 +209,32 @@ class LlamaForCausalLM(nn.Module):
     def _weight_targets(self) -> dict[str, torch.Tensor]:
         """HF tensor name -> the view of our parameter it fills."""
         c = self.config
-        q_rows, kv_rows, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-        qkv_splits = {
-            "q_proj": (0, q_rows),
-            "k_proj": (q_rows, kv_rows),
-            "v_proj": (q_rows + kv_rows, kv_rows),
-        }
         targets = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
         if not c.tie_word_embeddings:
             targets["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
+            for projection, parts in self._projection_parts(i).items():
+                start = 0
+                for module, rows in parts:
+                    targets[f"{module}.weight"] = getattr(layer, projection).narrow(0, start, rows)
+                    if projection == "qkv_weight" and layer.qkv_bias is not None:
+                        targets[f"{module}.bias"] = layer.qkv_bias.narrow(0, start, rows)
+                    start += rows
             p = f"model.layers.{i}."
-            for proj, (start, rows) in qkv_splits.items():
-                targets[f"{p}self_attn.{proj}.weight"] = layer.qkv_weight.narrow(0, start, rows)
-                if layer.qkv_bias is not None:
-                    targets[f"{p}self_attn.{proj}.bias"] = layer.qkv_bias.narrow(0, start, rows)
-            targets[f"{p}self_attn.o_proj.weight"] = layer.o_weight
             if layer.o_bias is not None:
                 targets[f"{p}self_attn.o_proj.bias"] = layer.o_bias
-            targets[f"{p}mlp.gate_proj.weight"] = layer.gate_up_weight.narrow(0, 0, inter)
-            targets[f"{p}mlp.up_proj.weight"] = layer.gate_up_weight.narrow(0, inter, inter)
-            targets[f"{p}mlp.down_proj.weight"] = layer.down_weight
             targets[f"{p}input_layernorm.weight"] = layer.input_norm
             targets[f"{p}post_attention_layernorm.weight"] = layer.post_attention_norm
         return targets
+
+    def _projection_parts(self, i: int) -> dict[str, list[tuple[str, int]]]:
+        """Layer i's fused projections: the HF modules whose rows each holds, in order, and how many."""
+        c, p = self.config, f"model.layers.{i}."
+        q_rows, kv_rows, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        return {
+            "qkv_weight": [(f"{p}self_attn.q_proj", q_rows), (f"{p}self_attn.k_proj", kv_rows),
+                           (f"{p}self_attn.v_proj", kv_rows)],
+            "o_weight": [(f"{p}self_attn.o_proj", c.hidden_size)],
+            "gate_up_weight": [(f"{p}mlp.gate_proj", inter), (f"{p}mlp.up_proj", inter)],
+            "down_weight": [(f"{p}mlp.down_proj", c.hidden_size)],
+        }

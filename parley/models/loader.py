@@ -1,8 +1,9 @@
 """Build a LlamaForCausalLM from an HF folder (safetensors) or a GGUF file.
 
 GGUF tensors are dequantized to float with gguf's own kernels (bit-identical to transformers'
-GGUF loading) and then cast to the requested dtype: Parley computes in bf16/fp32, not in
-quantized form.
+GGUF loading) and then cast to the requested dtype. Q4_0 and Q4_1 tensors come as their 4-bit rows
+(`Q4Rows`, which dequantize to the same bits): in bfloat16 the decoder's projections then run from
+their 4 bits (parley/kernels/linear.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 
 from parley.config import ModelConfig
+from parley.kernels.linear import Q4_GROUP, Q4Rows
 from parley.models.llama import LlamaForCausalLM
 from parley.tokenization.gguf_file import GGUFTensor, read_gguf
 
@@ -218,24 +221,49 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{match[1]}.{_GGUF_LAYER_NAMES[match[2]]}.{match[3]}"
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+def _unpermute(w: np.ndarray | torch.Tensor, heads: int) -> np.ndarray | torch.Tensor:
     """Undo llama.cpp's convert-time interleaving of the rotary halves of each Q/K head."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | Q4Rows]]:
     permute_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     for tensor in tensors:
+        shape = [int(d) for d in reversed(tensor.shape)]  # GGUF lists dims innermost first
+        kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
+        heads = permute_heads.get(kind) if config.architecture == "LlamaForCausalLM" else None
         try:
+            if tensor.tensor_type in _Q4_BLOCKS and len(shape) == 2:
+                q4 = _q4_rows(tensor.data, tensor.tensor_type, shape)
+                if heads is not None:
+                    q4 = Q4Rows(_unpermute(q4.q, heads), _unpermute(q4.d, heads), _unpermute(q4.m, heads))
+                yield _hf_name(tensor.name), q4
+                continue
             array = dequantize(tensor.data, tensor.tensor_type)
         except Exception as e:  # unsupported quantization type, or data cut short
             kind = tensor.tensor_type.name
             raise ModelLoadError(f"cannot dequantize GGUF tensor {tensor.name!r} ({kind}): {e}") from e
-        array = array.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims innermost first
-        kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
-        if config.architecture == "LlamaForCausalLM" and kind in permute_heads:
-            array = _unpermute(array, permute_heads[kind])
+        array = array.reshape(shape)
+        if heads is not None:
+            array = _unpermute(array, heads)
         if not array.flags.writeable:
             array = array.copy()  # F32/F16 tensors are read-only views of the memory-mapped file
         yield _hf_name(tensor.name), torch.from_numpy(array)
+
+
+_Q4_BLOCKS = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}  # bytes per 32 weights
+
+
+def _q4_rows(data: np.ndarray, kind: GGMLQuantizationType, shape: list[int]) -> Q4Rows:
+    """A Q4_0 or Q4_1 matrix's 4-bit rows. A block of 32 weights is d (fp16), for Q4_1 m (fp16),
+    then 16 bytes: weight j in the low nibble of byte j, weight 16 + j in its high nibble; Q4_1's
+    weights are d q + m, Q4_0's d (q - 8), which is d q + m for m = -8 d (exact in fp16, and
+    d q - 8 d is exact in float32 as d (q - 8) is: the same bits)."""
+    rows, groups = shape[0], shape[1] // Q4_GROUP
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(rows * groups, _Q4_BLOCKS[kind])
+    d = torch.from_numpy(blocks[:, 0:2].copy().view(np.float16).reshape(rows, groups))
+    m = torch.from_numpy(blocks[:, 2:4].copy().view(np.float16).reshape(rows, groups)) if kind == GGMLQuantizationType.Q4_1 else -8 * d
+    nibbles = torch.from_numpy(blocks[:, -16:].copy())
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=1).reshape(rows, shape[1])
+    return Q4Rows(q, d, m)

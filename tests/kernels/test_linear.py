@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from parley.adapters.ops import lora_linear
-from parley.kernels.linear import (AMX_ROWS, _onednn_bf16, linear, linear_then, prepack, projection_kernel, quantize_int4,
-                                   rows_per_call)
+from parley.kernels.linear import AMX_ROWS, _onednn_bf16, linear, linear_then, prepack, projection_kernel, rows_per_call
 
 
 def _weight_and_rows(in_features=1536, out_features=576, rows=64):
@@ -127,37 +126,6 @@ def test_linear_then_fuses_add_and_a_mask_on_plain_and_packed_weights():
     for w in (w32, prepack(w32)):
         assert torch.allclose(linear_then(x32, w, "add", other32), other32 + x32 @ w32.t(), atol=1e-5)
         assert torch.allclose(linear_then(x32, w, "mul", mask.float()), (x32 @ w32.t()) * mask.float(), atol=1e-5)
-
-
-def _q4_1_weight(out_features=96, in_features=128, seed=0):
-    """Weights as GGUF Q4_1 stores them: per block of 32, d * q + m with q in 0..15, both ends used."""
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (out_features, in_features), generator=generator)
-    q[:, ::32], q[:, 1::32] = 0, 15
-    blocks = (out_features, in_features // 32)
-    d = (torch.rand(blocks, generator=generator) * 0.01 + 0.001).repeat_interleave(32, 1)
-    m = (torch.randn(blocks, generator=generator) * 0.01).repeat_interleave(32, 1)
-    return (d * q + m).bfloat16(), d
-
-
-def test_int4_brings_q4_1_weights_back_to_their_own_grid():
-    weight, step = _q4_1_weight()
-    quantized = quantize_int4(weight)
-    assert quantized.shape == weight.shape and quantized.packed.numel() == weight.numel() // 2
-    dequantized = linear(torch.eye(weight.shape[1]).bfloat16(), quantized).t().float()
-    # every weight on its own 4-bit value (off by under half a step), but for bf16 roundings
-    assert ((dequantized - weight.float()).abs() / step).max() < 0.25
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_rows_are_the_same_alone_as_in_a_batch(dtype):
-    weight, _ = _q4_1_weight(seed=1)
-    quantized, bias = quantize_int4(weight.to(dtype)), torch.randn(weight.shape[0]).to(dtype)
-    x = torch.randn(33, weight.shape[1]).to(dtype)
-    batched = linear(x, quantized, bias)
-    torch.testing.assert_close(batched.float(), (x.float() @ weight.float().t() + bias.float()), rtol=0.05, atol=0.05)
-    for r in range(33):
-        assert torch.equal(linear(x[r : r + 1], quantized, bias)[0], batched[r])
 
 
 def test_a_models_shapes_that_round_with_the_batch_lower_the_rows_per_call(monkeypatch, caplog):

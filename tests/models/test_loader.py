@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import make_tiny_model
 from transformers import AutoModelForCausalLM
 
+from parley.kernels.linear import Q4Weight, can_run_q4, dequantize_q4
 from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape
 from parley.models.loader import ModelLoadError, default_model_path, load_model
 
@@ -52,8 +53,9 @@ def hf_logits(path, tokens, **kwargs):
         return hf, hf(torch.tensor([tokens])).logits[0]
 
 
-def write_gguf(folder: str, path: pathlib.Path, arch: str) -> None:
-    """Convert a tiny HF folder to an F32 GGUF the way llama.cpp's convert script does."""
+def write_gguf(folder: str, path: pathlib.Path, arch: str, projections: str = "F32") -> None:
+    """Convert a tiny HF folder to a GGUF the way llama.cpp's convert script does: F32, or the
+    decoder's projections in `projections` (Q4_0, Q4_1)."""
     cfg = json.loads((pathlib.Path(folder) / "config.json").read_text())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     writer = gguf.GGUFWriter(path, arch)
@@ -80,14 +82,18 @@ def write_gguf(folder: str, path: pathlib.Path, arch: str) -> None:
         "mlp.down_proj": "ffn_down",
     }  # fmt: skip
     for name, tensor in sorted(load_file(pathlib.Path(folder) / "model.safetensors").items()):
-        array = tensor.numpy()
+        array, projection = tensor.numpy(), "_proj." in name
         if arch == "llama" and ".q_proj." in name:
             array = permute(array, heads)
         if arch == "llama" and ".k_proj." in name:
             array = permute(array, kv_heads)
         for hf, ours in renames.items():
             name = name.replace(hf, ours)
-        writer.add_tensor(name.replace("model.layers.", "blk."), np.ascontiguousarray(array))
+        array, kind = np.ascontiguousarray(array), gguf.GGMLQuantizationType[projections]
+        if projection and kind != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name.replace("model.layers.", "blk."), gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name.replace("model.layers.", "blk."), array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -104,6 +110,29 @@ def test_gguf_file_matches_the_hf_folder_it_was_converted_from(tmp_path, arch, t
     tokens = [1, 50, 60, 70, 80, 90, 3]
     _, expected = hf_logits(folder, tokens)
     torch.testing.assert_close(prefill(model, tokens, make_caches(config)), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_4_bit_projections_keep_their_4_bits_in_bfloat16(tmp_path, kind):
+    folder = make_tiny_model(tmp_path / "hf", "llama")
+    write_gguf(folder, tmp_path / "tiny.gguf", "llama", projections=kind)
+    reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
+    up = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    assert up.tensor_type.name == kind
+    exact, _ = load_model(str(tmp_path / "tiny.gguf"), torch.float32, "cpu")  # gguf's dequantized floats
+
+    def dense(w: torch.Tensor) -> torch.Tensor:
+        return w.to_dense() if w.is_mkldnn else w
+
+    assert torch.equal(dense(exact.layers[1].gate_up_weight)[128:],
+                       torch.from_numpy(gguf.quants.dequantize(up.data, up.tensor_type)))
+    fast, _ = load_model(str(tmp_path / "tiny.gguf"), torch.bfloat16, "cpu")
+    kernel = can_run_q4(torch.empty(16, 32, dtype=torch.bfloat16))
+    for exact_layer, layer in zip(exact.layers, fast.layers, strict=True):
+        for name in layer.PROJECTIONS:
+            weight, expected = getattr(layer, name), dense(getattr(exact_layer, name)).bfloat16()
+            assert isinstance(weight, Q4Weight) == kernel
+            assert torch.equal(dequantize_q4(weight) if kernel else dense(weight), expected)
 
 
 def test_bfloat16_load(tmp_path):
