@@ -19,6 +19,7 @@ from torch import nn
 from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
 from parley.kernels.linear import Q4_GROUP, Q4Rows, can_run_q4, check_rows_per_call, linear, pack_q4, prepack, quantize_q4
+from parley.kernels.norm import rms_norm
 from parley.models.attention import AttentionMetadata, paged_attention
 
 
@@ -97,13 +98,14 @@ class DecoderLayer(nn.Module):
                 delattr(self, name)  # unregister the parameter; a plain attribute takes its place
                 setattr(self, name, packed)
 
-    def forward(self, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata,
-                lora: LayerLoRA = NO_LORA) -> torch.Tensor:
-        shape = hidden.shape[-1:]
-        x = F.rms_norm(hidden, shape, self.input_norm, self.eps)
-        hidden = hidden + self._attention(x, cos, sin, k_cache, v_cache, meta, lora)
-        x = F.rms_norm(hidden, shape, self.post_attention_norm, self.eps)
-        return hidden + self._mlp(x, lora)
+    def forward(self, delta, hidden, cos, sin, k_cache, v_cache, meta: AttentionMetadata,
+                lora: LayerLoRA = NO_LORA) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is hidden + delta (None: delta alone), added where it is normed
+        (one call with the norm, parley/kernels/norm.py); returns the next (delta, hidden)."""
+        x, hidden = rms_norm(delta, hidden, self.input_norm, self.eps)
+        delta = self._attention(x, cos, sin, k_cache, v_cache, meta, lora)
+        x, hidden = rms_norm(delta, hidden, self.post_attention_norm, self.eps)
+        return self._mlp(x, lora), hidden
 
     def _attention(self, x, cos, sin, k_cache, v_cache, meta, lora: LayerLoRA) -> torch.Tensor:
         n, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
@@ -147,13 +149,13 @@ class LlamaForCausalLM(nn.Module):
         lora: LoRABatch | None = None,  # the step's adapters; None: base model only
     ) -> torch.Tensor:
         """Hidden states [N, hidden] after the final norm (compute_logits applies only lm_head)."""
-        hidden = F.embedding(input_ids, self.embed_tokens)  # [N, hidden]
+        delta, hidden = F.embedding(input_ids, self.embed_tokens), None  # [N, hidden]
         cos = self.rope_cos[positions].unsqueeze(1)  # [N, 1, D/2]
         sin = self.rope_sin[positions].unsqueeze(1)
         layer_loras = lora.layers if lora is not None else [NO_LORA] * len(self.layers)
         for layer, (k_cache, v_cache), layer_lora in zip(self.layers, kv_caches, layer_loras, strict=True):
-            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta, layer_lora)
-        return F.rms_norm(hidden, hidden.shape[-1:], self.norm, self.config.rms_norm_eps)
+            delta, hidden = layer(delta, hidden, cos, sin, k_cache, v_cache, meta, layer_lora)
+        return rms_norm(delta, hidden, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, hidden] normed hidden states -> [M, vocab] float32 logits."""
