@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from parley.config import EngineConfig
-    from parley.engine.async_engine import DTYPES, AsyncEngine
+    from parley.engine.async_engine import AsyncEngine
     from parley.kernels.linear import projection_kernel
 
     engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
@@ -59,7 +59,7 @@ def main() -> None:
     finally:
         engine.core.stop()
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    print(f"CPU: {cpu}; {args.dtype}, {args.threads} threads; projections: {projection_kernel(DTYPES[args.dtype])}")
+    print(f"CPU: {cpu}; {args.dtype}, {args.threads} threads; projections: {projection_kernel(engine.core.runner.model.layers[0].qkv_weight)}")
     print("| prompt tokens | " + " | ".join(str(n) for n in args.lengths) + " |")
     print("|---" * (len(args.lengths) + 1) + "|")
     print("| prefill tok/s | " + " | ".join(f"{s:.0f}" for s in prefill) + " |")

@@ -158,7 +158,7 @@ class AsyncEngine:
         log.info("engine ready in %.1fs: %s (%s%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB), "
                  "projections on %s, LoRA on %s", time.monotonic() - started, path, config.dtype,
                  ", int4 projections" if config.quantize else "", device, threads, num_blocks,
-                 config.block_size, runner.kv_cache_bytes / 2**20, projection_kernel(DTYPES[config.dtype]),
+                 config.block_size, runner.kv_cache_bytes / 2**20, projection_kernel(model.layers[0].qkv_weight),
                  "the CPU kernel" if runner.lora.segmented else "stacked matmuls")
         engine = cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)
         for name, adapter_path in config.lora_adapters:

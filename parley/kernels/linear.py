@@ -169,8 +169,11 @@ def linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Ten
     return F.linear(x, weight).mul_(other)
 
 
-def projection_kernel(dtype: torch.dtype) -> str:
-    """What runs the CPU projections, for the start-up log."""
+def projection_kernel(weight: torch.Tensor | Q4Weight) -> str:
+    """What runs the CPU projections of which `weight` is one, for the start-up log."""
+    if isinstance(weight, Q4Weight):
+        return "the 4-bit kernel on " + ("AMX tiles" if q4_amx() else "AVX512-BF16")
+    dtype = weight.dtype
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
         return "oneDNN (float32)"
     if dtype != torch.bfloat16:

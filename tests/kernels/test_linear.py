@@ -54,7 +54,7 @@ def test_bf16_projections_run_on_the_fastest_kernels_and_say_so():
     kernels = _onednn_kernels(None)
     amx = "amx_bf16" in _cpu_flags()
     assert len(kernels) == 1 and ("amx" in next(iter(kernels))) == amx, kernels
-    assert ("AMX" in projection_kernel(torch.bfloat16)) == (amx and rows_per_call() == AMX_ROWS)
+    assert ("AMX" in projection_kernel(prepack(torch.randn(64, 64).bfloat16()))) == (amx and rows_per_call() == AMX_ROWS)
 
 
 @bf16_kernels

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parley.kernels import linear as module
-from parley.kernels.linear import Q4Rows, Q4Weight, can_run_q4, dequantize_q4, linear, pack_q4, quantize_q4
+from parley.kernels.linear import Q4Rows, Q4Weight, can_run_q4, dequantize_q4, linear, pack_q4, projection_kernel, quantize_q4
 
 pytestmark = pytest.mark.skipif(not can_run_q4(torch.empty(16, 32, dtype=torch.bfloat16)),
                                 reason="the 4-bit kernel needs AVX512-BF16")
@@ -33,6 +33,7 @@ def test_the_kernel_multiplies_by_the_weights_gguf_dequantizes_to():
     weight = pack_q4(rows)
     assert isinstance(weight, Q4Weight) and weight.shape == (48, 96) and weight.data.numel() == 48 * 96 // 32 * 20
     assert torch.equal(dequantize_q4(weight), rows.dequantize().bfloat16())
+    assert projection_kernel(weight).startswith("the 4-bit kernel")  # as the start-up log says
     # each 32 inputs: q low nibbles then high, as in a Q4 block; d q + m rounded once in float32
     assert rows.dequantize()[5, 40].item() == (rows.d[5, 1].float() * rows.q[5, 40].float() + rows.m[5, 1].float()).item()
 
