@@ -430,16 +430,6 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-static PyObject *supported(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(cpu_supported());
-}
-
-static PyObject *amx(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(amx_supported());
-}
-
 static PyMethodDef methods[] = {
     {"amx", amx, METH_NOARGS, "Whether this CPU and process can run the kernel on AMX tiles."},
     {"attend", (PyCFunction)(void (*)(void))attend, METH_FASTCALL, "Paged attention for every row, into out."},

@@ -40,10 +40,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu.h"
+
 #define TOKENS 4 /* tokens per block */
 #define BLOCK_WORDS (2 + TOKENS)
-
-typedef uint16_t bf16;
 
 typedef struct {
     const int32_t *blocks; /* [n, BLOCK_WORDS], grouped by slot */
@@ -71,10 +71,7 @@ typedef struct {
 #define EXPAND_ROWS 256   /* output rows per expand unit */
 #define UNIT_BLOCKS 8     /* token blocks per unit: prefill's many tokens split over threads */
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(PARLEY_NO_SIMD)
-#include <immintrin.h>
-
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#if PARLEY_SIMD
 
 TARGET static inline __m512 widen(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -183,15 +180,9 @@ TARGET static void expand_unit(const Call *c, Unit u) {
     }
 }
 
-static int cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
 #else /* elsewhere the module loads but reports itself unsupported, and apply is never called */
 static void shrink_unit(const Call *c, Unit u) { (void)c, (void)u; }
 static void expand_unit(const Call *c, Unit u) { (void)c, (void)u; }
-static int cpu_supported(void) { return 0; }
 #endif
 
 /* Every unit of both phases: the shrinks of each slot's A, then the expands of each EXPAND_ROWS block
@@ -257,11 +248,6 @@ static PyObject *apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     free(units);
     free(c.h);
     Py_RETURN_NONE;
-}
-
-static PyObject *supported(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(cpu_supported());
 }
 
 static PyMethodDef methods[] = {

@@ -66,11 +66,6 @@ static PyObject *rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
-static PyObject *supported(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(cpu_supported());
-}
-
 static PyMethodDef methods[] = {
     {"rms_norm", (PyCFunction)(void (*)(void))rms_norm, METH_FASTCALL, "Residual add and RMSNorm of every row."},
     {"supported", supported, METH_NOARGS, "Whether this CPU runs the kernel (AVX512-BF16)."},

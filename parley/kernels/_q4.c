@@ -307,16 +307,6 @@ static PyObject *dequantize(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
-static PyObject *supported(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(cpu_supported());
-}
-
-static PyObject *amx(PyObject *self, PyObject *unused) {
-    (void)self, (void)unused;
-    return PyBool_FromLong(amx_supported());
-}
-
 static PyMethodDef methods[] = {
     {"amx", amx, METH_NOARGS, "Whether this CPU and process can run the kernel on AMX tiles."},
     {"dequantize", (PyCFunction)(void (*)(void))dequantize, METH_FASTCALL, "The weights in bf16, as the kernel sees them."},

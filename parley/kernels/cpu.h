@@ -1,6 +1,6 @@
-/* What the C kernels (_attention.c, _q4.c) share: the bf16 type, the target attributes of their
+/* What the C kernels (_attention.c, _q4.c, _norm.c, _lora.c) share: the bf16 type, the target attributes of their
  * AVX512-BF16 and AMX paths, AMX's tile configuration, and whether this CPU and process run them.
- * Off x86-64 (or built with -DPARLEY_NO_SIMD) PARLEY_SIMD is 0 and both say unsupported. */
+ * Off x86-64 (or built with -DPARLEY_NO_SIMD) PARLEY_SIMD is 0 and they say unsupported. */
 #ifndef PARLEY_CPU_H
 #define PARLEY_CPU_H
 
@@ -45,6 +45,19 @@ static inline int cpu_supported(void) {
 #define PARLEY_SIMD 0
 static inline int cpu_supported(void) { return 0; }
 static inline int amx_supported(void) { return 0; }
+#endif
+
+#ifdef Py_PYTHON_H
+/* The module functions every kernel has: supported() and amx(). */
+static PyObject *supported(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(cpu_supported());
+}
+
+__attribute__((unused)) static PyObject *amx(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(amx_supported());
+}
 #endif
 
 #endif
