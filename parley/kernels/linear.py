@@ -64,14 +64,15 @@ class Q4Rows:
 
 @dataclass(frozen=True)
 class Q4Weight:
-    """4-bit weights packed for parley/kernels/_q4.c: per 16 outputs and 32 inputs, d and m fp16,
-    then the 4-bit values in the kernel's order (see there)."""
+    """4-bit weights packed for parley/kernels/_q4.c: per 16 outputs and two groups of 32 inputs, d
+    and m fp16, then the 4-bit values in the kernel's order (see there)."""
 
-    data: torch.Tensor  # uint8 [out / 16, in / 32, 320]
+    data: torch.Tensor  # uint8 [out / 16, ceil(in / 64), 640]
+    in_features: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0] * Q4_BLOCK, self.data.shape[1] * Q4_GROUP
+        return self.data.shape[0] * Q4_BLOCK, self.in_features
 
 
 def quantize_q4(weight: torch.Tensor) -> Q4Rows:
@@ -95,19 +96,22 @@ def can_run_q4(weight: torch.Tensor) -> bool:
 
 
 def pack_q4(rows: Q4Rows) -> Q4Weight:
-    """In the kernel's order: per block of 16 outputs and group of 32 inputs, d [16] and m [16]
-    fp16, then 8 chunks of 32 bytes, chunk c's byte j holding output j / 2's inputs 4c + j % 2 (low
-    nibble) and 4c + 2 + j % 2 (high nibble) of the group."""
+    """In the kernel's order: per block of 16 outputs and pair of groups of 32 inputs, d [2][16] and
+    m [2][16] fp16, then per output 32 bytes, byte i holding input i of the first group in its low
+    nibble and of the second in its high (an odd last group pairs with an empty one)."""
     out_features, in_features = rows.q.shape
     blocks, groups = out_features // Q4_BLOCK, in_features // Q4_GROUP
-    # q[block, output, group, chunk, half, parity] -> [block, group, chunk, output, parity, half]
-    q = rows.q.view(blocks, Q4_BLOCK, groups, 8, 2, 2).permute(0, 2, 3, 1, 5, 4).reshape(blocks, groups, 8, 32, 2)
-    nibbles = (q[..., 0] | (q[..., 1] << 4)).view(blocks, groups, 256)
+    pairs = (groups + 1) // 2
+    q = F.pad(rows.q, (0, (2 * pairs - groups) * Q4_GROUP))
+    # q[block, output, pair, half, input] -> [block, pair, output, input]
+    q = q.view(blocks, Q4_BLOCK, pairs, 2, Q4_GROUP)
+    nibbles = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(1, 2).reshape(blocks, pairs, Q4_BLOCK * Q4_GROUP)
 
-    def per_block(scales: torch.Tensor) -> torch.Tensor:  # [out, groups] fp16 -> [blocks, groups, 32] bytes
-        return scales.view(blocks, Q4_BLOCK, groups).transpose(1, 2).contiguous().view(torch.uint8)
+    def per_block(scales: torch.Tensor) -> torch.Tensor:  # [out, groups] fp16 -> [blocks, pairs, 64] bytes
+        scales = F.pad(scales, (0, 2 * pairs - groups)).view(blocks, Q4_BLOCK, pairs, 2)
+        return scales.permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(blocks, pairs, 4 * Q4_BLOCK)
 
-    return Q4Weight(torch.cat([per_block(rows.d), per_block(rows.m), nibbles], dim=-1).contiguous())
+    return Q4Weight(torch.cat([per_block(rows.d), per_block(rows.m), nibbles], dim=-1).contiguous(), in_features)
 
 
 def dequantize_q4(weight: Q4Weight) -> torch.Tensor:

@@ -31,16 +31,17 @@ def _rows(out_features: int, in_features: int, seed: int = 0) -> Q4Rows:
 def test_the_kernel_multiplies_by_the_weights_gguf_dequantizes_to():
     rows = _rows(48, 96)
     weight = pack_q4(rows)
-    assert isinstance(weight, Q4Weight) and weight.shape == (48, 96) and weight.data.numel() == 48 * 96 // 32 * 20
+    assert isinstance(weight, Q4Weight) and weight.shape == (48, 96) and weight.data.numel() == 48 * 128 // 32 * 20  # 20 bytes a 32 weights; an odd last group padded
     assert torch.equal(dequantize_q4(weight), rows.dequantize().bfloat16())
     assert projection_kernel(weight).startswith("the 4-bit kernel")  # as the start-up log says
     # each 32 inputs: q low nibbles then high, as in a Q4 block; d q + m rounded once in float32
     assert rows.dequantize()[5, 40].item() == (rows.d[5, 1].float() * rows.q[5, 40].float() + rows.m[5, 1].float()).item()
 
 
-@pytest.mark.parametrize("out_features, in_features", [(960, 576), (3072, 576), (576, 1536), (48, 64)])
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (3072, 576), (576, 1536), (48, 64), (80, 96)])
 def test_a_rows_output_does_not_depend_on_the_rows_beside_it(path, out_features, in_features):
-    # the default model's fused qkv, gate_up, down; and a panel of 16 outputs after one of 32
+    # the default model's fused qkv, gate_up, down; a panel of 16 outputs after one of 32; an odd
+    # number of groups of inputs, and of blocks of outputs (up to 16 rows run four blocks at once)
     weight, bias = pack_q4(_rows(out_features, in_features)), torch.randn(out_features).bfloat16()
     x = torch.randn(300, 2 * in_features, generator=torch.Generator().manual_seed(1)).bfloat16()[:, :in_features]
     whole = linear(x, weight, bias)  # rows strided, as views of a wider tensor are
@@ -51,18 +52,21 @@ def test_a_rows_output_does_not_depend_on_the_rows_beside_it(path, out_features,
     try:
         torch.set_num_threads(1)
         assert torch.equal(linear(x[:40], weight, bias), whole[:40])
+        assert torch.equal(linear(x[:5], weight, bias), whole[:5])
     finally:
         torch.set_num_threads(threads)
 
 
-def test_outputs_are_the_sums_of_products_rounded_to_bfloat16(path):
-    rows, x = _rows(64, 1536, seed=2), torch.randn(20, 1536).bfloat16()
-    bias = torch.randn(64).bfloat16()
-    exact = x.double() @ rows.dequantize().bfloat16().double().t() + bias.double()
-    y = linear(x, pack_q4(rows), bias).double()
-    # float32 sums over 1536 exact products: well inside one bf16 rounding of the output (2^-8)
+@pytest.mark.parametrize("rows", [1, 5, 20, 40])
+@pytest.mark.parametrize("in_features", [1536, 96])
+def test_outputs_are_the_sums_of_products_rounded_to_bfloat16(path, rows, in_features):
+    weights, x = _rows(80, in_features, seed=2), torch.randn(rows, in_features).bfloat16()
+    bias = torch.randn(80).bfloat16()
+    exact = x.double() @ weights.dequantize().bfloat16().double().t() + bias.double()
+    y = linear(x, pack_q4(weights), bias).double()
+    # float32 sums over exact products: well inside one bf16 rounding of the output (2^-8)
     assert ((y - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
-    assert not torch.equal(linear(x, pack_q4(rows)).double(), y)  # the bias is added
+    assert not torch.equal(linear(x, pack_q4(weights)).double(), y)  # the bias is added
 
 
 def test_quantize_brings_q4_weights_back_to_their_own_grid():
