@@ -344,8 +344,31 @@ AMX static void run_panels_amx(const Call *c, int64_t first, int64_t last, bf16 
     _tile_release();
 }
 
+/* One row times the blocks from output o0 to `end`, each pair of groups dequantized into `buf`
+ * just before its products, as narrow_amx does: the same sums as dp_rows with R = 1. */
+TARGET static void row_dp(const Call *c, int64_t o0, int64_t end, bf16 *buf) {
+    const int64_t groups = c->in_features / GROUP, block_bytes = (groups + 1) / 2 * PAIR_BYTES;
+    for (; o0 < end; o0 += BLOCK) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            if (g % 2 == 0)
+                dequant_pair(c->w + o0 / BLOCK * block_bytes + g / 2 * PAIR_BYTES, buf, BLOCK * GROUP, g + 1 < groups);
+            const __m512bh x = (__m512bh)_mm512_loadu_si512(c->x + g * GROUP);
+            const bf16 *w = buf + g % 2 * BLOCK * GROUP;
+            for (int j = 0; j < BLOCK; j++)
+                acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(w + j * GROUP), x);
+        }
+        write_sums(c, reduce16(acc), 0, 1, o0, BLOCK);
+    }
+}
+
 TARGET static void run_panels_dp(const Call *c, int64_t first, int64_t last, bf16 *panel) {
     const int64_t groups = c->in_features / GROUP, block_bytes = (groups + 1) / 2 * PAIR_BYTES;
+    if (c->rows == 1) {
+        row_dp(c, first * PANEL, last * PANEL < c->out_features ? last * PANEL : c->out_features, panel);
+        return;
+    }
     for (int64_t p = first; p < last; p++) {
         const int64_t o0 = p * PANEL, blocks = c->out_features - o0 >= PANEL ? 2 : 1;
         for (int64_t b = 0; b < blocks; b++)
