@@ -15,4 +15,4 @@ def kernel(name: str) -> Extension:
                      extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_q4"), kernel("_norm")])
+setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_quant"), kernel("_norm")])

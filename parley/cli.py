@@ -35,7 +35,7 @@ ENGINE_FLAGS = {
     "--lora-adapters": (parse_lora_adapters, "LoRA adapters (PEFT folders) served from the start: name=path,..."),
     "--max-lora-rank": (int, "largest LoRA rank an adapter may have (default 64)"),
     "--quantize": (str, "int4: 4-bit weights for the decoder's projections, in groups of 32 as GGUF Q4_1 "
-                        "(a Q4_0/Q4_1 GGUF runs its projections from their 4 bits anyway, in bfloat16)"),
+                        "(a Q4_0/Q4_1/Q8_0 GGUF runs its matrices from their bits anyway, in bfloat16)"),
 }
 SERVER_FLAGS = {
     "--hostname": (str, "address to bind (default 127.0.0.1)"),

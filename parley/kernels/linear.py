@@ -17,9 +17,10 @@ a row the same bits whatever rows are beside it. Its AMX tile kernels (Intel Xeo
 up to a number of rows, so there a batch runs in calls of at most 128 rows (`rows_per_call`): a
 decode step at 32 sequences took 126 ms that way on a Xeon against 203 ms with oneDNN kept off AMX.
 
-4-bit weights (GGUF's Q4_1 projections, or any with `--quantize int4`): on CPUs with AVX512-BF16 in
-bfloat16, parley/kernels/_q4.c runs them from their 4 bits at every number of rows, batch-invariant
-by construction (see there). A batch-1 decode step reads a quarter of the bytes.
+4- and 8-bit weights (GGUF's Q4_0/Q4_1/Q8_0 matrices, or any projection with `--quantize int4`): on
+CPUs with AVX512-BF16 in bfloat16, parley/kernels/_quant.c runs them from their bits at every number
+of rows, batch-invariant by construction (see there). A batch-1 decode step reads a quarter of the
+bytes.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import logging
 import os
 from dataclasses import dataclass
 
-import torch  # before _q4: the kernel then shares torch's OpenMP runtime (see setup.py)
+import torch  # before _quant: the kernel then shares torch's OpenMP runtime (see setup.py)
 import torch.nn.functional as F
 
 try:
-    from parley.kernels import _q4
+    from parley.kernels import _quant
 except ImportError:  # not built here (see setup.py)
-    _q4 = None
+    _quant = None
 
-Q4_GROUP, Q4_BLOCK = 32, 16  # inputs per d and m; outputs per block of the kernel
+GROUP, BLOCK = 32, 16  # inputs per d (and m) of a GGUF block; outputs per block of the kernel
 AMX_ROWS = 128  # see rows_per_call
 
 log = logging.getLogger("parley.kernels")
@@ -53,7 +54,7 @@ class Q4Rows:
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in]: d * q is exact in float32, so each weight is rounded once, as gguf's."""
-        groups = self.q.view(self.q.shape[0], -1, Q4_GROUP).float()
+        groups = self.q.view(self.q.shape[0], -1, GROUP).float()
         return (groups * self.d.float().unsqueeze(-1) + self.m.float().unsqueeze(-1)).view(self.q.shape)
 
     @staticmethod
@@ -63,23 +64,44 @@ class Q4Rows:
 
 
 @dataclass(frozen=True)
-class Q4Weight:
-    """4-bit weights packed for parley/kernels/_q4.c: per 16 outputs and two groups of 32 inputs, d
-    and m fp16, then the 4-bit values in the kernel's order (see there)."""
+class Q8Rows:
+    """Weights [out, in] as GGUF's Q8_0 keeps them: w[o, i] = d[o, i / 32] * q[o, i]."""
 
-    data: torch.Tensor  # uint8 [out / 16, ceil(in / 64), 640]
+    q: torch.Tensor  # int8 [out, in]
+    d: torch.Tensor  # float16 [out, in / 32]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [out, in]: d * q is exact in float32, the bits gguf gives."""
+        groups = self.q.view(self.q.shape[0], -1, GROUP).float()
+        return (groups * self.d.float().unsqueeze(-1)).view(self.q.shape)
+
+    @staticmethod
+    def cat(parts: list[Q8Rows]) -> Q8Rows:
+        return Q8Rows(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]))
+
+
+QuantRows = Q4Rows | Q8Rows
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """4- or 8-bit weights packed for parley/kernels/_quant.c: per 16 outputs and two groups of 32
+    inputs, d (and m) fp16, then the values in the kernel's order (see there)."""
+
+    data: torch.Tensor  # uint8 [out / 16, ceil(in / 64), 640 (4 bits) or 1088 (8 bits)]
     in_features: int
+    bits: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0] * Q4_BLOCK, self.in_features
+        return self.data.shape[0] * BLOCK, self.in_features
 
 
 def quantize_q4(weight: torch.Tensor) -> Q4Rows:
     """Each 32 inputs of each output on 16 even steps from their min to their max, as Q4_1 does
     (for `--quantize int4`)."""
     out_features, in_features = weight.shape
-    groups = weight.float().view(out_features, in_features // Q4_GROUP, Q4_GROUP)
+    groups = weight.float().view(out_features, in_features // GROUP, GROUP)
     low = groups.amin(-1).half()
     d = ((groups.amax(-1) - low.float()) / 15).half()
     d = torch.where(d > 0, d, torch.ones_like(d))  # a constant group: any step
@@ -87,50 +109,55 @@ def quantize_q4(weight: torch.Tensor) -> Q4Rows:
     return Q4Rows(q.to(torch.uint8).view(out_features, in_features), d, low)
 
 
-def can_run_q4(weight: torch.Tensor) -> bool:
-    """Whether `pack_q4` may replace this projection weight: bfloat16 on a CPU the kernel runs on,
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether `pack` may replace this projection weight: bfloat16 on a CPU the kernel runs on,
     outputs a multiple of 16, inputs of 32."""
-    return (_q4 is not None and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and weight.dim() == 2 and weight.shape[0] % Q4_BLOCK == 0 and weight.shape[1] % Q4_GROUP == 0
-            and _q4.supported())
+    return (_quant is not None and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and weight.dim() == 2 and weight.shape[0] % BLOCK == 0 and weight.shape[1] % GROUP == 0
+            and _quant.supported())
 
 
-def pack_q4(rows: Q4Rows) -> Q4Weight:
-    """In the kernel's order: per block of 16 outputs and pair of groups of 32 inputs, d [2][16] and
-    m [2][16] fp16, then per output 32 bytes, byte i holding input i of the first group in its low
-    nibble and of the second in its high (an odd last group pairs with an empty one)."""
+def pack(rows: QuantRows) -> QuantWeight:
+    """In the kernel's order: per block of 16 outputs and pair of groups of 32 inputs, d [2][16]
+    (and for 4 bits m [2][16]) fp16, then per output the pair's values: 4 bits as 32 bytes, byte i
+    holding input i of the first group in its low nibble and of the second in its high; 8 bits as
+    64 bytes, the first group's then the second's. An odd last group pairs with an empty one."""
     out_features, in_features = rows.q.shape
-    blocks, groups = out_features // Q4_BLOCK, in_features // Q4_GROUP
+    blocks, groups = out_features // BLOCK, in_features // GROUP
     pairs = (groups + 1) // 2
-    q = F.pad(rows.q, (0, (2 * pairs - groups) * Q4_GROUP))
-    # q[block, output, pair, half, input] -> [block, pair, output, input]
-    q = q.view(blocks, Q4_BLOCK, pairs, 2, Q4_GROUP)
-    nibbles = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(1, 2).reshape(blocks, pairs, Q4_BLOCK * Q4_GROUP)
+    q = F.pad(rows.q, (0, (2 * pairs - groups) * GROUP)).view(blocks, BLOCK, pairs, 2, GROUP)
+    if isinstance(rows, Q4Rows):  # q[block, output, pair, half, input] -> [block, pair, output, input]
+        values = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(1, 2)
+        scales = [rows.d, rows.m]
+    else:
+        values = q.view(torch.uint8).transpose(1, 2)
+        scales = [rows.d]
 
-    def per_block(scales: torch.Tensor) -> torch.Tensor:  # [out, groups] fp16 -> [blocks, pairs, 64] bytes
-        scales = F.pad(scales, (0, 2 * pairs - groups)).view(blocks, Q4_BLOCK, pairs, 2)
-        return scales.permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(blocks, pairs, 4 * Q4_BLOCK)
+    def per_block(scale: torch.Tensor) -> torch.Tensor:  # [out, groups] fp16 -> [blocks, pairs, 64] bytes
+        scale = F.pad(scale, (0, 2 * pairs - groups)).view(blocks, BLOCK, pairs, 2)
+        return scale.permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(blocks, pairs, 4 * BLOCK)
 
-    return Q4Weight(torch.cat([per_block(rows.d), per_block(rows.m), nibbles], dim=-1).contiguous(), in_features)
+    parts = [per_block(scale) for scale in scales] + [values.reshape(blocks, pairs, -1)]
+    return QuantWeight(torch.cat(parts, dim=-1).contiguous(), in_features, 4 if isinstance(rows, Q4Rows) else 8)
 
 
-def dequantize_q4(weight: Q4Weight) -> torch.Tensor:
+def dequantize_packed(weight: QuantWeight) -> torch.Tensor:
     """bf16 [out, in]: the weights as the kernel multiplies them."""
     out = torch.empty(weight.shape, dtype=torch.bfloat16)
-    _q4.dequantize(*weight.shape, weight.data.data_ptr(), out.data_ptr())
+    _quant.dequantize(*weight.shape, weight.data.data_ptr(), out.data_ptr(), weight.bits)
     return out
 
 
-def q4_amx() -> bool:
-    """Whether the 4-bit kernel runs on AMX tiles: where the CPU has them, unless oneDNN is kept off
-    them too (ONEDNN_MAX_CPU_ISA below AMX: AMD's path on an Intel machine, as in attention.use_amx)."""
-    global _q4_amx
-    if _q4_amx is None:
-        _q4_amx = bool(_q4 is not None and _q4.amx() and isa_allows_amx())
-    return _q4_amx
+def quant_amx() -> bool:
+    """Whether the quantized kernel runs on AMX tiles: where the CPU has them, unless oneDNN is kept
+    off them too (ONEDNN_MAX_CPU_ISA below AMX: AMD's path on an Intel machine, as in attention.use_amx)."""
+    global _quant_amx
+    if _quant_amx is None:
+        _quant_amx = bool(_quant is not None and _quant.amx() and isa_allows_amx())
+    return _quant_amx
 
 
-_q4_amx: bool | None = None
+_quant_amx: bool | None = None
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:
@@ -148,10 +175,10 @@ def prepack(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Q4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] @ weight^T (+ bias) -> [N, out]; `weight` plain, from `prepack` or `pack_q4`."""
-    if isinstance(weight, Q4Weight):
-        return _linear_q4(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] @ weight^T (+ bias) -> [N, out]; `weight` plain, from `prepack` or `pack`."""
+    if isinstance(weight, QuantWeight):
+        return _linear_quant(x, weight, bias)
     if x.shape[0] == 1:
         return linear(x.expand(2, -1), weight, bias)[:1]
     if x.shape[0] > rows_per_call():
@@ -173,10 +200,10 @@ def linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Ten
     return F.linear(x, weight).mul_(other)
 
 
-def projection_kernel(weight: torch.Tensor | Q4Weight) -> str:
+def projection_kernel(weight: torch.Tensor | QuantWeight) -> str:
     """What runs the CPU projections of which `weight` is one, for the start-up log."""
-    if isinstance(weight, Q4Weight):
-        return "the 4-bit kernel on " + ("AMX tiles" if q4_amx() else "AVX512-BF16")
+    if isinstance(weight, QuantWeight):
+        return f"the {weight.bits}-bit kernel on " + ("AMX tiles" if quant_amx() else "AVX512-BF16")
     dtype = weight.dtype
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
         return "oneDNN (float32)"
@@ -238,15 +265,16 @@ def _projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight, bias)
 
 
-def _linear_q4(x: torch.Tensor, weight: Q4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
     out_features, in_features = weight.shape
     if not (x.dim() == 2 and x.shape[1] == in_features and x.dtype == torch.bfloat16 and x.stride(1) == 1
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous() and bias.shape == (out_features,)))):
-        raise ValueError("4-bit linear: unexpected input layout")
+        raise ValueError("quantized linear: unexpected input layout")
     y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
     if x.shape[0]:
-        _q4.linear(torch.get_num_threads(), x.shape[0], out_features, in_features, x.data_ptr(), x.stride(0),
-                   weight.data.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), out_features, q4_amx())
+        _quant.linear(torch.get_num_threads(), x.shape[0], out_features, in_features, x.data_ptr(), x.stride(0),
+                      weight.data.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+                      quant_amx(), weight.bits)
     return y
 
 

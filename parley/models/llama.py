@@ -18,7 +18,7 @@ from torch import nn
 
 from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
-from parley.kernels.linear import Q4_GROUP, Q4Rows, can_run_q4, check_rows_per_call, linear, pack_q4, prepack, quantize_q4
+from parley.kernels.linear import GROUP, QuantRows, can_pack, check_rows_per_call, linear, pack, prepack, quantize_q4
 from parley.kernels.norm import rms_norm
 from parley.models.attention import AttentionMetadata, paged_attention
 
@@ -81,19 +81,20 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * config.intermediate_size, hidden)  # rows: gate, then up
         self.down_weight = _param(hidden, config.intermediate_size)
 
-    def prepack(self, quantize: str | None, q4: dict[str, Q4Rows]) -> None:
-        """Swap each projection weight for the form `linear` runs fastest: 4-bit where it has 4-bit
-        rows (`q4`, from a GGUF file, or quantized here with quantize="int4") and the kernel runs,
-        else `prepack`ed (the plain copy is dropped: loading weights is over by then). Where the
-        4-bit kernel does not run, int4 weights are kept in the model's dtype, with their 4-bit values."""
+    def prepack(self, quantize: str | None, quantized: dict[str, QuantRows]) -> None:
+        """Swap each projection weight for the form `linear` runs fastest: 4- or 8-bit where it has
+        such rows (`quantized`, from a GGUF file, or 4-bit made here with quantize="int4") and the
+        kernel runs, else `prepack`ed (the plain copy is dropped: loading weights is over by then).
+        Where the kernel does not run, int4 weights are kept in the model's dtype, with their 4-bit
+        values."""
         for name in self.PROJECTIONS:
             weight = getattr(self, name)
-            rows = q4.get(name)
-            if rows is None and quantize == "int4" and weight.shape[1] % Q4_GROUP == 0:
+            rows = quantized.get(name)
+            if rows is None and quantize == "int4" and weight.shape[1] % GROUP == 0:
                 rows = quantize_q4(weight)
-                if not can_run_q4(weight):
+                if not can_pack(weight):
                     weight.copy_(rows.dequantize())
-            packed = pack_q4(rows) if rows is not None and can_run_q4(weight) else prepack(weight)
+            packed = pack(rows) if rows is not None and can_pack(weight) else prepack(weight)
             if packed is not weight:
                 delattr(self, name)  # unregister the parameter; a plain attribute takes its place
                 setattr(self, name, packed)
@@ -133,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         self.lm_head = self.embed_tokens if tied else _param(config.vocab_size, config.hidden_size)
         self.lm_head_packed: torch.Tensor | None = None  # set by prepack()
-        self.q4_rows: dict[str, Q4Rows] = {}  # HF name -> 4-bit rows, from load_weights until prepack
+        self.quant_rows: dict[str, QuantRows] = {}  # HF name -> 4- or 8-bit rows, from load_weights until prepack
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(config))  # [max_positions, D/2]
         # Cast with the model's dtype by .to(), like HF's cos.to(x.dtype).
@@ -164,31 +165,32 @@ class LlamaForCausalLM(nn.Module):
     def prepack(self, quantize: str | None = None) -> None:
         """Lay the projection weights out for the fastest `linear` on this device and dtype, once
         the weights are loaded (see parley/kernels/linear.py); quantize="int4" makes the decoder
-        layers' projections 4-bit (those loaded in 4 bits are anyway, where the kernel runs). The
-        lm_head stays in the model's dtype (a tied one keeps the plain embedding matrix too, for the
-        embedding lookup)."""
+        layers' projections 4-bit. Where the kernel runs, weights loaded in 4 or 8 bits run from
+        those bits, the lm_head too (a tied one from the embedding's, whose plain matrix stays for
+        the lookup); else the lm_head is packed in the model's dtype."""
         for i, layer in enumerate(self.layers):
-            q4 = {}
+            quantized = {}
             for projection, parts in self._projection_parts(i).items():
-                rows = [self.q4_rows.get(f"{module}.weight") for module, _ in parts]
-                if all(r is not None for r in rows):
-                    q4[projection] = Q4Rows.cat(rows)
-            layer.prepack(quantize, q4)
-        self.q4_rows.clear()
-        packed = prepack(self.lm_head)
+                rows = [self.quant_rows.get(f"{module}.weight") for module, _ in parts]
+                if rows[0] is not None and all(type(r) is type(rows[0]) for r in rows):
+                    quantized[projection] = type(rows[0]).cat(rows)
+            layer.prepack(quantize, quantized)
+        rows = self.quant_rows.get("model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight")
+        self.quant_rows.clear()
+        packed = pack(rows) if rows is not None and can_pack(self.lm_head) else prepack(self.lm_head)
         self.lm_head_packed = packed if packed is not self.lm_head else None
         weights = [getattr(layer, name) for layer in self.layers for name in layer.PROJECTIONS] + [packed]
         check_rows_per_call([w for w in weights if isinstance(w, torch.Tensor) and w.is_mkldnn])
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Q4Rows]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantRows]]) -> None:
         """Fill the (fused) parameters from HF-named tensors; ValueError on unknown/missing/misshapen.
-        4-bit rows fill them dequantized, and are kept for `prepack`."""
+        4- and 8-bit rows fill them dequantized, and are kept for `prepack`."""
         targets = self._weight_targets()
         loaded = set()
         for name, tensor in weights:
-            if isinstance(tensor, Q4Rows):
-                self.q4_rows[name] = tensor
+            if isinstance(tensor, QuantRows):
+                self.quant_rows[name] = tensor
                 tensor = tensor.dequantize()
             target = targets.get(name)
             if target is None:

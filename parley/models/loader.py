@@ -1,9 +1,9 @@
 """Build a LlamaForCausalLM from an HF folder (safetensors) or a GGUF file.
 
 GGUF tensors are dequantized to float with gguf's own kernels (bit-identical to transformers'
-GGUF loading) and then cast to the requested dtype. Q4_0 and Q4_1 tensors come as their 4-bit rows
-(`Q4Rows`, which dequantize to the same bits): in bfloat16 the decoder's projections then run from
-their 4 bits (parley/kernels/linear.py).
+GGUF loading) and then cast to the requested dtype. Q4_0, Q4_1 and Q8_0 matrices come as their rows
+(`Q4Rows`, `Q8Rows`, which dequantize to the same bits): in bfloat16 the projections and the lm_head
+then run from those bits (parley/kernels/linear.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from gguf.quants import dequantize
 from safetensors import SafetensorError, safe_open
 
 from parley.config import ModelConfig
-from parley.kernels.linear import Q4_GROUP, Q4Rows
+from parley.kernels.linear import GROUP, Q4Rows, Q8Rows, QuantRows
 from parley.models.llama import LlamaForCausalLM
 from parley.tokenization.gguf_file import GGUFTensor, read_gguf
 
@@ -227,18 +227,18 @@ def _unpermute(w: np.ndarray | torch.Tensor, heads: int) -> np.ndarray | torch.T
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | Q4Rows]]:
+def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | QuantRows]]:
     permute_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     for tensor in tensors:
         shape = [int(d) for d in reversed(tensor.shape)]  # GGUF lists dims innermost first
         kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
         heads = permute_heads.get(kind) if config.architecture == "LlamaForCausalLM" else None
         try:
-            if tensor.tensor_type in _Q4_BLOCKS and len(shape) == 2:
-                q4 = _q4_rows(tensor.data, tensor.tensor_type, shape)
+            if tensor.tensor_type in _QUANT_BLOCKS and len(shape) == 2:
+                rows = _quant_rows(tensor.data, tensor.tensor_type, shape)
                 if heads is not None:
-                    q4 = Q4Rows(_unpermute(q4.q, heads), _unpermute(q4.d, heads), _unpermute(q4.m, heads))
-                yield _hf_name(tensor.name), q4
+                    rows = type(rows)(*(_unpermute(part, heads) for part in vars(rows).values()))
+                yield _hf_name(tensor.name), rows
                 continue
             array = dequantize(tensor.data, tensor.tensor_type)
         except Exception as e:  # unsupported quantization type, or data cut short
@@ -252,17 +252,19 @@ def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tu
         yield _hf_name(tensor.name), torch.from_numpy(array)
 
 
-_Q4_BLOCKS = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}  # bytes per 32 weights
+_QUANT_BLOCKS = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q8_0: 34}  # bytes per 32 weights
 
 
-def _q4_rows(data: np.ndarray, kind: GGMLQuantizationType, shape: list[int]) -> Q4Rows:
-    """A Q4_0 or Q4_1 matrix's 4-bit rows. A block of 32 weights is d (fp16), for Q4_1 m (fp16),
-    then 16 bytes: weight j in the low nibble of byte j, weight 16 + j in its high nibble; Q4_1's
-    weights are d q + m, Q4_0's d (q - 8), which is d q + m for m = -8 d (exact in fp16, and
-    d q - 8 d is exact in float32 as d (q - 8) is: the same bits)."""
-    rows, groups = shape[0], shape[1] // Q4_GROUP
-    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(rows * groups, _Q4_BLOCKS[kind])
+def _quant_rows(data: np.ndarray, kind: GGMLQuantizationType, shape: list[int]) -> QuantRows:
+    """A Q4_0, Q4_1 or Q8_0 matrix's rows. A block of 32 weights is d (fp16), for Q4_1 m (fp16), then
+    Q8_0's 32 signed bytes, d q; or Q4's 16 bytes: weight j in the low nibble of byte j, weight 16 +
+    j in its high nibble; Q4_1's weights are d q + m, Q4_0's d (q - 8), which is d q + m for m = -8
+    d (exact in fp16, and d q - 8 d is exact in float32 as d (q - 8) is: the same bits)."""
+    rows, groups = shape[0], shape[1] // GROUP
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(rows * groups, _QUANT_BLOCKS[kind])
     d = torch.from_numpy(blocks[:, 0:2].copy().view(np.float16).reshape(rows, groups))
+    if kind == GGMLQuantizationType.Q8_0:
+        return Q8Rows(torch.from_numpy(blocks[:, 2:].copy().view(np.int8).reshape(rows, shape[1])), d)
     m = torch.from_numpy(blocks[:, 2:4].copy().view(np.float16).reshape(rows, groups)) if kind == GGMLQuantizationType.Q4_1 else -8 * d
     nibbles = torch.from_numpy(blocks[:, -16:].copy())
     q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=1).reshape(rows, shape[1])

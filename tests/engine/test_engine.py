@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_model import make_tiny_model, start_tiny_engine
 
-from parley.kernels.linear import Q4Weight, can_run_q4
+from parley.kernels.linear import QuantWeight, can_pack
 from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, RequestTimeoutError,
                           SamplingParams, StoppingCriteria, TokenEvent, ValidationError)
 
@@ -293,10 +293,10 @@ async def test_int4_weights_give_each_request_the_same_tokens_alone_and_batched(
     try:
         layer = engine.core.runner.model.layers[0]
         weights = [getattr(layer, name) for name in layer.PROJECTIONS]
-        if can_run_q4(torch.empty(16, 32, dtype=getattr(torch, dtype))):
-            assert all(isinstance(w, Q4Weight) for w in weights)
+        if can_pack(torch.empty(16, 32, dtype=getattr(torch, dtype))):
+            assert all(isinstance(w, QuantWeight) for w in weights)
         else:  # the 4-bit values, in the model's dtype
-            assert not any(isinstance(w, Q4Weight) for w in weights)
+            assert not any(isinstance(w, QuantWeight) for w in weights)
         alone = [(await collect(engine, greedy(p)))[0][0].tokens for p in PROMPTS]
         batched = await asyncio.gather(*(collect(engine, greedy(p)) for p in PROMPTS))
         assert [[t.id for t in a] for a in alone] == [[t.id for t in b[0][0].tokens] for b in batched]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from parley.kernels.linear import Q4Weight, can_run_q4, dequantize_q4
+from parley.kernels.linear import QuantWeight, can_pack, dequantize_packed
 from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape
 from parley.models.loader import ModelLoadError, default_model_path, load_model
 
@@ -53,9 +53,10 @@ def hf_logits(path, tokens, **kwargs):
         return hf, hf(torch.tensor([tokens])).logits[0]
 
 
-def write_gguf(folder: str, path: pathlib.Path, arch: str, projections: str = "F32") -> None:
+def write_gguf(folder: str, path: pathlib.Path, arch: str, projections: str = "F32", embeddings: str = "F32") -> None:
     """Convert a tiny HF folder to a GGUF the way llama.cpp's convert script does: F32, or the
-    decoder's projections in `projections` (Q4_0, Q4_1)."""
+    decoder's projections in `projections` (Q4_0, Q4_1, Q8_0), the token embeddings and output in
+    `embeddings` (Q8_0, as llama.cpp's Q4 files keep them)."""
     cfg = json.loads((pathlib.Path(folder) / "config.json").read_text())
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     writer = gguf.GGUFWriter(path, arch)
@@ -89,8 +90,9 @@ def write_gguf(folder: str, path: pathlib.Path, arch: str, projections: str = "F
             array = permute(array, kv_heads)
         for hf, ours in renames.items():
             name = name.replace(hf, ours)
-        array, kind = np.ascontiguousarray(array), gguf.GGMLQuantizationType[projections]
-        if projection and kind != gguf.GGMLQuantizationType.F32:
+        matrix = projection or name.startswith(("token_embd", "output."))
+        array, kind = np.ascontiguousarray(array), gguf.GGMLQuantizationType[projections if projection else embeddings]
+        if matrix and kind != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name.replace("model.layers.", "blk."), gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name.replace("model.layers.", "blk."), array)
@@ -112,10 +114,11 @@ def test_gguf_file_matches_the_hf_folder_it_was_converted_from(tmp_path, arch, t
     torch.testing.assert_close(prefill(model, tokens, make_caches(config)), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_4_bit_projections_keep_their_4_bits_in_bfloat16(tmp_path, kind):
-    folder = make_tiny_model(tmp_path / "hf", "llama")
-    write_gguf(folder, tmp_path / "tiny.gguf", "llama", projections=kind)
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_quantized_matrices_keep_their_bits_in_bfloat16(tmp_path, kind, tie):
+    folder = make_tiny_model(tmp_path / "hf", "llama", tie=tie, vocab_size=512)  # outputs a multiple of 16
+    write_gguf(folder, tmp_path / "tiny.gguf", "llama", projections=kind, embeddings="Q8_0")
     reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
     up = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
     assert up.tensor_type.name == kind
@@ -127,12 +130,18 @@ def test_4_bit_projections_keep_their_4_bits_in_bfloat16(tmp_path, kind):
     assert torch.equal(dense(exact.layers[1].gate_up_weight)[128:],
                        torch.from_numpy(gguf.quants.dequantize(up.data, up.tensor_type)))
     fast, _ = load_model(str(tmp_path / "tiny.gguf"), torch.bfloat16, "cpu")
-    kernel = can_run_q4(torch.empty(16, 32, dtype=torch.bfloat16))
+    kernel = can_pack(torch.empty(16, 32, dtype=torch.bfloat16))
     for exact_layer, layer in zip(exact.layers, fast.layers, strict=True):
         for name in layer.PROJECTIONS:
             weight, expected = getattr(layer, name), dense(getattr(exact_layer, name)).bfloat16()
-            assert isinstance(weight, Q4Weight) == kernel
-            assert torch.equal(dequantize_q4(weight) if kernel else dense(weight), expected)
+            assert isinstance(weight, QuantWeight) == kernel
+            assert torch.equal(dequantize_packed(weight) if kernel else dense(weight), expected)
+    # the lm_head (a tied one: the embeddings) from its Q8_0 bits; the embeddings looked up in bf16
+    expected = dense(exact.lm_head).bfloat16()
+    assert torch.equal(fast.embed_tokens, exact.embed_tokens.bfloat16())
+    if kernel:
+        assert isinstance(fast.lm_head_packed, QuantWeight) and fast.lm_head_packed.bits == 8
+        assert torch.equal(dequantize_packed(fast.lm_head_packed), expected)
 
 
 def test_bfloat16_load(tmp_path):
