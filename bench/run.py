@@ -141,7 +141,7 @@ class Server:
     name: str
     cmd: list[str]
     port: int
-    model: str  # the `model` field it answers to
+    model: str | None  # the `model` field it answers to (Parley: none, which means its model)
     body: dict  # what makes it write exactly max_tokens tokens
     env: dict | None = None
     start_timeout: float = 180.0
@@ -179,7 +179,7 @@ def parley_server(args, defaults: bool) -> Server:
             cmd += ["--quantize", args.quantize]
     if args.model_id:
         cmd += ["--model-id", args.model_id]
-    return Server("parley", cmd, port, "parley", {"min_tokens": args.max_tokens}, start_timeout=120)
+    return Server("parley", cmd, port, None, {"min_tokens": args.max_tokens}, start_timeout=120)
 
 
 def peer_servers(peers: Path) -> list[Server]:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, type=kind, default=None, help=help_text)
     serve.add_argument("--cors-allow-origin", action="append", default=None,
                        help="allowed CORS origin; repeat the flag or separate with commas")
+    serve.add_argument("--served-model-name", action="append", default=None,
+                       help="a name OpenAI-style requests may give as `model` (repeat for aliases; the first is the "
+                            "one answers report; default: the model's id); other names get 404")
     return parser
 
 
@@ -74,7 +77,8 @@ def _options(args: argparse.Namespace, flags: dict) -> dict:
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     origins = [o.strip() for value in args.cors_allow_origin or [] for o in value.split(",") if o.strip()]
     engine = EngineConfig.from_env(**_options(args, ENGINE_FLAGS))
-    server = ServerConfig.from_env(**_options(args, SERVER_FLAGS), cors_allow_origin=tuple(origins) or None)
+    server = ServerConfig.from_env(**_options(args, SERVER_FLAGS), cors_allow_origin=tuple(origins) or None,
+                                   served_model_names=tuple(args.served_model_name or ()) or None)
     return engine, server
 
 

@@ -140,17 +140,19 @@ class ServerConfig:
     payload_limit: int = 2_000_000  # bytes of a request body, as TGI's --payload-limit
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     lora_root: str | None = None  # the folder /v1/load_lora_adapter may read adapters from; None: none
-    model_name: str | None = None  # served model name; None: derived from model_id
+    served_model_names: tuple[str, ...] = ()  # names `model` may give (the first is reported); (): the model id
     unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
         origins = _env("CORS_ALLOW_ORIGIN", "")
+        names = _env("SERVED_MODEL_NAME", "")
         values = dict(
             hostname=_env("HOSTNAME_BIND", cls.hostname),
             port=_env("PORT", cls.port, int),
             api_key=_env("API_KEY", None),
             cors_allow_origin=tuple(o for o in origins.split(",") if o),
+            served_model_names=tuple(n for n in names.split(",") if n),
             max_client_batch_size=_env("MAX_CLIENT_BATCH_SIZE", cls.max_client_batch_size, int),
             payload_limit=_env("PAYLOAD_LIMIT", cls.payload_limit, int),
             drain_timeout=_env("DRAIN_TIMEOUT", cls.drain_timeout, float),

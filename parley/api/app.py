@@ -8,10 +8,10 @@ import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Callable
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from parley.api import adapters, service
+from parley.api import adapters, dialects, service
 from parley.api.auth import ApiKeyAuth
 from parley.api.errors import install_handlers
 from parley.api.openai import routes as openai_routes
@@ -46,7 +46,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig, load_engine: C
         loading.cancel()
         await state.shutdown()
 
-    app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan,
+    app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan, dependencies=[Depends(dialects.check_api_version)],
                   description="An LLM inference server: Hugging Face TGI's API and OpenAI-style chat.")
     app.state.server = state
     install_handlers(app)

@@ -22,6 +22,9 @@ Which rules apply where:
   `pass-through` and `drop` honor the known parameters and ignore unknown ones (Parley is both the
   service and the model, so passing an extra parameter on to a model that ignores it and dropping
   it come to the same thing; Azure's SDK sends `pass-through` with its `model_extras`).
+- Azure's clients send `?api-version=` on every route they call: a version not in
+  `AZURE_API_VERSIONS` (what the Azure AI model inference API here implements) is refused with 400
+  naming `api-version`, on any route (`check_api_version`, an app-wide dependency).
 - SiliconFlow (/siliconflow/v1/..., chosen by the client's base URL): its documented limits
   (1 < max_tokens < 4096, at most 4 stop sequences) and its finish reason "eos" for a choice that
   the model's end-of-sequence token ended. Other routes say "stop" there: Friendli and
@@ -38,7 +41,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from parley.api.errors import refuse_unknown_fields, require, validation_error
+from parley.api.errors import ApiError, refuse_unknown_fields, require, validation_error
 from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
 from parley.types import FinalEvent, FinishReason, GenerationRequest
 
@@ -52,6 +55,7 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
                "and positivity.")
 
 EXTRA_PARAMETERS_MODES = ("pass-through", "drop", "error")
+AZURE_API_VERSIONS = ("2024-05-01-preview",)  # the azure-ai-inference SDK's (1.0.0b9) and its seed document's
 SILICONFLOW_MAX_STOP = 4
 
 
@@ -160,6 +164,13 @@ def normalize(body: ChatBody, http: Request, enforce_known: bool = True) -> None
         body.adapter_id = adapter or body.adapter_id
     elif path.startswith(SILICONFLOW_PREFIX):
         _check_siliconflow_limits(body)
+
+
+def check_api_version(http: Request) -> None:
+    version = http.query_params.get("api-version")
+    if version is not None and version not in AZURE_API_VERSIONS:
+        raise ApiError(400, f"Unsupported `api-version` {version!r}: this server implements "
+                       f"{', '.join(AZURE_API_VERSIONS)}", "unsupported_api_version", "api-version")
 
 
 def response_shape(shape, http: Request):

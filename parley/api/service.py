@@ -55,6 +55,8 @@ async def info(http: Request) -> Response:
         "model_name": server.model_name,
         "model_type": "chat_completion",
         "model_provider_name": "Parley",
+        # every name `model` may give (--served-model-name)
+        "served_model_names": list(server.model_names),
     })
 
 

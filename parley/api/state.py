@@ -41,8 +41,13 @@ class ServerState:
 
     @property
     def model_name(self) -> str:
-        """The name responses and /v1/models report."""
-        return self.config.model_name or self.ready_engine().model_id
+        """The name responses report: the first served name."""
+        return self.model_names[0]
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names OpenAI-style requests may give as `model` (--served-model-name), as /v1/models lists them."""
+        return self.config.served_model_names or (self.ready_engine().model_id,)
 
     def ready_engine(self) -> "AsyncEngine":
         if self.engine is None:

@@ -30,7 +30,7 @@ def server(tmp_path_factory):
 def strict_server(tmp_path_factory):
     proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--num-threads", "1", "--max-batch-total-tokens",
                           "4096", "--api-key", API_KEY, "--max-concurrent-requests", "1", "--cors-allow-origin",
-                          CORS_ORIGIN],
+                          CORS_ORIGIN, "--served-model-name", "m"],
                          tmp_path_factory.mktemp("strict") / "server.log").start()
     yield proc
     proc.stop()

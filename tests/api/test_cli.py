@@ -42,6 +42,14 @@ def test_environment_variables_and_flags_win(monkeypatch):
     assert server.api_key == "from-env" and server.cors_allow_origin == ("http://x",)
 
 
+def test_served_model_names(monkeypatch):
+    assert parse()[1].served_model_names == ()  # the model's id (api/state.py)
+    assert parse("--served-model-name", "a", "--served-model-name", "b/c")[1].served_model_names == ("a", "b/c")
+    monkeypatch.setenv("SERVED_MODEL_NAME", "x,y")
+    assert parse()[1].served_model_names == ("x", "y")
+    assert parse("--served-model-name", "z")[1].served_model_names == ("z",)
+
+
 def test_unknown_fields_flag(monkeypatch):
     assert parse()[1].unknown_fields == "refuse"
     assert parse("--unknown-fields", "ignore")[1].unknown_fields == "ignore"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
@@ -21,18 +22,18 @@ def oai(server):
 
 
 def test_chat_completion_shape(oai, server):
-    r = oai.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5, temperature=0)
+    r = oai.chat.completions.create(model="m", messages=MESSAGES, max_tokens=5, temperature=0)
     choice = r.choices[0]
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and isinstance(r.created, int)
     assert r.system_fingerprint and r.model
     assert choice.message.role == "assistant" and choice.message.content and choice.finish_reason == "length"
     assert r.usage.completion_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + 5
-    raw = oai.chat.completions.with_raw_response.create(model="any", messages=MESSAGES, max_tokens=2).http_response.json()
+    raw = oai.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, max_tokens=2).http_response.json()
     assert raw["choices"][0]["logprobs"] is None and raw["choices"][0]["message"]["tool_calls"] is None
 
 
 def test_chat_n_seed_and_logprobs(oai):
-    kwargs = dict(model="any", messages=MESSAGES, max_tokens=4, n=2, seed=11, temperature=1.0, logprobs=True,
+    kwargs = dict(model="m", messages=MESSAGES, max_tokens=4, n=2, seed=11, temperature=1.0, logprobs=True,
                   top_logprobs=2)
     a, b = oai.chat.completions.create(**kwargs), oai.chat.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1]
@@ -78,12 +79,31 @@ def test_chat_stream_framing(http):
     assert finals[-1]["usage"]["completion_tokens"] == 6  # usage rides on the last final chunk
 
 
-@pytest.mark.parametrize("path", ["/chat/completions?api-version=2024-05-01-preview",
-                                  "/models/chat/completions?api-version=2024-05-01-preview",
-                                  "/dedicated/v1/chat/completions"])
-def test_chat_route_aliases(http, path):
-    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": "endpoint"})
+@pytest.mark.parametrize("path, model", [("/chat/completions?api-version=2024-05-01-preview", "m"),
+                                         ("/models/chat/completions?api-version=2024-05-01-preview", None),
+                                         ("/dedicated/v1/chat/completions", "endpoint")])
+def test_chat_route_aliases(http, path, model):
+    r = http.post(path, json={"messages": MESSAGES, "max_tokens": 1, "model": model})
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_a_model_not_served_is_a_404_naming_what_is(oai, http):
+    # the test server runs with --served-model-name m --served-model-name Qwen/Qwen2.5-7B-Instruct
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "Hi"})):
+        r = http.post(path, json={**body, "model": "gpt-9000", "max_tokens": 1})
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["param"] == "model" and error["code"] == "model_not_found"
+        assert "`gpt-9000`" in error["message"] and "`m`, `Qwen/Qwen2.5-7B-Instruct`" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-9000", messages=MESSAGES, max_tokens=1)
+    # an alias is served under the first name; TGI's clients' names and no name at all are served too
+    for model in ("Qwen/Qwen2.5-7B-Instruct", "tgi", "dummy", None):
+        r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "model": model})
+        assert r.status_code == 200 and r.json()["model"] == "m", (model, r.text)
+    cards = http.get("/v1/models").json()["data"]
+    assert [c["id"] for c in cards][:2] == ["m", "Qwen/Qwen2.5-7B-Instruct"]
+    assert http.get("/info").json()["served_model_names"] == ["m", "Qwen/Qwen2.5-7B-Instruct"]
 
 
 @pytest.mark.parametrize("path, body, status, param", [
@@ -128,8 +148,8 @@ def test_completions_stream(oai):
 
 
 def test_models(oai):
-    models = oai.models.list().data
-    assert len(models) == 1 and models[0].id
+    models = oai.models.list().data  # the served name, then its alias (tests/server.py)
+    assert [m.id for m in models] == ["m", "Qwen/Qwen2.5-7B-Instruct"]
 
 
 def test_huggingface_hub_chat(server):
@@ -161,3 +181,13 @@ def test_default_max_tokens_fills_the_context(http):
     assert r.status_code == 200, r.text
     assert r.json()["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 2048 - prompt_tokens,
                                  "total_tokens": 2048}
+
+
+@pytest.mark.parametrize("path", ["/models/chat/completions", "/chat/completions", "/models/info", "/info"])
+def test_an_azure_api_version_not_implemented_is_refused(http, path):
+    body = {"messages": MESSAGES, "max_tokens": 1}
+    send = (lambda query: http.get(path + query)) if path.endswith("info") else \
+        (lambda query: http.post(path + query, json=body))
+    assert send("?api-version=2024-05-01-preview").status_code == 200  # what azure-ai-inference sends
+    r = send("?api-version=1999-01-01")
+    assert r.status_code == 400 and "`api-version` '1999-01-01'" in r.text and "2024-05-01-preview" in r.text

@@ -16,7 +16,8 @@ def test_info_reports_the_running_config(http, server):
     assert info["max_total_tokens"] == 2048 and info["max_input_tokens"] == 2047
     assert info["max_batch_total_tokens"] == 16384 and info["max_client_batch_size"] == 3
     assert info["model_dtype"] == "torch.bfloat16" and info["model_device_type"] == "cpu"
-    assert info["model_type"] == "chat_completion" and info["model_name"] == info["model_id"]
+    # Azure's model_name is the served name (--served-model-name m), TGI's model_id the model's own
+    assert info["model_type"] == "chat_completion" and info["model_name"] == "m" and info["model_id"].endswith(".gguf")
     assert info["model_provider_name"] and info["version"] and info["router"]
     assert http.get("/models/info").json() == info
     assert InferenceClient(model=server.url, provider="hf-inference").get_endpoint_info()["model_id"] == info["model_id"]

@@ -70,8 +70,9 @@ def test_tool_choice_any(client):
 
 
 def test_model_info(client):
-    (card,) = client.models.list().data
-    assert card.id and card.capabilities.completion_chat and card.max_context_length == 2048
+    card, alias = client.models.list().data  # the served name and its alias (tests/server.py)
+    assert (card.id, alias.id) == ("m", "Qwen/Qwen2.5-7B-Instruct")
+    assert card.capabilities.completion_chat and card.max_context_length == 2048
 
 
 def test_bad_request(client):

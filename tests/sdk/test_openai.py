@@ -66,9 +66,13 @@ def test_required_tool_call(client):
     assert r.choices[0].finish_reason == "tool_calls" and call.id
 
 
-def test_model_info(client):
-    (model,) = client.models.list().data
-    assert model.id
+def test_every_listed_model_is_served_and_no_other(client):
+    names = [model.id for model in client.models.list().data]
+    assert names == ["m", "Qwen/Qwen2.5-7B-Instruct"]  # --served-model-name, twice (tests/server.py)
+    for name in names:
+        assert client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=1).model == "m"
+    with pytest.raises(openai.NotFoundError, match="gpt-9000"):
+        client.completions.create(model="gpt-9000", prompt="Hi", max_tokens=1)
 
 
 def test_bad_request(client):
