@@ -191,3 +191,15 @@ def test_an_azure_api_version_not_implemented_is_refused(http, path):
     assert send("?api-version=2024-05-01-preview").status_code == 200  # what azure-ai-inference sends
     r = send("?api-version=1999-01-01")
     assert r.status_code == 400 and "`api-version` '1999-01-01'" in r.text and "2024-05-01-preview" in r.text
+
+
+def test_completions_default_to_32_tokens_as_tgis_spec_says(http):
+    r = http.post("/v1/completions", json={"model": "m", "prompt": "Once upon a time", "min_tokens": 32})
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert (choice["finish_reason"], usage["completion_tokens"]) == ("length", 32), r.text
+
+
+def test_completions_refuse_a_suffix_the_model_has_no_template_for(http):
+    # TGI fills in the middle only with a model's completion template; the default model has none
+    r = http.post("/v1/completions", json={"model": "m", "prompt": "def f(", "suffix": "return x", "max_tokens": 4})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "suffix", r.text

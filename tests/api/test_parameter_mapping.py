@@ -62,3 +62,15 @@ def test_chat_logit_bias_bans_a_token(http):
     r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1, "temperature": 0, "logprobs": True,
                                                 "logit_bias": {str(first): -100}})
     assert r.json()["choices"][0]["logprobs"]["content"][0]["token_id"] != first, r.json()["choices"][0]["logprobs"]
+
+
+def test_chat_logit_bias_as_tgis_array_of_biases_by_token_id(http):
+    # TGI's spec types chat logit_bias as an array: element i is token i's bias
+    chosen = 1000
+    biases = [0.0] * chosen + [100.0]
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, "temperature": 0, "logprobs": True,
+                                                "logit_bias": biases})
+    assert [t["token_id"] for t in r.json()["choices"][0]["logprobs"]["content"]] == [chosen, chosen], r.text
+    too_long = [0.0] * 60_000  # more tokens than the vocabulary (49,152)
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1, "logit_bias": too_long[:-1] + [1.0]})
+    assert r.status_code == 422 and "logit_bias" in r.text

@@ -13,8 +13,13 @@ from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
 
 
+COMPLETION_MAX_TOKENS = 32  # TGI's spec: /v1/completions' max_tokens defaults to 32
+
+
 def generation_request(body: SamplingFields, prompt: str, engine, *, add_special_tokens: bool,
-                       top_n_tokens: int) -> GenerationRequest:
+                       top_n_tokens: int, default_max_tokens: int | None = None) -> GenerationRequest:
+    """`default_max_tokens`: the output budget when the body names none (at most what the context
+    leaves); None: what the context leaves."""
     require(body.stream or not body.stream_options,
             "Input validation error: `stream_options` is only allowed when `stream` is true", "stream_options")
     n = body.n or 1
@@ -43,7 +48,8 @@ def generation_request(body: SamplingFields, prompt: str, engine, *, add_special
     )
     # seeds, output budget, top_k... : every vendor's spelling, through the one table
     if "stopping.max_new_tokens" not in dialects.apply(body, request):
-        request.stopping.max_new_tokens = room_for_output(engine, prompt, add_special_tokens=add_special_tokens)
+        room = room_for_output(engine, prompt, add_special_tokens=add_special_tokens)
+        request.stopping.max_new_tokens = min(room, default_max_tokens or room)
     return request
 
 
@@ -72,8 +78,8 @@ def completion_requests(body: CompletionRequest, engine, max_client_batch_size: 
             f"Input validation error: `prompt` holds {len(prompts)} prompts; at most {max_client_batch_size} "
             "are allowed (max_client_batch_size)", "prompt")
     require(body.suffix is None, "Input validation error: `suffix` is not supported by this model", "suffix")
-    return [generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0)
-            for p in prompts]
+    return [generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0,
+                               default_max_tokens=COMPLETION_MAX_TOKENS) for p in prompts]
 
 
 def _check_tool_results(messages: list[ChatMessage]) -> None:
@@ -99,9 +105,11 @@ def _template_message(message: dict) -> dict:
     return message
 
 
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+def _logit_bias(bias: dict[str, float] | list[float] | None) -> dict[int, float]:
     if not bias:
         return {}
+    if isinstance(bias, list):  # TGI's spec: element i is token i's bias (the engine checks i < vocab)
+        return {i: v for i, v in enumerate(bias) if v}
     require(all(k.strip().isdigit() for k in bias),
             "Input validation error: `logit_bias` keys must be token ids (integers as strings)", "logit_bias")
     return {int(k): v for k, v in bias.items()}

@@ -53,7 +53,9 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    logit_bias: dict[str, Bias] | None = Field(None, description="token id (as a string) -> bias added to its logit")
+    logit_bias: dict[str, Bias] | list[Bias] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit (OpenAI's form); or TGI's form, an array "
+        "whose element i is token i's bias")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | str | None = Field(
