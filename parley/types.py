@@ -101,6 +101,7 @@ class FinalEvent:
     top_tokens: list[list[Token]] = field(default_factory=list)
     prefill: list[Token] | None = None  # with decoder_input_details
     text_tail: str = ""  # output text held back until the end and not yet sent in a TokenEvent
+    stop_sequence: str | None = None  # with FinishReason.STOP_SEQUENCE: which one
     queue_s: float = 0.0  # seconds between arrival and the first scheduled step
     inference_s: float = 0.0  # seconds between the first scheduled step and the end
 

@@ -37,6 +37,7 @@ class IncrementalDetokenizer:
         self._released: list[str] = []
         self._held = ""  # decoded text that may begin a stop sequence
         self.stopped = False
+        self.stop_sequence: str | None = None  # the one that stopped it (the earliest in the text)
 
     @property
     def output_text(self) -> str:
@@ -73,10 +74,11 @@ class IncrementalDetokenizer:
         pending = self._held + text
         # Any stop sequence touching the new text starts inside `pending`: an earlier start would
         # have been a held-back prefix.
-        found = [i for i in (pending.find(stop) for stop in self._stops) if i >= 0]
+        found = [(i, stop) for i, stop in ((pending.find(stop), stop) for stop in self._stops) if i >= 0]
         if found:
+            start, self.stop_sequence = min(found, key=lambda hit: hit[0])
             self.stopped = True
-            out, self._held = pending[: min(found)], ""
+            out, self._held = pending[:start], ""
         else:
             keep = 0 if final else self._stop_prefix_length(pending)
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]

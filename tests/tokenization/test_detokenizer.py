@@ -125,6 +125,16 @@ def test_stop_split_across_tokens_is_never_emitted(tok):
     assert detok.add(ids[-1]) == "" and detok.flush() == ""  # nothing more after a stop
 
 
+def test_the_stop_sequence_that_stopped_it_is_the_earliest_in_the_text(tok):
+    ids = tok.encode("The capital is Paris")
+    detok = IncrementalDetokenizer(tok, ["Paris", "capital", "London"])
+    "".join(detok.add(i) for i in ids)
+    assert detok.stopped and detok.stop_sequence == "capital" and detok.output_text == "The "
+    unstopped = IncrementalDetokenizer(tok, ["London"])
+    [unstopped.add(i) for i in ids]
+    assert unstopped.stop_sequence is None
+
+
 def test_held_back_prefix_is_released_when_no_stop_follows(tok):
     detok = IncrementalDetokenizer(tok, ["Paris"])
     assert detok.add(piece(tok, "ĠPar")) == " "
