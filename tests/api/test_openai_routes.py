@@ -173,11 +173,12 @@ def test_chat_accepts_content_chunks_and_developer_role(http):
 
 
 def test_default_max_tokens_fills_the_context(http):
-    """Without max_tokens the budget is max_total_tokens (2048 here) minus the prompt, as in TGI."""
+    """Chat without max_tokens: the budget is max_total_tokens (2048 here) minus the prompt, as in
+    TGI (completions default to 32, TGI's spec's default: see below)."""
     unit = len(http.post("/tokenize", json={"inputs": "hello " * 10}).json()) / 10
-    prompt = "hello " * int(2044 / unit)
-    prompt_tokens = len(http.post("/tokenize", json={"inputs": prompt}).json())
-    r = http.post("/v1/completions", json={"prompt": prompt, "temperature": 0, "min_tokens": 2048 - prompt_tokens})
+    messages = [{"role": "user", "content": "hello " * int(2000 / unit)}]
+    prompt_tokens = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    r = http.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "min_tokens": 2048 - prompt_tokens})
     assert r.status_code == 200, r.text
     assert r.json()["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 2048 - prompt_tokens,
                                  "total_tokens": 2048}
