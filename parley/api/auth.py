@@ -1,5 +1,5 @@
-"""`--api-key`: every route but /health wants `Authorization: Bearer KEY` (TGI, all SDKs) or
-`api-key: KEY` (Azure sends both). A pure ASGI middleware, so streaming and disconnect detection
+"""`--api-key`: every route but /health wants `Authorization: Bearer KEY` (TGI, all SDKs),
+`api-key: KEY` (Azure sends both) or `x-api-key: KEY` (Anthropic's). A pure ASGI middleware, so streaming and disconnect detection
 pass through untouched."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ApiKeyAuth:
 
     def _authorized(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        candidates = [headers.get("api-key", "")]
+        candidates = [headers.get("api-key", ""), headers.get("x-api-key", "")]
         if scheme.lower() == "bearer":
             candidates.append(token.strip())
         return any(hmac.compare_digest(c.encode(), self._key) for c in candidates if c)

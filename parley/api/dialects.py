@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from parley.api.errors import ApiError, refuse_unknown_fields, require, validation_error
 from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
+from parley.api.state import server_of
 from parley.types import FinalEvent, FinishReason, GenerationRequest
 
 FRIENDLI_PREFIX = "/dedicated/"
@@ -164,6 +165,26 @@ def normalize(body: ChatBody, http: Request, enforce_known: bool = True) -> None
         body.adapter_id = adapter or body.adapter_id
     elif path.startswith(SILICONFLOW_PREFIX):
         _check_siliconflow_limits(body)
+
+
+# What TGI's own clients send as `model` (SDK-WIRE.md): text-generation always "tgi" (TGI's docs use it
+# too), huggingface_hub "dummy" when given a URL. TGI serves any name; so do we for these.
+TGI_CLIENT_MODELS = ("tgi", "dummy")
+
+
+def check_model(http: Request, model: str | None) -> None:
+    """A `model` this server does not serve gets the 404 OpenAI and vLLM give, naming what it serves.
+    Served: the --served-model-name names (default the model's id), a LoRA adapter's name (which
+    selects it), TGI's clients' names, no name at all (Azure's may leave it out) and on Friendli's
+    routes any "ENDPOINT_ID[:ADAPTER]" (the URL picks the endpoint; `normalize` takes the adapter)."""
+    if model is None or model in TGI_CLIENT_MODELS or http.url.path.startswith(FRIENDLI_PREFIX):
+        return
+    server = server_of(http)
+    if model in server.model_names or server.ready_engine().has_adapter(model):
+        return
+    served = ", ".join(f"`{name}`" for name in server.model_names)
+    raise ApiError(404, f"The model `{model}` does not exist: this server serves {served} and its LoRA adapters "
+                   "(GET /v1/models lists them)", "model_not_found", "model")
 
 
 def check_api_version(http: Request) -> None:

@@ -126,18 +126,32 @@ def openai_body(err: ApiError) -> dict:
     return body
 
 
+ANTHROPIC_PREFIX = "/v1/messages"
+# Anthropic's error types by status (its API's errors page); what Parley answers 422 it answers 400
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
+
+
+def anthropic_body(err: ApiError) -> dict:
+    kind = ANTHROPIC_ERRORS.get(400 if err.status == 422 else err.status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}, "error_type": err.error_type}
+
+
 def speaks_openai(path: str) -> bool:
     return path.startswith("/v1/") or path.endswith("/completions")
 
 
 def error_body(path: str, err: ApiError) -> dict:
+    if path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_body(err)
     return openai_body(err) if speaks_openai(path) else tgi_body(err)
 
 
 def error_response(path: str, err: ApiError, headers: dict | None = None) -> JSONBody:
     if err.status == 429:  # every 429 says when to come back; 1 s where nothing better is known
         headers = {**(headers or {}), "Retry-After": str(err.retry_after or 1)}
-    return JSONBody(error_body(path, err), status_code=err.status, headers=headers)
+    status = 400 if err.status == 422 and path.startswith(ANTHROPIC_PREFIX) else err.status
+    return JSONBody(error_body(path, err), status_code=status, headers=headers)
 
 
 class ErrorResponse(BaseModel):

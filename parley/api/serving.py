@@ -32,15 +32,17 @@ async def respond(
     to_json: Callable[[list[list[FinalEvent]]], Any],
     to_payloads: Callable[[Batches], AsyncIterator[list[dict]]],
     done_marker: bool,
+    named_events: bool = False,
 ) -> Response:
     """Runs `requests` for one HTTP request. `to_json` shapes the FinalEvents of each engine request
-    into the non-streaming answer; `to_payloads` turns event batches into SSE payload batches."""
+    into the non-streaming answer; `to_payloads` turns event batches into SSE payload batches
+    (`named_events`: sse.frames')."""
     call = EngineCall(server_of(http), http, requests)
     try:
         await call.start()
         if stream:
             path = http.url.path
-            body = sse.frames(to_payloads(call.stream()), lambda err: error_body(path, err), done_marker)
+            body = sse.frames(to_payloads(call.stream()), lambda err: error_body(path, err), done_marker, named_events)
             return sse.EventStream(body, on_close=call.close)
         finals = await call.collect()
     except BaseException:

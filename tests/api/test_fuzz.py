@@ -48,14 +48,17 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 def json_error_body(ctx, response, case) -> None:
-    """A 4xx carries the route's error shape: TGI's {"error": str, "error_type"} or OpenAI's
-    {"error": {"message", "type", "param", "code"}, "error_type"}."""
+    """A 4xx carries the route's error shape: TGI's {"error": str, "error_type"}, OpenAI's
+    {"error": {"message", "type", "param", "code"}, "error_type"} or Anthropic's {"type": "error",
+    "error": {"type", "message"}, "error_type"}."""
     if not 400 <= response.status_code < 500:
         return None
     body = response.json()
     assert isinstance(body, dict) and isinstance(body.get("error_type"), str), body
     error = body["error"]
-    if isinstance(error, dict):
+    if body.get("type") == "error":
+        assert case.path.startswith("/v1/messages") and {"message", "type"} <= set(error), body
+    elif isinstance(error, dict):
         assert {"message", "type", "param", "code"} <= set(error), body
     else:
         assert isinstance(error, str), body

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from parley.api import dialects
 from parley.api.adapters import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
-from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_unknown_fields
+from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
@@ -23,26 +23,7 @@ CHAT_PATHS = ("/v1/chat/completions", "/chat/completions", "/models/chat/complet
               "/dedicated/v1/chat/completions", SILICONFLOW_CHAT_PATH)
 COMPLETION_PATHS = ("/v1/completions", "/dedicated/v1/completions")
 
-# What TGI's own clients send as `model` (SDK-WIRE.md): text-generation always "tgi" (TGI's docs use it
-# too), huggingface_hub "dummy" when given a URL. TGI serves any name; so do we for these.
-TGI_CLIENT_MODELS = ("tgi", "dummy")
-
 router = APIRouter(tags=["OpenAI"], route_class=GenerationRoute, responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
-
-
-def check_model(http: Request, model: str | None) -> None:
-    """A `model` this server does not serve gets the 404 OpenAI and vLLM give, naming what it serves.
-    Served: the --served-model-name names (default the model's id), a LoRA adapter's name (which
-    selects it), TGI's clients' names, no name at all (Azure's may leave it out) and on Friendli's
-    routes any "ENDPOINT_ID[:ADAPTER]" (the URL picks the endpoint; dialects.py checks the adapter)."""
-    if model is None or model in TGI_CLIENT_MODELS or http.url.path.startswith(dialects.FRIENDLI_PREFIX):
-        return
-    server = server_of(http)
-    if model in server.model_names or server.ready_engine().has_adapter(model):
-        return
-    served = ", ".join(f"`{name}`" for name in server.model_names)
-    raise ApiError(404, f"The model `{model}` does not exist: this server serves {served} and its LoRA adapters "
-                   "(GET /v1/models lists them)", "model_not_found", "model")
 
 
 async def _respond(http: Request, body: SamplingFields, requests: list[GenerationRequest], shape: Shape,
@@ -67,7 +48,7 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
     server = server_of(http)
     engine = server.ready_engine()
     dialects.normalize(body, http, enforce_known=server.config.unknown_fields == "refuse")
-    check_model(http, body.model)
+    dialects.check_model(http, body.model)
     tools = ToolPlan.of(body)
     shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(engine.tokenizer, bool(body.logprobs)),
                                     http)
@@ -79,7 +60,7 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
 async def completions(body: CompletionRequest, http: Request) -> Response:
     server = server_of(http)
     refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
-    check_model(http, body.model)
+    dialects.check_model(http, body.model)
     requests = convert.completion_requests(body, server.ready_engine(), server.config.max_client_batch_size)
     shape = dialects.response_shape(CompletionShape(body.logprobs is not None), http)
     return await _respond(http, body, requests, shape,

@@ -1,0 +1,185 @@
+"""Anthropic's Messages API. A request becomes the OpenAI-style chat body every dialect shares
+(openai/convert.py makes the one GenerationRequest from it, tools through the same grammar); the
+engine's events become Anthropic's message, or its stream: message_start; per content block (text,
+tool_use) content_block_start, its deltas (text_delta, input_json_delta), content_block_stop;
+then message_delta (stop_reason, stop_sequence, usage) and message_stop, each event named.
+Errors take Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`, errors.py) and
+its 400 where Parley says 422; `x-api-key` is a key like the others (auth.py)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+
+from parley.api import dialects
+from parley.api.anthropic.schemas import CountTokensRequest, MessagesRequest, TextBlock, ToolResultBlock, ToolUseBlock
+from parley.api.dialects import ChatBody
+from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields, require
+from parley.api.jsonio import JSONBody
+from parley.api.openai import convert
+from parley.api.openai.tool_calls import ToolPlan
+from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
+from parley.api.state import server_of
+from parley.tools.parser import ContentDelta, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, ToolCallStreamParser, parse_tool_calls
+from parley.types import FinalEvent, FinishReason, TokenEvent
+
+STOP_REASONS = {FinishReason.LENGTH: "max_tokens", FinishReason.EOS_TOKEN: "end_turn",
+                FinishReason.STOP_SEQUENCE: "stop_sequence"}
+TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # "tool": the named function
+
+router = APIRouter(tags=["Anthropic"], route_class=GenerationRoute, responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
+count_router = APIRouter(tags=["Anthropic"], route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
+
+
+def chat_body(body: CountTokensRequest) -> ChatBody:
+    """The OpenAI-style chat body: system first; tool_use blocks as the assistant's tool_calls,
+    tool_result blocks as tool messages right after it (before the user's own text)."""
+    messages = [{"role": "system", "content": _text(body.system)}] if body.system else []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            messages.append({"role": message.role, "content": message.content})
+            continue
+        misplaced, name = (ToolResultBlock, "tool_result") if message.role == "assistant" else (ToolUseBlock, "tool_use")
+        require(not any(isinstance(b, misplaced) for b in message.content),
+                f"`messages.{i}.content`: a {message.role} message cannot hold {name} blocks", f"messages.{i}.content")
+        for block in message.content:
+            if isinstance(block, ToolResultBlock):
+                prefix = "Error: " if block.is_error else ""
+                messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": prefix + _text(block.content)})
+        text = "".join(b.text for b in message.content if isinstance(b, TextBlock))
+        calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+                 for b in message.content if isinstance(b, ToolUseBlock)]
+        if text or calls:
+            messages.append({"role": message.role, "content": text or None, "tool_calls": calls or None})
+    fields = {"messages": messages}
+    if body.tools:
+        fields["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                             "parameters": t.input_schema}} for t in body.tools]
+    if choice := body.tool_choice:
+        fields["tool_choice"] = TOOL_CHOICES.get(choice.type) or {"type": "function", "function": {"name": choice.name}}
+        fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
+    if isinstance(body, MessagesRequest):
+        fields.update(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                      stop=body.stop_sequences, stream=body.stream)
+        if body.output_config and body.output_config.format:
+            fields["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": body.output_config.format.schema_}}
+    return ChatBody.model_validate(fields)
+
+
+def _text(content: str | list[TextBlock]) -> str:
+    return content if isinstance(content, str) else "".join(block.text for block in content)
+
+
+async def messages(body: MessagesRequest, http: Request) -> Response:
+    server = server_of(http)
+    refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
+    dialects.check_model(http, body.model)
+    engine = server.ready_engine()
+    chat = chat_body(body)
+    tools = ToolPlan.of(chat)
+    names = {"max_new_tokens": "max_tokens", "inputs": "messages", "stop": "stop_sequences",
+             "grammar": "tools" if tools else "output_config.format"}
+    with fields_named(names):
+        request = convert.chat_request(chat, engine, tools)
+        shape = MessageShape(server.model_name, tools is not None)
+        return await respond(
+            http, [request], stream=bool(body.stream), to_json=lambda finals: shape.message(finals[0][0]),
+            to_payloads=lambda batches: shape.events(batches, len(engine.tokenizer.encode(request.prompt, add_special_tokens=False))),
+            done_marker=False, named_events=True)
+
+
+async def count_tokens(body: CountTokensRequest, http: Request) -> Response:
+    """The prompt's tokens as the chat template renders the messages, system and tools."""
+    server = server_of(http)
+    refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
+    dialects.check_model(http, body.model)
+    engine = server.ready_engine()
+    chat = chat_body(body)
+    with fields_named({"inputs": "messages"}):
+        request = convert.chat_request(chat, engine, ToolPlan.of(chat))
+    return JSONBody({"input_tokens": len(engine.tokenizer.encode(request.prompt, add_special_tokens=False))})
+
+
+router.add_api_route("/v1/messages", messages, methods=["POST"], summary="Message (Anthropic)")
+count_router.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["POST"],
+                           summary="Count a message's input tokens (Anthropic)")
+
+
+class MessageShape:
+    """The engine's events of one request -> Anthropic's message, or its stream events."""
+
+    def __init__(self, model: str, tools: bool):
+        self.id, self.model, self.tools = f"msg_{uuid.uuid4().hex}", model, tools
+
+    def _message(self, content: list[dict], stop_reason: str | None, stop_sequence: str | None, usage: dict) -> dict:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+
+    def message(self, final: FinalEvent) -> dict:
+        text, calls = parse_tool_calls(final.text) if self.tools else (final.text, [])
+        content = [{"type": "text", "text": text}] if text else []
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": json.loads(c.arguments)} for c in calls]
+        return self._message(content, _stop_reason(final, bool(calls)), final.stop_sequence,
+                             {"input_tokens": final.prompt_tokens, "output_tokens": final.generated_tokens})
+
+    async def events(self, batches: AsyncIterator[list[tuple[int, object]]], input_tokens: int) -> AsyncIterator[list[dict]]:
+        yield [{"type": "message_start",
+                "message": self._message([], None, None, {"input_tokens": input_tokens, "output_tokens": 0})}]
+        blocks, parser = Blocks(), ToolCallStreamParser() if self.tools else None
+        async for batch in batches:
+            out = []
+            for _, event in batch:
+                if isinstance(event, TokenEvent):
+                    out += blocks.feed(parser.feed(event.text) if parser else [ContentDelta(event.text)])
+                    continue
+                tail = parser.feed(event.text_tail) + parser.finish() if parser else [ContentDelta(event.text_tail)]
+                out += blocks.feed(tail) + blocks.close()
+                out.append({"type": "message_delta",
+                            "delta": {"stop_reason": _stop_reason(event, blocks.called), "stop_sequence": event.stop_sequence},
+                            "usage": {"output_tokens": event.generated_tokens}})
+                out.append({"type": "message_stop"})
+            yield out
+
+
+def _stop_reason(final: FinalEvent, called: bool) -> str:
+    return "tool_use" if called and final.finish_reason != FinishReason.LENGTH else STOP_REASONS[final.finish_reason]
+
+
+class Blocks:
+    """A streamed message's content blocks as they open, fill and close: text, or a tool_use whose
+    input arrives as JSON pieces."""
+
+    def __init__(self):
+        self.index, self.open, self.called = -1, None, False
+
+    def feed(self, events: list[StreamEvent]) -> list[dict]:
+        out = []
+        for event in events:
+            if isinstance(event, ContentDelta) and event.text:
+                if self.open != "text":
+                    out += self._start({"type": "text", "text": ""})
+                out.append(self._delta({"type": "text_delta", "text": event.text}))
+            elif isinstance(event, ToolCallStart):
+                self.called = True
+                out += self._start({"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
+            elif isinstance(event, ToolCallArgumentsDelta):
+                out.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
+        return out
+
+    def close(self) -> list[dict]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [{"type": "content_block_stop", "index": self.index}]
+
+    def _start(self, block: dict) -> list[dict]:
+        out = self.close()
+        self.index, self.open = self.index + 1, block["type"]
+        return out + [{"type": "content_block_start", "index": self.index, "content_block": block}]
+
+    def _delta(self, delta: dict) -> dict:
+        return {"type": "content_block_delta", "index": self.index, "delta": delta}
