@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from parley.api import adapters, dialects, service
 from parley.api.anthropic import routes as anthropic_routes
+from parley.api.responses import routes as responses_routes
 from parley.api.auth import ApiKeyAuth
 from parley.api.errors import install_handlers
 from parley.api.openai import routes as openai_routes
@@ -52,7 +53,8 @@ def create_app(config: ServerConfig, engine_config: EngineConfig, load_engine: C
     app.state.server = state
     install_handlers(app)
     for router in (tgi_routes.router, tgi_routes.tokenize_router, openai_routes.router, openai_routes.models_router,
-                   anthropic_routes.router, anthropic_routes.count_router, service.router, adapters.router):
+                   anthropic_routes.router, anthropic_routes.count_router, responses_routes.router,
+                   responses_routes.stored_router, service.router, adapters.router):
         app.include_router(router)
     if config.api_key:
         app.add_middleware(ApiKeyAuth, api_key=config.api_key)

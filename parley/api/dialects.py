@@ -40,6 +40,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as SchemaError
 
 from parley.api.errors import ApiError, refuse_unknown_fields, require, validation_error
 from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
@@ -185,6 +186,19 @@ def check_model(http: Request, model: str | None) -> None:
     served = ", ".join(f"`{name}`" for name in server.model_names)
     raise ApiError(404, f"The model `{model}` does not exist: this server serves {served} and its LoRA adapters "
                    "(GET /v1/models lists them)", "model_not_found", "model")
+
+
+def translated_chat_body(fields: dict, wire_names: dict[str, str]) -> ChatBody:
+    """The chat body another API's request (Anthropic's, the Responses API) translates into. What
+    the chat body refuses is refused naming the field as that API's client sent it (`wire_names`:
+    chat field -> the API's)."""
+    try:
+        return ChatBody.model_validate(fields)
+    except SchemaError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "body"
+        wire = wire_names.get(field, field)
+        raise validation_error(f"Input validation error: `{wire}`: {error['msg']}", wire) from exc
 
 
 def check_api_version(http: Request) -> None:

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from parley.api.admission import Admission
 from parley.api.errors import ApiError
+from parley.api.responses.store import ResponseStore
 from parley.config import EngineConfig, ServerConfig
 from parley.observability.metrics import Metrics
 
@@ -38,6 +39,7 @@ class ServerState:
         self.system_fingerprint = f"parley-{VERSION}"
         self._load_engine = load_engine
         self.draining = False  # set on SIGTERM (cli.DrainingServer): new requests get 503
+        self.responses = ResponseStore()  # what previous_response_id refers to (OpenAI's Responses API)
 
     @property
     def model_name(self) -> str:

@@ -67,7 +67,7 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
         if body.output_config and body.output_config.format:
             fields["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": body.output_config.format.schema_}}
-    return ChatBody.model_validate(fields)
+    return dialects.translated_chat_body(fields, {"stop": "stop_sequences", "response_format": "output_config.format"})
 
 
 def _text(content: str | list[TextBlock]) -> str:
