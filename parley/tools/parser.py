@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from parley.tools.format import CALL_END, CALL_START, new_call_id
-from parley.types import ToolCall
+from parley.types import FinalEvent, TokenEvent, ToolCall
 
 _DECODER = json.JSONDecoder()
 _JSON_WHITESPACE = " \t\n\r"
@@ -264,3 +264,18 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-size:]):
             return size
     return 0
+
+
+class OutputEvents:
+    """A streamed answer's text, token by token, as stream events: parsed for tool calls when the
+    request offered tools, else all content."""
+
+    def __init__(self, tools: bool):
+        self._parser = ToolCallStreamParser() if tools else None
+
+    def of(self, event: TokenEvent | FinalEvent) -> list[StreamEvent]:
+        if isinstance(event, TokenEvent):
+            return self._parser.feed(event.text) if self._parser else [ContentDelta(event.text)]
+        if self._parser is None:
+            return [ContentDelta(event.text_tail)]
+        return self._parser.feed(event.text_tail) + self._parser.finish()

@@ -23,7 +23,7 @@ from parley.api.openai import convert
 from parley.api.openai.tool_calls import ToolPlan
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
-from parley.tools.parser import ContentDelta, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, ToolCallStreamParser, parse_tool_calls
+from parley.tools.parser import ContentDelta, OutputEvents, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, parse_tool_calls
 from parley.types import FinalEvent, FinishReason, TokenEvent
 
 STOP_REASONS = {FinishReason.LENGTH: "max_tokens", FinishReason.EOS_TOKEN: "end_turn",
@@ -74,12 +74,16 @@ def _text(content: str | list[TextBlock]) -> str:
     return content if isinstance(content, str) else "".join(block.text for block in content)
 
 
-async def messages(body: MessagesRequest, http: Request) -> Response:
+def _translated(body: CountTokensRequest, http: Request):
+    """What both routes check first: unknown fields, the model's name; then the chat body."""
     server = server_of(http)
     refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
     dialects.check_model(http, body.model)
-    engine = server.ready_engine()
-    chat = chat_body(body)
+    return server, server.ready_engine(), chat_body(body)
+
+
+async def messages(body: MessagesRequest, http: Request) -> Response:
+    server, engine, chat = _translated(body, http)
     tools = ToolPlan.of(chat)
     names = {"max_new_tokens": "max_tokens", "inputs": "messages", "stop": "stop_sequences",
              "grammar": "tools" if tools else "output_config.format"}
@@ -94,11 +98,7 @@ async def messages(body: MessagesRequest, http: Request) -> Response:
 
 async def count_tokens(body: CountTokensRequest, http: Request) -> Response:
     """The prompt's tokens as the chat template renders the messages, system and tools."""
-    server = server_of(http)
-    refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
-    dialects.check_model(http, body.model)
-    engine = server.ready_engine()
-    chat = chat_body(body)
+    _, engine, chat = _translated(body, http)
     with fields_named({"inputs": "messages"}):
         request = convert.chat_request(chat, engine, ToolPlan.of(chat))
     return JSONBody({"input_tokens": len(engine.tokenizer.encode(request.prompt, add_special_tokens=False))})
@@ -129,15 +129,14 @@ class MessageShape:
     async def events(self, batches: AsyncIterator[list[tuple[int, object]]], input_tokens: int) -> AsyncIterator[list[dict]]:
         yield [{"type": "message_start",
                 "message": self._message([], None, None, {"input_tokens": input_tokens, "output_tokens": 0})}]
-        blocks, parser = Blocks(), ToolCallStreamParser() if self.tools else None
+        blocks, texts = Blocks(), OutputEvents(self.tools)
         async for batch in batches:
             out = []
             for _, event in batch:
+                out += blocks.feed(texts.of(event))
                 if isinstance(event, TokenEvent):
-                    out += blocks.feed(parser.feed(event.text) if parser else [ContentDelta(event.text)])
                     continue
-                tail = parser.feed(event.text_tail) + parser.finish() if parser else [ContentDelta(event.text_tail)]
-                out += blocks.feed(tail) + blocks.close()
+                out += blocks.close()
                 out.append({"type": "message_delta",
                             "delta": {"stop_reason": _stop_reason(event, blocks.called), "stop_sequence": event.stop_sequence},
                             "usage": {"output_tokens": event.generated_tokens}})

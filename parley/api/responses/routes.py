@@ -29,7 +29,7 @@ from parley.api.responses.schemas import FunctionCallItem, FunctionCallOutputIte
 from parley.api.responses.store import CAPACITY, Stored
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, respond
 from parley.api.state import server_of
-from parley.tools.parser import ContentDelta, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, ToolCallStreamParser, parse_tool_calls
+from parley.tools.parser import ContentDelta, OutputEvents, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, parse_tool_calls
 from parley.types import FinalEvent, FinishReason, TokenEvent
 
 router = APIRouter(tags=["OpenAI Responses"], route_class=GenerationRoute,
@@ -187,15 +187,14 @@ class ResponseShape:
         start = self._response("in_progress", [], None)
         yield numbered([{"type": "response.created", "response": start},
                         {"type": "response.in_progress", "response": start}])
-        items, parser = Items(), ToolCallStreamParser() if self.tools else None
+        items, texts = Items(), OutputEvents(self.tools)
         async for batch in batches:
             out = []
             for _, event in batch:
+                out += items.feed(texts.of(event))
                 if isinstance(event, TokenEvent):
-                    out += items.feed(parser.feed(event.text) if parser else [ContentDelta(event.text)])
                     continue
-                tail = parser.feed(event.text_tail) + parser.finish() if parser else [ContentDelta(event.text_tail)]
-                out += items.feed(tail) + items.close()
+                out += items.close()
                 response = keep(self._final(event, items.done))
                 out.append({"type": f"response.{response['status']}", "response": response})
             yield numbered(out)
