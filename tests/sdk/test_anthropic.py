@@ -94,6 +94,11 @@ def test_errors_take_anthropics_shape(client, server):
         client.messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [image]}])
     with pytest.raises(anthropic.BadRequestError, match="temperature"):
         client.messages.create(model="m", max_tokens=4, messages=MESSAGES, extra_body={"temperature": 1.5})
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "1"}]}
+    with pytest.raises(anthropic.BadRequestError, match="`messages.0.content`: tool_result 'toolu_x' answers no tool_use"):
+        client.messages.create(model="m", max_tokens=4, system="Be brief.", messages=[result])  # its index, not the chat's
+    with pytest.raises(anthropic.BadRequestError, match="`tool_choice.name`"):
+        client.messages.create(model="m", max_tokens=4, messages=MESSAGES, tools=[WEATHER], tool_choice={"type": "tool"})
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(
             model="m", max_tokens=4, messages=MESSAGES)

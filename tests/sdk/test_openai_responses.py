@@ -99,3 +99,6 @@ def test_stored_responses_and_their_errors(client):
         client.responses.create(model="gpt-5", input="Hi")
     with pytest.raises(openai.UnprocessableEntityError, match="`input`"):  # nothing to answer
         client.responses.create(model="m", input=[])
+    with pytest.raises(openai.UnprocessableEntityError, match="`input.1`: function_call_output 'call_x' answers no"):
+        client.responses.create(model="m", input=[{"role": "user", "content": "Hi"},
+                                                  {"type": "function_call_output", "call_id": "call_x", "output": "1"}])

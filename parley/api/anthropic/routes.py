@@ -38,15 +38,21 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
     """The OpenAI-style chat body: system first; tool_use blocks as the assistant's tool_calls,
     tool_result blocks as tool messages right after it (before the user's own text)."""
     messages = [{"role": "system", "content": _text(body.system)}] if body.system else []
+    called: set[str] = set()  # the tool_use ids of the assistant message before
     for i, message in enumerate(body.messages):
         if isinstance(message.content, str):
             messages.append({"role": message.role, "content": message.content})
+            called = set()
             continue
+        where = f"messages.{i}.content"
         misplaced, name = (ToolResultBlock, "tool_result") if message.role == "assistant" else (ToolUseBlock, "tool_use")
         require(not any(isinstance(b, misplaced) for b in message.content),
-                f"`messages.{i}.content`: a {message.role} message cannot hold {name} blocks", f"messages.{i}.content")
+                f"Input validation error: `{where}`: {'an' if message.role == 'assistant' else 'a'} {message.role} "
+                f"message cannot hold {name} blocks", where)
         for block in message.content:
             if isinstance(block, ToolResultBlock):
+                require(block.tool_use_id in called, f"Input validation error: `{where}`: tool_result "
+                        f"{block.tool_use_id!r} answers no tool_use of the assistant message before it", where)
                 prefix = "Error: " if block.is_error else ""
                 messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": prefix + _text(block.content)})
         text = "".join(b.text for b in message.content if isinstance(b, TextBlock))
@@ -54,11 +60,14 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
                  for b in message.content if isinstance(b, ToolUseBlock)]
         if text or calls:
             messages.append({"role": message.role, "content": text or None, "tool_calls": calls or None})
+        called = {call["id"] for call in calls}
     fields = {"messages": messages}
     if body.tools:
         fields["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                              "parameters": t.input_schema}} for t in body.tools]
     if choice := body.tool_choice:
+        require(choice.type != "tool" or choice.name is not None,
+                'Input validation error: `tool_choice.name` is required with `"type": "tool"`', "tool_choice.name")
         fields["tool_choice"] = TOOL_CHOICES.get(choice.type) or {"type": "function", "function": {"name": choice.name}}
         fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
     if isinstance(body, MessagesRequest):

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request, Response
 
 from parley.api import dialects
 from parley.api.dialects import ChatBody
-from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_unknown_fields
+from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert
 from parley.api.openai.tool_calls import ToolPlan
@@ -41,11 +41,13 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def input_messages(body: ResponsesRequest) -> list[dict]:
-    """`input` as chat messages: function calls join the assistant message before them."""
+def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
+    """`input` as chat messages: function calls join the assistant message before them. A call's
+    output must answer a call made before it, in `input` or the stored conversation."""
     items = [MessageItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     messages: list[dict] = []
-    for item in items:
+    called = {call["id"] for message in history for call in message.get("tool_calls") or []}
+    for i, item in enumerate(items):
         if isinstance(item, MessageItem):
             text = item.content if isinstance(item.content, str) else "".join(part.text for part in item.content)
             messages.append({"role": "system" if item.role == "developer" else item.role, "content": text})
@@ -54,7 +56,10 @@ def input_messages(body: ResponsesRequest) -> list[dict]:
             if not (messages and messages[-1]["role"] == "assistant"):
                 messages.append({"role": "assistant", "content": None})
             messages[-1].setdefault("tool_calls", []).append(call)
+            called.add(item.call_id)
         elif isinstance(item, FunctionCallOutputItem):
+            require(item.call_id in called, f"Input validation error: `input.{i}`: function_call_output "
+                    f"{item.call_id!r} answers no function_call before it", f"input.{i}")
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
     return messages
 
@@ -91,7 +96,7 @@ async def create(body: ResponsesRequest, http: Request) -> Response:
                            f"(store: false), was deleted, or is older than the last {CAPACITY} this server keeps",
                            "invalid_request_error", "previous_response_id")
         history = previous.history
-    new_messages = input_messages(body)
+    new_messages = input_messages(body, history)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat = chat_body(body, system + history + new_messages)
     tools = ToolPlan.of(chat)
