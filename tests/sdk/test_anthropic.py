@@ -11,6 +11,7 @@ from sdk_common import CITY_SCHEMA, KEY, MESSAGES, WEATHER_FUNCTION, assert_city
 
 pytestmark = pytest.mark.slow
 GREEDY = {"extra_body": {"temperature": 0}}
+QUESTION = MESSAGES[0]["content"]
 WEATHER = {"name": WEATHER_FUNCTION["name"], "description": WEATHER_FUNCTION["description"],
            "input_schema": WEATHER_FUNCTION["parameters"]}
 
@@ -34,6 +35,20 @@ def test_a_message_is_the_same_answer_as_the_chat_completion(client, server):
     counted = client.messages.count_tokens(model="m", system=system, messages=MESSAGES).input_tokens
     assert counted == client.messages.create(model="m", max_tokens=1, system=system, messages=MESSAGES).usage.input_tokens
     assert counted > r.usage.input_tokens - 30  # SmolLM2's template adds its own system prompt only without one
+    # cache_control is accepted anywhere Anthropic takes it: the same answer (prefix sharing is always on)
+    cached = [{"role": "user", "content": [{"type": "text", "text": QUESTION, "cache_control": {"type": "ephemeral"}}]}]
+    again = client.messages.create(model="m", max_tokens=6, messages=cached, cache_control={"type": "ephemeral"}, **GREEDY)
+    assert again.content[0].text == r.content[0].text
+
+
+def test_a_tool_results_is_error_reaches_the_template(client):
+    def counted(is_error: bool) -> int:
+        call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+        result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "timeout", "is_error": is_error}
+        messages = [*MESSAGES, {"role": "assistant", "content": [call]}, {"role": "user", "content": [result]}]
+        return client.messages.count_tokens(model="m", tools=[WEATHER], messages=messages).input_tokens
+
+    assert counted(True) > counted(False)  # "Error: " before its content
 
 
 def test_the_stream_is_anthropics_named_events_in_order(client, server):

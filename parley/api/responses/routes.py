@@ -150,16 +150,16 @@ class ResponseShape:
 
     def __init__(self, body: ResponsesRequest, model: str, tools: bool):
         self.id, self.created_at, self.model, self.tools = _new_id("resp"), int(time.time()), model, tools
+        choice = body.tool_choice or "auto"
         self.echo = {  # the request's settings, as the Response object repeats them
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id, "temperature": body.temperature,
             "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None
-            else body.tool_choice.model_dump(), "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+            "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
             "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)}
             if body.text and body.text.format else {"format": {"type": "text"}},
             "store": body.store is not False, "metadata": {}}
-        self.echo["tool_choice"] = self.echo["tool_choice"] or "auto"
 
     def _response(self, status: str, output: list[dict], usage: dict | None, final: FinalEvent | None = None) -> dict:
         incomplete = {"reason": "max_output_tokens"} if final and final.finish_reason == FinishReason.LENGTH else None
