@@ -47,6 +47,9 @@ SERVER_FLAGS = {
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
     "--unknown-fields": (lambda value: _one_of(value, ("refuse", "ignore")), "refuse (default: 400, or 422 on TGI's routes, naming a body field Parley does "
                               "not know) | ignore (for clients that send fields of their own)"),
+    "--reasoning-format": (lambda value: _one_of(value, ("auto", "none")), "auto (default: a thinking model's reasoning "
+                           "goes to reasoning_content, apart from the answer) | none (it stays in the content, "
+                           "<think> tags and all); a request's parse_reasoning decides for itself"),
 }
 
 

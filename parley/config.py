@@ -142,6 +142,7 @@ class ServerConfig:
     lora_root: str | None = None  # the folder /v1/load_lora_adapter may read adapters from; None: none
     served_model_names: tuple[str, ...] = ()  # names `model` may give (the first is reported); (): the model id
     unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
+    reasoning_format: str = "auto"  # a thinking model's reasoning: "auto" (apart, reasoning_content) or "none" (in content)
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
@@ -158,8 +159,11 @@ class ServerConfig:
             drain_timeout=_env("DRAIN_TIMEOUT", cls.drain_timeout, float),
             lora_root=_env("LORA_ROOT", None),
             unknown_fields=_env("UNKNOWN_FIELDS", cls.unknown_fields),
+            reasoning_format=_env("REASONING_FORMAT", cls.reasoning_format),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["unknown_fields"] not in ("refuse", "ignore"):
             raise ValueError(f"--unknown-fields must be refuse or ignore, not {values['unknown_fields']!r}")
+        if values["reasoning_format"] not in ("auto", "none"):
+            raise ValueError(f"--reasoning-format must be auto or none, not {values['reasoning_format']!r}")
         return cls(**values)

@@ -53,6 +53,22 @@ class Grammar:
 
 
 @dataclass
+class Reasoning:
+    """A model that thinks between two marker tokens before it answers (`<think>` ... `</think>`).
+
+    The engine follows where each sequence stands: a grammar constrains the answer only; past
+    `budget` tokens of thinking, `close_ids` (ending with `end_id`) are forced so the model answers;
+    `max_answer_tokens` caps the tokens after the thinking (SiliconFlow's max_tokens)."""
+
+    start_id: int
+    end_id: int
+    close_ids: list[int]
+    phase: str = "maybe"  # where the prompt leaves the model: "thinking", "answer" or "maybe" (it may open one)
+    budget: int | None = None  # thinking tokens, markers and close included; None: no bound
+    max_answer_tokens: int | None = None
+
+
+@dataclass
 class GenerationRequest:
     prompt: str | list[int]  # text, or token ids already encoded
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -66,6 +82,7 @@ class GenerationRequest:
     adapter_id: str | None = None
     timeout_s: float | None = None  # a request still queued or running past it fails with TimeoutError
     draft_text: str | None = None  # predicted output, verified as speculative draft tokens
+    reasoning: Reasoning | None = None  # the model thinks first (see Reasoning)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -102,6 +119,7 @@ class FinalEvent:
     prefill: list[Token] | None = None  # with decoder_input_details
     text_tail: str = ""  # output text held back until the end and not yet sent in a TokenEvent
     stop_sequence: str | None = None  # with FinishReason.STOP_SEQUENCE: which one
+    reasoning_tokens: int = 0  # of generated_tokens, those of the thinking (with GenerationRequest.reasoning)
     queue_s: float = 0.0  # seconds between arrival and the first scheduled step
     inference_s: float = 0.0  # seconds between the first scheduled step and the end
 

@@ -19,6 +19,20 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
+# A thinking model's template, as DeepSeek-R1's and Qwen3's behave: the generation prompt opens the
+# thinking; `enable_thinking: false` closes an empty one (Qwen3); `free_thinking: true` leaves it
+# to the model to open one with its first token (Qwen3's default).
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['role'] == 'assistant' and message.get('reasoning_content') and loop.last %}"
+    "{{ '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+    "{% elif not free_thinking %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+THINK_TOKENS = ["<think>", "</think>"]  # added, not special, as in Qwen3's and DeepSeek-R1's tokenizers
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello, world! How are you today? I am fine, thank you.",
@@ -75,19 +89,24 @@ def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
 
 
 def make_tiny_model(
-    path, arch: str = "llama", *, tie: bool = True, seed: int = 0, vocab_size: int | None = None, **overrides
+    path, arch: str = "llama", *, tie: bool = True, seed: int = 0, vocab_size: int | None = None,
+    thinking: bool = False, **overrides
 ) -> str:
     """Write a random `arch` ("llama" or "qwen2") checkpoint + tokenizer to folder `path`; return it.
 
     The model's vocab equals the tokenizer's (~400 tokens) unless `vocab_size` pads it larger, as
     real checkpoints often do. `overrides` go to the HF config (e.g. rope_scaling). Every weight,
     norms and biases included, is random so that a wrongly loaded tensor changes the logits.
+    `thinking`: a model that thinks, with THINK_TOKENS and THINKING_TEMPLATE.
     """
+    from tokenizers import AddedToken
     from transformers import AutoModelForCausalLM
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(400)
+    if thinking:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     n_tokens = tokenizer.get_vocab_size()
     if vocab_size is not None and vocab_size < n_tokens:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
@@ -109,7 +128,7 @@ def make_tiny_model(
         "eos_token": "<|im_end|>",
         "unk_token": "<|endoftext|>",
         "pad_token": "<|im_end|>",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": THINKING_TEMPLATE if thinking else CHAT_TEMPLATE,
         "model_max_length": config.max_position_embeddings,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

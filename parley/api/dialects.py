@@ -26,9 +26,11 @@ Which rules apply where:
   `AZURE_API_VERSIONS` (what the Azure AI model inference API here implements) is refused with 400
   naming `api-version`, on any route (`check_api_version`, an app-wide dependency).
 - SiliconFlow (/siliconflow/v1/..., chosen by the client's base URL): its documented limits
-  (1 < max_tokens < 4096, at most 4 stop sequences) and its finish reason "eos" for a choice that
-  the model's end-of-sequence token ended. Other routes say "stop" there: Friendli and
-  text-generation reject any finish reason but stop/length/tool_calls.
+  (1 < max_tokens < 4096, at most 4 stop sequences, 128 <= thinking_budget <= 32768) and its finish
+  reason "eos" for a choice that the model's end-of-sequence token ended. Other routes say "stop"
+  there: Friendli and text-generation reject any finish reason but stop/length/tool_calls. For a
+  thinking model, its `max_tokens` bounds the answer alone and `thinking_budget` (default 4096) the
+  thinking, as its documents say; elsewhere max_tokens bounds both, as OpenAI's and vLLM's.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from pydantic import ValidationError as SchemaError
 
 from parley.api.errors import ApiError, refuse_unknown_fields, require, validation_error
@@ -59,6 +61,7 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
 EXTRA_PARAMETERS_MODES = ("pass-through", "drop", "error")
 AZURE_API_VERSIONS = ("2024-05-01-preview",)  # the azure-ai-inference SDK's (1.0.0b9) and its seed document's
 SILICONFLOW_MAX_STOP = 4
+SILICONFLOW_THINKING_BUDGET = (128, 32768)  # its documented range; its default is 4096
 
 
 
@@ -90,6 +93,17 @@ class ChatBody(ChatRequest):
     timeout_microseconds: int | None = Field(None, ge=1, description="Friendli: past it, the request fails with 429")
     safe_prompt: bool | None = Field(False, description="Mistral: prepend its safety system prompt")
     adapter_id: str | None = Field(None, description="TGI's name; Friendli's model suffix `:ADAPTER_ROUTE` sets it")
+    # reasoning (docs/API.md, "Reasoning"): every dialect's fields, honored on every chat route
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM, Friendli: extra variables for the chat template, e.g. enable_thinking")
+    enable_thinking: bool | None = Field(None, description="SiliconFlow: let a thinking model think (default true)")
+    thinking_budget: int | None = Field(None, ge=0, description="SiliconFlow: at most this many tokens of thinking")
+    reasoning_budget: int | None = Field(None, ge=1, description="Friendli's thinking_budget")
+    parse_reasoning: bool | None = Field(
+        None, description="Friendli: a thinking model's reasoning goes to `reasoning_content` (default: the "
+                          "server's --reasoning-format)")
+    include_reasoning: bool | None = Field(None, description="Friendli: false leaves the parsed reasoning out")
+    _max_tokens_counts_thinking: bool = PrivateAttr(True)  # SiliconFlow: max_tokens bounds the answer only
 
 
 # -- the one table: wire field -> internal field --------------------------------------------------
@@ -259,6 +273,11 @@ def _with_safety_prompt(messages: list[ChatMessage]) -> list[ChatMessage]:
 
 
 def _check_siliconflow_limits(body: ChatBody) -> None:
+    body._max_tokens_counts_thinking = False
+    if body.thinking_budget is not None:
+        require(SILICONFLOW_THINKING_BUDGET[0] <= body.thinking_budget <= SILICONFLOW_THINKING_BUDGET[1],
+                f"Input validation error: `thinking_budget` must be between {SILICONFLOW_THINKING_BUDGET[0]} and "
+                f"{SILICONFLOW_THINKING_BUDGET[1]}. Given: {body.thinking_budget}", "thinking_budget")
     if body.max_tokens is not None:
         require(1 < body.max_tokens < 4096, "Input validation error: `max_tokens` must be greater than 1 and "
                 f"less than 4096. Given: {body.max_tokens}", "max_tokens")

@@ -36,6 +36,7 @@ from parley.models.loader import default_model_path, load_model
 from parley.sampling.sampler import Sampler
 from parley.structured import GrammarCompiler
 from parley.tokenization.chat_template import ChatTemplate
+from parley.tokenization.reasoning import find_reasoning
 from parley.tokenization.tokenizer import load_tokenizer
 from parley.types import FinalEvent, GenerationRequest, OverloadedError, TokenEvent
 
@@ -81,6 +82,7 @@ class AsyncEngine:
         self.dtype = str(DTYPES[config.dtype])
         self.device = str(config.device)
         self.grammar_compiler = grammar_compiler
+        self.reasoning = find_reasoning(tokenizer)  # the model's thinking markers, None if it does not think
         self.adapters: LoRARegistry = core.adapters
         self._adapter_requests: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
@@ -127,8 +129,7 @@ class AsyncEngine:
         model, model_config = load_model(path, DTYPES[config.dtype], device, config.quantize)
         release_freed_memory()
         tokenizer = load_tokenizer(path)
-        chat_template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token) \
-            if tokenizer.chat_template else ChatTemplate.default(tokenizer.bos_token, tokenizer.eos_token)
+        chat_template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)  # None: ChatML
 
         max_total = config.max_total_tokens or min(model_config.max_position_embeddings, DEFAULT_MAX_TOTAL_TOKENS)
         max_input = config.max_input_tokens or max_total - 1

@@ -29,7 +29,7 @@ from parley.engine.sequence import Sequence
 from parley.sampling.metadata import SamplingRow
 from parley.structured import allocate_bitmask, bitmask_to_bool, fill_bitmasks
 from parley.tokenization.detokenizer import IncrementalDetokenizer
-from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, NotFoundError,
+from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, NotFoundError, Reasoning,
                           RequestTimeoutError, Token, TokenEvent)
 
 log = logging.getLogger("parley.engine")
@@ -81,6 +81,66 @@ class SequenceState:
     prompt_logprobs: list[float] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)  # empty unless the sequence can speculate exactly
     draft_cursor: int = 0
+    thinking: ThinkingState | None = None  # with GenerationRequest.reasoning
+
+
+@dataclass
+class ThinkingState:
+    """Where a thinking model's sequence stands (types.Reasoning): its phase ("maybe" it opens a
+    thinking with its next token, "thinking", "answer"), the tokens it thought and answered, and
+    the close still to force once the budget is spent."""
+
+    rules: Reasoning
+    phase: str
+    thought: int = 0
+    answered: int = 0
+    forced: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, rules: Reasoning) -> ThinkingState:
+        state = cls(rules, rules.phase)
+        state._force_if_spent()
+        return state
+
+    def mask_edit(self) -> tuple[str, int] | None:
+        """How the next token's allowed set differs from the grammar's: ("only", t), ("also", t) or
+        ("not", t)."""
+        if self.forced:
+            return "only", self.forced[0]
+        if self.phase == "maybe":  # the first token may open a thinking, unless there is no room for one
+            return ("not", self.rules.start_id) if self.rules.budget == 0 else ("also", self.rules.start_id)
+        return None
+
+    def constrains_answer(self) -> bool:
+        """The grammar's mask applies to the next token (when it "maybe" opens a thinking, with the
+        start marker allowed besides); a thinking is free."""
+        return self.phase != "thinking"
+
+    def advance(self, token_id: int) -> bool:
+        """Take the next token; True if it belongs to the answer (so the grammar must accept it)."""
+        if self.forced and token_id == self.forced[0]:
+            self.forced.pop(0)
+        if self.phase == "maybe":
+            self.phase = "thinking" if token_id == self.rules.start_id else "answer"
+        elif self.phase == "thinking" and token_id == self.rules.end_id:
+            self.phase = "answer"
+            self.thought += 1
+            self.forced = []
+            return False
+        if self.phase == "answer":
+            self.answered += 1
+            return True
+        self.thought += 1
+        self._force_if_spent()
+        return False
+
+    def answer_spent(self) -> bool:
+        return self.rules.max_answer_tokens is not None and self.answered >= self.rules.max_answer_tokens
+
+    def _force_if_spent(self) -> None:
+        budget, close = self.rules.budget, self.rules.close_ids
+        if self.phase == "thinking" and budget is not None and not self.forced and self.thought + len(close) >= budget:
+            self.forced = list(close)
 
 
 @dataclass
@@ -194,7 +254,7 @@ class EngineCore:
         sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
         filled = None
         try:
-            allowed, filled = self._grammar_mask(sampling)
+            allowed, filled = self._allowed_tokens(sampling)
             result = self.runner.execute(sched, [self._sampling_row(seq) for seq in sampling], allowed)
         except Exception as exc:  # a failed forward: fail the requests in it, keep serving the rest
             log.exception("engine step failed")
@@ -275,7 +335,8 @@ class EngineCore:
                 generator.manual_seed(seed)
             state = SequenceState(
                 IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, prompt_tail_ids=tail),
-                generator, seed, prepared.matchers[index] if prepared.matchers else None)
+                generator, seed, prepared.matchers[index] if prepared.matchers else None,
+                thinking=ThinkingState.start(request.reasoning) if request.reasoning else None)
             if prepared.draft_ids and self._verifies_exactly(request, state):
                 state.draft = prepared.draft_ids
             self.states[seq.seq_id] = state
@@ -325,19 +386,33 @@ class EngineCore:
             suppressed_ids=suppressed,
         )
 
-    def _grammar_mask(self, sampling: list[Sequence]) -> tuple[Callable[[], torch.Tensor] | None, Future | None]:
+    def _allowed_tokens(self, sampling: list[Sequence]) -> tuple[Callable[[], torch.Tensor] | None, Future | None]:
         """The allowed tokens of the sampling rows as a function giving [B, V] bools once the forward
-        has run, and the future of the bitmask being filled meanwhile on the grammar thread.
-        (None, None) when no row is constrained."""
-        matchers = [self.states[seq.seq_id].matcher for seq in sampling]
-        if all(m is None for m in matchers):
+        has run, and the future of the grammar bitmask being filled meanwhile on the grammar thread.
+        (None, None) when no row is constrained. A thinking sequence's grammar waits for its answer;
+        its own rules (a forced close, whether it may open a thinking) edit its row."""
+        states = [self.states[seq.seq_id] for seq in sampling]
+        matchers = [s.matcher if s.thinking is None or s.thinking.constrains_answer() else None for s in states]
+        edits = [(row, s.thinking.mask_edit()) for row, s in enumerate(states) if s.thinking is not None]
+        edits = [(row, edit) for row, edit in edits if edit is not None]
+        if all(m is None for m in matchers) and not edits:
             return None, None
-        bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-        filled = self._grammar_thread.submit(fill_bitmasks, matchers, bitmask)
+        filled = bitmask = None
+        if any(m is not None for m in matchers):
+            bitmask = allocate_bitmask(len(matchers), self.vocab_size)
+            filled = self._grammar_thread.submit(fill_bitmasks, matchers, bitmask)
 
         def allowed() -> torch.Tensor:
-            filled.result()
-            return bitmask_to_bool(bitmask, self.vocab_size).to(self.runner.device)
+            if filled is None:
+                mask = torch.ones(len(matchers), self.vocab_size, dtype=torch.bool)
+            else:
+                filled.result()
+                mask = bitmask_to_bool(bitmask, self.vocab_size)
+            for row, (kind, token) in edits:
+                if kind == "only":
+                    mask[row] = False
+                mask[row, token] = kind != "not"
+            return mask.to(self.runner.device)
 
         return allowed, filled
 
@@ -347,7 +422,7 @@ class EngineCore:
         p = request.sampling
         plain = not (p.do_sample or p.frequency_penalty or p.presence_penalty or p.logit_bias or p.watermark
                      or p.top_n_tokens or p.repetition_penalty != 1.0)
-        return plain and state.matcher is None
+        return plain and state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)
 
     def _append_verified(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
         """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
@@ -373,7 +448,8 @@ class EngineCore:
         state.tokens.append(token)
         top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]
         state.top_tokens.append(top)
-        if state.matcher is not None and not state.matcher.accept(token_id):
+        answers = state.thinking is None or state.thinking.advance(token_id)
+        if answers and state.matcher is not None and not state.matcher.accept(token_id):
             raise GenerationError(f"token {token_id} rejected by the grammar")
         text = state.detokenizer.add(token_id)
 
@@ -388,9 +464,9 @@ class EngineCore:
             reason = FinishReason.EOS_TOKEN
         elif state.detokenizer.stopped:
             reason = FinishReason.STOP_SEQUENCE
-        elif state.matcher is not None and state.matcher.is_terminated():
+        elif answers and state.matcher is not None and state.matcher.is_terminated():
             reason = FinishReason.EOS_TOKEN
-        elif seq.num_output_tokens >= stopping.max_new_tokens:
+        elif seq.num_output_tokens >= stopping.max_new_tokens or (state.thinking and state.thinking.answer_spent()):
             reason = FinishReason.LENGTH
         req.events.append(TokenEvent(seq.index, token, text, top))
         if reason is not None:
@@ -414,7 +490,8 @@ class EngineCore:
             index=seq.index, finish_reason=reason, text=state.detokenizer.output_text,
             generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
             tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
-            stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first))
+            stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
+            reasoning_tokens=state.thinking.thought if state.thinking else 0))
         if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
             self._forget(req)
 

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Used when the model ships no template.
@@ -18,6 +19,10 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# What `render` itself passes to the template (with the special tokens' text).
+RENDER_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
 class ChatTemplateError(ValueError):
@@ -48,8 +53,12 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
-        self._template = env.from_string(template or DEFAULT_CHAT_TEMPLATE)
+        source = template or DEFAULT_CHAT_TEMPLATE
+        self._template = env.from_string(source)
         self._special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
+        # the variables a request may set (chat_template_kwargs): those the template reads, but ours
+        self.variables = frozenset(jinja2.meta.find_undeclared_variables(env.parse(source))) - set(RENDER_VARIABLES) \
+            - set(env.globals)
 
     def render(
         self,

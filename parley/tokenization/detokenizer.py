@@ -92,3 +92,12 @@ class IncrementalDetokenizer:
             if any(stop.startswith(suffix) for stop in self._stops):
                 return n
         return 0
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that could be the beginning of `marker`: text to hold back
+    while a streamed marker may still be arriving."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0

@@ -4,6 +4,8 @@ prompt, a grammar keeps the calls well-formed, and a parser reads them back (for
 from parley.tools.grammar import tool_call_grammar
 from parley.tools.parser import (
     ContentDelta,
+    OutputEvents,
+    ReasoningDelta,
     StreamEvent,
     ToolCallArgumentsDelta,
     ToolCallStart,
@@ -17,6 +19,8 @@ __all__ = [
     "DEFAULT_TOOL_PROMPT",
     "MAX_TOOLS",
     "ContentDelta",
+    "OutputEvents",
+    "ReasoningDelta",
     "StreamEvent",
     "ToolCallArgumentsDelta",
     "ToolCallStart",

@@ -12,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from parley.tokenization.detokenizer import partial_suffix
+from parley.tokenization.reasoning import ReasoningSplitter
 from parley.tools.format import CALL_END, CALL_START, new_call_id
 from parley.types import FinalEvent, TokenEvent, ToolCall
 
@@ -59,7 +61,14 @@ class ToolCallArgumentsDelta:
     arguments: str  # the next piece of the call's arguments JSON
 
 
-StreamEvent = ContentDelta | ToolCallStart | ToolCallArgumentsDelta
+@dataclass
+class ReasoningDelta:
+    """The next piece of a thinking model's reasoning (see tokenization/reasoning.py)."""
+
+    text: str
+
+
+StreamEvent = ContentDelta | ReasoningDelta | ToolCallStart | ToolCallArgumentsDelta
 
 
 class ToolCallStreamParser:
@@ -106,7 +115,7 @@ class ToolCallStreamParser:
 
     def _read_content(self, events: list[StreamEvent]) -> bool:
         start = self._pending.find(CALL_START)
-        shown = start if start >= 0 else len(self._pending) - _partial_suffix(self._pending, CALL_START)
+        shown = start if start >= 0 else len(self._pending) - partial_suffix(self._pending, CALL_START)
         if shown:
             events.append(ContentDelta(self._pending[:shown]))
         if start < 0:
@@ -258,24 +267,34 @@ def _skip_whitespace(text: str, pos: int) -> int:
     return pos
 
 
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that could be the beginning of `marker`."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
-
-
 class OutputEvents:
-    """A streamed answer's text, token by token, as stream events: parsed for tool calls when the
-    request offered tools, else all content."""
+    """A streamed answer's text, token by token, as stream events: a thinking model's reasoning split
+    off first (`phase`: where its prompt left it; None: no split), the rest parsed for tool calls
+    when the request offered tools, else all content."""
 
-    def __init__(self, tools: bool):
+    def __init__(self, tools: bool, phase: str | None = None):
         self._parser = ToolCallStreamParser() if tools else None
+        self._splitter = ReasoningSplitter(phase) if phase else None
 
     def of(self, event: TokenEvent | FinalEvent) -> list[StreamEvent]:
         if isinstance(event, TokenEvent):
-            return self._parser.feed(event.text) if self._parser else [ContentDelta(event.text)]
-        if self._parser is None:
-            return [ContentDelta(event.text_tail)]
-        return self._parser.feed(event.text_tail) + self._parser.finish()
+            return self._content(self._split(event.text, end=False), end=False)
+        return self._content(self._split(event.text_tail, end=True), end=True)
+
+    def _split(self, text: str, end: bool) -> list[tuple[str, str]]:
+        if self._splitter is None:
+            return [("content", text)]
+        return self._splitter.feed(text) + (self._splitter.finish() if end else [])
+
+    def _content(self, pieces: list[tuple[str, str]], end: bool) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for kind, text in pieces:
+            if kind == "reasoning":
+                events.append(ReasoningDelta(text))
+            elif self._parser is None:
+                events.append(ContentDelta(text))
+            else:
+                events += self._parser.feed(text)
+        if end and self._parser is not None:
+            events += self._parser.finish()
+        return events

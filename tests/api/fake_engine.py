@@ -49,6 +49,8 @@ class FakeTokenizer:
 
 
 class FakeChatTemplate:
+    variables = frozenset()  # reads none of a request's chat_template_kwargs
+
     def render(self, messages: list[dict], tools=None, add_generation_prompt: bool = True, **kw) -> str:
         parts = []
         for m in messages:
@@ -81,6 +83,7 @@ class FakeEngine:
                                           max_batch_total_tokens=config.max_batch_total_tokens or 4096)
         self.tokenizer = FakeTokenizer()
         self.chat_template = FakeChatTemplate()
+        self.reasoning = None  # the fake model does not think
         self.model_id = config.model_id or "fake-model"
         self.dtype, self.device = "torch.float32", "cpu"
         self._blocks: dict[str, int] = {}

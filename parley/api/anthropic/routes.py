@@ -15,15 +15,18 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request, Response
 
 from parley.api import dialects
-from parley.api.anthropic.schemas import CountTokensRequest, MessagesRequest, TextBlock, ToolResultBlock, ToolUseBlock
+from parley.api.anthropic.schemas import (CountTokensRequest, MessagesRequest, TextBlock, ThinkingBlock, ThinkingConfig,
+                                          ToolResultBlock, ToolUseBlock)
 from parley.api.dialects import ChatBody
 from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
-from parley.api.openai import convert
+from parley.api.openai import convert, reasoning
 from parley.api.openai.tool_calls import ToolPlan
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
-from parley.tools.parser import ContentDelta, OutputEvents, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, parse_tool_calls
+from parley.tokenization.reasoning import split_reasoning
+from parley.tools.parser import (ContentDelta, OutputEvents, ReasoningDelta, StreamEvent, ToolCallArgumentsDelta,
+                                 ToolCallStart, parse_tool_calls)
 from parley.types import FinalEvent, FinishReason, TokenEvent
 
 STOP_REASONS = {FinishReason.LENGTH: "max_tokens", FinishReason.EOS_TOKEN: "end_turn",
@@ -46,6 +49,8 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
             continue
         where = f"messages.{i}.content"
         misplaced, name = (ToolResultBlock, "tool_result") if message.role == "assistant" else (ToolUseBlock, "tool_use")
+        if message.role == "user" and any(isinstance(b, ThinkingBlock) for b in message.content):
+            misplaced, name = ThinkingBlock, "thinking"
         require(not any(isinstance(b, misplaced) for b in message.content),
                 f"Input validation error: `{where}`: {'an' if message.role == 'assistant' else 'a'} {message.role} "
                 f"message cannot hold {name} blocks", where)
@@ -56,12 +61,14 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
                 prefix = "Error: " if block.is_error else ""
                 messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": prefix + _text(block.content)})
         text = "".join(b.text for b in message.content if isinstance(b, TextBlock))
+        thought = "".join(b.thinking for b in message.content if isinstance(b, ThinkingBlock))
         calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
                  for b in message.content if isinstance(b, ToolUseBlock)]
-        if text or calls:
-            messages.append({"role": message.role, "content": text or None, "tool_calls": calls or None})
+        if text or calls or thought:
+            messages.append({"role": message.role, "content": text or None, "tool_calls": calls or None,
+                             "reasoning_content": thought or None})
         called = {call["id"] for call in calls}
-    fields = {"messages": messages}
+    fields = {"messages": messages, **_thinking_fields(body.thinking, getattr(body, "max_tokens", None))}
     if body.tools:
         fields["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                              "parameters": t.input_schema}} for t in body.tools]
@@ -76,7 +83,24 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
         if body.output_config and body.output_config.format:
             fields["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": body.output_config.format.schema_}}
-    return dialects.translated_chat_body(fields, {"stop": "stop_sequences", "response_format": "output_config.format"})
+    return dialects.translated_chat_body(fields, {"stop": "stop_sequences", "response_format": "output_config.format",
+                                                  "thinking_budget": "thinking.budget_tokens",
+                                                  "enable_thinking": "thinking.type"})
+
+
+def _thinking_fields(thinking: ThinkingConfig | None, max_tokens: int | None) -> dict:
+    """`thinking` as the chat body's reasoning fields (openai/reasoning.py)."""
+    if thinking is None:
+        return {}
+    if thinking.type == "disabled":
+        return {"enable_thinking": False}
+    if thinking.type == "adaptive":
+        return {"enable_thinking": True}
+    require(thinking.budget_tokens is not None, 'Input validation error: `thinking.budget_tokens` is required with '
+            '`"type": "enabled"`', "thinking.budget_tokens")
+    require(max_tokens is None or thinking.budget_tokens < max_tokens, "Input validation error: "
+            f"`thinking.budget_tokens` must be less than `max_tokens` ({max_tokens})", "thinking.budget_tokens")
+    return {"enable_thinking": True, "thinking_budget": thinking.budget_tokens}
 
 
 def _text(content: str | list[TextBlock]) -> str:
@@ -88,7 +112,11 @@ def _translated(body: CountTokensRequest, http: Request):
     server = server_of(http)
     refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
     dialects.check_model(http, body.model)
-    return server, server.ready_engine(), chat_body(body)
+    engine = server.ready_engine()
+    require(body.thinking is None or body.thinking.type == "disabled" or engine.reasoning is not None,
+            f"Input validation error: `thinking.type` {body.thinking and body.thinking.type!r}: this model does not "
+            "think", "thinking.type")
+    return server, engine, chat_body(body)
 
 
 async def messages(body: MessagesRequest, http: Request) -> Response:
@@ -98,7 +126,8 @@ async def messages(body: MessagesRequest, http: Request) -> Response:
              "grammar": "tools" if tools else "output_config.format"}
     with fields_named(names):
         request = convert.chat_request(chat, engine, tools)
-        shape = MessageShape(server.model_name, tools is not None)
+        shape = MessageShape(server.model_name, tools is not None,
+                             reasoning.split_phase(request, chat, server.config.reasoning_format == "auto"))
         return await respond(
             http, [request], stream=bool(body.stream), to_json=lambda finals: shape.message(finals[0][0]),
             to_payloads=lambda batches: shape.events(batches, len(engine.tokenizer.encode(request.prompt, add_special_tokens=False))),
@@ -121,16 +150,19 @@ count_router.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["
 class MessageShape:
     """The engine's events of one request -> Anthropic's message, or its stream events."""
 
-    def __init__(self, model: str, tools: bool):
-        self.id, self.model, self.tools = f"msg_{uuid.uuid4().hex}", model, tools
+    def __init__(self, model: str, tools: bool, phase: str | None):
+        """`phase`: where a thinking model's answer starts, for its thinking block (None: no split)."""
+        self.id, self.model, self.tools, self.phase = f"msg_{uuid.uuid4().hex}", model, tools, phase
 
     def _message(self, content: list[dict], stop_reason: str | None, stop_sequence: str | None, usage: dict) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
                 "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
 
     def message(self, final: FinalEvent) -> dict:
-        text, calls = parse_tool_calls(final.text) if self.tools else (final.text, [])
-        content = [{"type": "text", "text": text}] if text else []
+        thought, text = split_reasoning(final.text, self.phase) if self.phase else (None, final.text)
+        text, calls = parse_tool_calls(text) if self.tools else (text, [])
+        content = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
+        content += [{"type": "text", "text": text}] if text else []
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": json.loads(c.arguments)} for c in calls]
         return self._message(content, _stop_reason(final, bool(calls)), final.stop_sequence,
                              {"input_tokens": final.prompt_tokens, "output_tokens": final.generated_tokens})
@@ -138,7 +170,7 @@ class MessageShape:
     async def events(self, batches: AsyncIterator[list[tuple[int, object]]], input_tokens: int) -> AsyncIterator[list[dict]]:
         yield [{"type": "message_start",
                 "message": self._message([], None, None, {"input_tokens": input_tokens, "output_tokens": 0})}]
-        blocks, texts = Blocks(), OutputEvents(self.tools)
+        blocks, texts = Blocks(), OutputEvents(self.tools, self.phase)
         async for batch in batches:
             out = []
             for _, event in batch:
@@ -171,6 +203,10 @@ class Blocks:
                 if self.open != "text":
                     out += self._start({"type": "text", "text": ""})
                 out.append(self._delta({"type": "text_delta", "text": event.text}))
+            elif isinstance(event, ReasoningDelta) and event.text:
+                if self.open != "thinking":
+                    out += self._start({"type": "thinking", "thinking": "", "signature": ""})
+                out.append(self._delta({"type": "thinking_delta", "thinking": event.text}))
             elif isinstance(event, ToolCallStart):
                 self.called = True
                 out += self._start({"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
@@ -181,8 +217,10 @@ class Blocks:
     def close(self) -> list[dict]:
         if self.open is None:
             return []
+        # a thinking block ends with its signature (Anthropic's, to check the thinking sent back: none here)
+        out = [self._delta({"type": "signature_delta", "signature": ""})] if self.open == "thinking" else []
         self.open = None
-        return [{"type": "content_block_stop", "index": self.index}]
+        return out + [{"type": "content_block_stop", "index": self.index}]
 
     def _start(self, block: dict) -> list[dict]:
         out = self.close()

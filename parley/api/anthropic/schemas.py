@@ -2,7 +2,7 @@
 
 The request is checked whole: a top-level field Parley does not know is refused by name (400, as
 on every route, errors.refuse_unknown_fields); inside messages, tools and tool_choice a field or
-block type it does not know is a 400 naming where it is (images, documents, thinking blocks...).
+block type it does not know is a 400 naming where it is (images, documents, redacted thinking...).
 `cache_control` (on the request or a block) is accepted: prompts that share a prefix share its KV
 cache anyway, always. `output_config.format` is structured output, as `response_format` on chat.
 """
@@ -38,7 +38,16 @@ class ToolResultBlock(Strict):
     is_error: bool | None = None  # the template sees the content after "Error: "
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class ThinkingBlock(Strict):
+    """An earlier answer's thinking, sent back: the chat template gets it as that turn's
+    `reasoning_content`. The signature is Anthropic's own: Parley writes an empty one and reads none."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock, Field(discriminator="type")]
 
 
 class Message(Strict):
@@ -67,6 +76,14 @@ class OutputConfig(Strict):
     format: JSONFormat | None = None
 
 
+class ThinkingConfig(Strict):
+    """enabled: a thinking model thinks at most `budget_tokens`; disabled: it does not think;
+    adaptive: as much as it likes. A model that does not think refuses enabled and adaptive."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1024)
+
+
 class CountTokensRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
@@ -74,6 +91,7 @@ class CountTokensRequest(BaseModel):
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
 
 
 class MessagesRequest(CountTokensRequest):

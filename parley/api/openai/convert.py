@@ -7,6 +7,7 @@ from parley.api import dialects
 from parley.api.adapters import adapter_for_model
 from parley.api.budget import room_for_output
 from parley.api.errors import require, validation_error
+from parley.api.openai import reasoning
 from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
 from parley.api.openai.structured import response_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
@@ -57,9 +58,10 @@ def chat_request(body: ChatRequest, engine, tools: ToolPlan | None = None) -> Ge
     """Messages go through the model's chat template; the rendered text already holds any BOS."""
     _check_tool_results(body.messages)
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in body.messages]
+    variables, thinking_off = reasoning.template_variables(body, engine)
     messages, template_kwargs = template_inputs(messages, tools, engine.tokenizer.chat_template)
     try:
-        prompt = engine.chat_template.render(messages, add_generation_prompt=True, **template_kwargs)
+        prompt = engine.chat_template.render(messages, add_generation_prompt=True, **variables, **template_kwargs)
     except ValueError as exc:  # the template refused the messages (e.g. an image for a text model)
         raise validation_error(f"Input validation error: `messages`: {exc}", "messages") from exc
     require(body.logprobs or not body.top_logprobs,
@@ -68,6 +70,7 @@ def chat_request(body: ChatRequest, engine, tools: ToolPlan | None = None) -> Ge
     request = generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
     if tools:
         request.grammar = tools.grammar()
+    reasoning.apply_rules(request, body, engine, thinking_off)
     return request
 
 
@@ -102,6 +105,8 @@ def _check_tool_results(messages: list[ChatMessage]) -> None:
 def _template_message(message: dict) -> dict:
     if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know "system"
         message["role"] = "system"
+    if "reasoning" in message:  # templates read reasoning_content
+        message.setdefault("reasoning_content", message.pop("reasoning"))
     return message
 
 

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from parley.tokenization.reasoning import split_reasoning
+from parley.tools.parser import ContentDelta, OutputEvents, ReasoningDelta
 from parley.types import FinalEvent, FinishReason, Token, TokenEvent
 
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.EOS_TOKEN: "stop", FinishReason.STOP_SEQUENCE: "stop"}
@@ -37,7 +39,7 @@ class Envelope:
 
 class Usage:
     def __init__(self):
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.reasoning_tokens = 0
         self._prompts_counted: set[int] = set()
 
     def add(self, request_index: int, final: FinalEvent) -> None:
@@ -45,18 +47,30 @@ class Usage:
             self._prompts_counted.add(request_index)
             self.prompt_tokens += final.prompt_tokens
         self.completion_tokens += final.generated_tokens
+        self.reasoning_tokens += final.reasoning_tokens
 
     def json(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.reasoning_tokens:  # OpenAI's place for them; only thinking models have any
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
 
 
 class ChatShape:
-    response_object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+    """Chat answers. `phase`: where a thinking model's answer starts (tokenization/reasoning.py), for
+    its reasoning to go to `reasoning_content` (left out with `include_reasoning` false); None: all
+    of the text is content. `tools`: the text may hold tool calls (tool_calls.py's ToolChatShape)."""
 
-    def __init__(self, tokenizer, logprobs: bool):
+    response_object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+    tools = False
+
+    def __init__(self, tokenizer, logprobs: bool, phase: str | None = None, include_reasoning: bool = True):
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        self.phase = phase
+        self.include_reasoning = include_reasoning
+        self._outputs: dict[int, OutputEvents] = {}  # per choice, when its text must be parsed
 
     def _entry(self, t: Token) -> dict:
         return {"token": t.text, "logprob": t.logprob, "bytes": list(self.tokenizer.token_bytes(t.id)),
@@ -70,17 +84,38 @@ class ChatShape:
         if self.logprobs:
             tops = final.top_tokens or [[] for _ in final.tokens]
             logprobs = {"content": [self._logprob(t, top) for t, top in zip(final.tokens, tops)]}
-        return {"index": index, "message": {"role": "assistant", "content": final.text, "tool_calls": None},
-                "logprobs": logprobs, "finish_reason": FINISH_REASONS[final.finish_reason]}
+        reasoning, content = split_reasoning(final.text, self.phase) if self.phase else (None, final.text)
+        message = {"role": "assistant", "content": content, "tool_calls": None}
+        if self.phase and self.include_reasoning:
+            message["reasoning_content"] = reasoning
+        return {"index": index, "message": message, "logprobs": logprobs,
+                "finish_reason": FINISH_REASONS[final.finish_reason]}
 
     def token_choice(self, index: int, event: TokenEvent) -> dict:
         logprobs = {"content": [self._logprob(event.token, event.top_tokens)]} if self.logprobs else None
-        return {"index": index, "delta": {"role": "assistant", "content": event.text, "tool_calls": None},
-                "logprobs": logprobs, "finish_reason": None}
+        return {"index": index, "delta": self._delta(index, event), "logprobs": logprobs, "finish_reason": None}
 
     def final_choice(self, index: int, final: FinalEvent) -> dict:
-        return {"index": index, "delta": {"role": "assistant", "content": final.text_tail, "tool_calls": None},
-                "logprobs": None, "finish_reason": FINISH_REASONS[final.finish_reason]}
+        return {"index": index, "delta": self._delta(index, final), "logprobs": None,
+                "finish_reason": FINISH_REASONS[final.finish_reason]}
+
+    def _delta(self, index: int, event: TokenEvent | FinalEvent) -> dict:
+        """One chunk's delta: content, and the reasoning and tool-call pieces when they are parsed."""
+        if self.phase is None and not self.tools:
+            text = event.text if isinstance(event, TokenEvent) else event.text_tail
+            return {"role": "assistant", "content": text, "tool_calls": None}
+        events = self._outputs.setdefault(index, OutputEvents(self.tools, self.phase)).of(event)
+        calls = self._call_deltas(index, events)
+        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+        delta = {"role": "assistant", "content": content or (None if calls or reasoning else ""),
+                 "tool_calls": calls or None}
+        if self.phase and self.include_reasoning:
+            delta["reasoning_content"] = reasoning or None
+        return delta
+
+    def _call_deltas(self, index: int, events: list) -> list[dict]:
+        return []
 
 
 class CompletionShape:

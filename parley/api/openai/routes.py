@@ -9,7 +9,7 @@ from parley.api.adapters import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
 from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields
 from parley.api.jsonio import JSONBody
-from parley.api.openai import convert, responses
+from parley.api.openai import convert, reasoning, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
 from parley.api.openai.schemas import CompletionRequest, SamplingFields
 from parley.api.openai.tool_calls import ToolChatShape, ToolPlan
@@ -50,9 +50,11 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
     dialects.normalize(body, http, enforce_known=server.config.unknown_fields == "refuse")
     dialects.check_model(http, body.model)
     tools = ToolPlan.of(body)
-    shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(engine.tokenizer, bool(body.logprobs)),
-                                    http)
-    return await _respond(http, body, [convert.chat_request(body, engine, tools)], shape,
+    request = convert.chat_request(body, engine, tools)
+    phase = reasoning.split_phase(request, body, server.config.reasoning_format == "auto")
+    shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(
+        engine.tokenizer, bool(body.logprobs), phase, body.include_reasoning is not False), http)
+    return await _respond(http, body, [request], shape,
                           {"grammar": "tools" if tools else "response_format", "inputs": "messages",
                            "top_n_tokens": "top_logprobs"})
 

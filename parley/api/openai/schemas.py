@@ -34,6 +34,9 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = Field(None, description="an earlier answer's reasoning, handed to the chat "
+                                          "template (Qwen3's shows it in the latest turn only)")
+    reasoning: str | None = Field(None, description="Friendli's (and vLLM's) other name for reasoning_content")
 
 
 class SamplingFields(BaseModel):

@@ -23,11 +23,9 @@ from parley.api.errors import require, validation_error
 from parley.api.openai.responses import ChatShape
 from parley.api.openai.structured import response_grammar
 from parley.tools import (
-    ContentDelta,
     StreamEvent,
     ToolCallArgumentsDelta,
     ToolCallStart,
-    ToolCallStreamParser,
     ToolChoice,
     ToolSpecError,
     parse_tool_calls,
@@ -37,7 +35,7 @@ from parley.tools import (
 )
 from parley.tools.format import CALL_END, CALL_SEPARATOR, CALL_START
 from parley.tools.validation import TOOL_CHOICE_MODES
-from parley.types import FinalEvent, Grammar, TokenEvent, ToolCall
+from parley.types import FinalEvent, Grammar, ToolCall
 
 _MENTIONS_TOOLS = re.compile(r"\btools\b")
 
@@ -140,40 +138,31 @@ def _wrap(content: str | list[dict] | None, before: str, after: str) -> str | li
 
 # -- the response ---------------------------------------------------------------------------------
 class ToolChatShape(ChatShape):
-    """Chat answers whose text may hold tool calls: they become `tool_calls`, and the choice's
+    """Chat answers whose content may hold tool calls: they become `tool_calls`, and the choice's
     finish_reason "tool_calls" (unless max_tokens cut the output: "length")."""
 
-    def __init__(self, tokenizer, logprobs: bool):
-        super().__init__(tokenizer, logprobs)
-        self._parsers: dict[int, ToolCallStreamParser] = {}
+    tools = True
+
+    def __init__(self, tokenizer, logprobs: bool, phase: str | None = None, include_reasoning: bool = True):
+        super().__init__(tokenizer, logprobs, phase, include_reasoning)
         self._called: set[int] = set()  # choices that announced a call while streaming
 
     def choice(self, index: int, final: FinalEvent) -> dict:
         choice = super().choice(index, final)
-        content, calls = parse_tool_calls(final.text)
+        content, calls = parse_tool_calls(choice["message"]["content"])
         if calls:  # without a complete call, the content stays the whole text
             choice["message"].update(content=content or None, tool_calls=[_call_json(c) for c in calls])
             choice["finish_reason"] = _with_calls(choice["finish_reason"])
         return choice
 
-    def token_choice(self, index: int, event: TokenEvent) -> dict:
-        choice = super().token_choice(index, event)
-        choice["delta"].update(self._delta(index, self._parser(index).feed(event.text)))
-        return choice
-
     def final_choice(self, index: int, final: FinalEvent) -> dict:
         choice = super().final_choice(index, final)
-        parser = self._parser(index)
-        choice["delta"].update(self._delta(index, parser.feed(final.text_tail) + parser.finish()))
         if index in self._called:
             choice["finish_reason"] = _with_calls(choice["finish_reason"])
         return choice
 
-    def _parser(self, index: int) -> ToolCallStreamParser:
-        return self._parsers.setdefault(index, ToolCallStreamParser())
-
-    def _delta(self, index: int, events: list[StreamEvent]) -> dict:
-        """`content` and `tool_calls` of one chunk's delta; a call's pieces merge into one entry."""
+    def _call_deltas(self, index: int, events: list[StreamEvent]) -> list[dict]:
+        """A call's pieces in one chunk merge into one entry."""
         calls: dict[int, dict] = {}
         for event in events:
             if isinstance(event, ToolCallStart):
@@ -183,8 +172,7 @@ class ToolChatShape(ChatShape):
             elif isinstance(event, ToolCallArgumentsDelta):
                 entry = calls.setdefault(event.index, {"index": event.index, "function": {"arguments": ""}})
                 entry["function"]["arguments"] += event.arguments
-        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
-        return {"content": content or (None if calls else ""), "tool_calls": list(calls.values()) or None}
+        return list(calls.values())
 
 
 def _with_calls(finish_reason: str) -> str:

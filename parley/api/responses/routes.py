@@ -23,13 +23,16 @@ from parley.api import dialects
 from parley.api.dialects import ChatBody
 from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
-from parley.api.openai import convert
+from parley.api.openai import convert, reasoning
 from parley.api.openai.tool_calls import ToolPlan
-from parley.api.responses.schemas import FunctionCallItem, FunctionCallOutputItem, MessageItem, ResponsesRequest
+from parley.api.responses.schemas import (FunctionCallItem, FunctionCallOutputItem, MessageItem, ReasoningItem,
+                                          ResponsesRequest)
 from parley.api.responses.store import CAPACITY, Stored
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, respond
 from parley.api.state import server_of
-from parley.tools.parser import ContentDelta, OutputEvents, StreamEvent, ToolCallArgumentsDelta, ToolCallStart, parse_tool_calls
+from parley.tokenization.reasoning import split_reasoning
+from parley.tools.parser import (ContentDelta, OutputEvents, ReasoningDelta, StreamEvent, ToolCallArgumentsDelta,
+                                 ToolCallStart, parse_tool_calls)
 from parley.types import FinalEvent, FinishReason, TokenEvent
 
 router = APIRouter(tags=["OpenAI Responses"], route_class=GenerationRoute,
@@ -50,7 +53,13 @@ def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
     for i, item in enumerate(items):
         if isinstance(item, MessageItem):
             text = item.content if isinstance(item.content, str) else "".join(part.text for part in item.content)
-            messages.append({"role": "system" if item.role == "developer" else item.role, "content": text})
+            if item.role == "assistant" and messages and _thought_only(messages[-1]):
+                messages[-1]["content"] = text  # the answer of the reasoning item before it
+            else:
+                messages.append({"role": "system" if item.role == "developer" else item.role, "content": text})
+        elif isinstance(item, ReasoningItem):  # the thinking of the assistant turn that follows it
+            messages.append({"role": "assistant", "content": None,
+                             "reasoning_content": "".join(part.text for part in item.content or [])})
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
             if not (messages and messages[-1]["role"] == "assistant"):
@@ -62,6 +71,11 @@ def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
                     f"{item.call_id!r} answers no function_call before it", f"input.{i}")
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
     return messages
+
+
+def _thought_only(message: dict) -> bool:
+    return message["role"] == "assistant" and message["content"] is None and "tool_calls" not in message \
+        and "reasoning_content" in message
 
 
 def chat_body(body: ResponsesRequest, messages: list[dict]) -> ChatBody:
@@ -103,7 +117,8 @@ async def create(body: ResponsesRequest, http: Request) -> Response:
     names = {"max_new_tokens": "max_output_tokens", "inputs": "input", "grammar": "tools" if tools else "text.format"}
     with fields_named(names):
         request = convert.chat_request(chat, engine, tools)
-        shape = ResponseShape(body, server.model_name, tools is not None)
+        phase = reasoning.split_phase(request, chat, server.config.reasoning_format == "auto")
+        shape = ResponseShape(body, server.model_name, tools is not None, phase)
 
         def keep(response: dict) -> dict:
             if body.store is not False:
@@ -148,8 +163,9 @@ stored_router.add_api_route("/v1/responses/{response_id}/cancel", cancel, method
 class ResponseShape:
     """The engine's events of one request -> a Response, or its stream of typed events."""
 
-    def __init__(self, body: ResponsesRequest, model: str, tools: bool):
-        self.id, self.created_at, self.model, self.tools = _new_id("resp"), int(time.time()), model, tools
+    def __init__(self, body: ResponsesRequest, model: str, tools: bool, phase: str | None):
+        """`phase`: where a thinking model's answer starts, for its reasoning item (None: no split)."""
+        self.id, self.created_at, self.model, self.tools, self.phase = _new_id("resp"), int(time.time()), model, tools, phase
         choice = body.tool_choice or "auto"
         self.echo = {  # the request's settings, as the Response object repeats them
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
@@ -167,32 +183,38 @@ class ResponseShape:
                 "incomplete_details": incomplete, "model": self.model, "output": output, "usage": usage, **self.echo}
 
     def response(self, final: FinalEvent) -> dict:
-        text, calls = parse_tool_calls(final.text) if self.tools else (final.text, [])
-        output = [_message(_new_id("msg"), text, "completed")] if text else []
+        thought, text = split_reasoning(final.text, self.phase) if self.phase else (None, final.text)
+        text, calls = parse_tool_calls(text) if self.tools else (text, [])
+        output = [_reasoning(_new_id("rs"), thought, "completed")] if thought else []
+        output += [_message(_new_id("msg"), text, "completed")] if text else []
         output += [_call(_new_id("fc"), c.id, c.name, c.arguments, "completed") for c in calls]
         return self._final(final, output)
 
     def _final(self, final: FinalEvent, output: list[dict]) -> dict:
         usage = {"input_tokens": final.prompt_tokens, "output_tokens": final.generated_tokens,
                  "total_tokens": final.prompt_tokens + final.generated_tokens,
-                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": final.reasoning_tokens}}
         return self._response("incomplete" if final.finish_reason == FinishReason.LENGTH else "completed", output,
                               usage, final)
 
     @staticmethod
     def assistant_messages(response: dict) -> list[dict]:
         """The answer as the chat message a later turn's template sees."""
-        text = "".join(part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"])
+        def text(kind: str) -> str:
+            return "".join(part["text"] for item in response["output"] if item["type"] == kind for part in item["content"])
+
         calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
                  for item in response["output"] if item["type"] == "function_call"]
-        return [{"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}]
+        thought = {"reasoning_content": text("reasoning")} if text("reasoning") else {}
+        return [{"role": "assistant", "content": text("message") or None, **({"tool_calls": calls} if calls else {}),
+                 **thought}]
 
     async def events(self, batches: AsyncIterator[list[tuple[int, object]]], keep) -> AsyncIterator[list[dict]]:
         numbered = Numbered()
         start = self._response("in_progress", [], None)
         yield numbered([{"type": "response.created", "response": start},
                         {"type": "response.in_progress", "response": start}])
-        items, texts = Items(), OutputEvents(self.tools)
+        items, texts = Items(), OutputEvents(self.tools, self.phase)
         async for batch in batches:
             out = []
             for _, event in batch:
@@ -222,9 +244,23 @@ def _message(item_id: str, text: str, status: str) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _reasoning(item_id: str, text: str, status: str) -> dict:
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [], "content": content}
+
+
+# Items whose text streams as one content part: item type -> (new item, part type, event prefix).
+_TEXT_ITEMS = {"message": (_message, "output_text", "response.output_text"),
+               "reasoning": (_reasoning, "reasoning_text", "response.reasoning_text")}
+
+
 def _call(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
     return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
+
+
+def _part(kind: str, text: str) -> dict:
+    return {"type": _TEXT_ITEMS[kind][1], "text": text, **({"annotations": []} if kind == "message" else {})}
 
 
 class Items:
@@ -238,14 +274,15 @@ class Items:
     def feed(self, events: list[StreamEvent]) -> list[dict]:
         out = []
         for event in events:
-            if isinstance(event, ContentDelta) and event.text:
-                if self.open is None or self.open["type"] != "message":
-                    out += self._start(_message(_new_id("msg"), "", "in_progress"))
+            if isinstance(event, (ContentDelta, ReasoningDelta)) and event.text:
+                kind = "message" if isinstance(event, ContentDelta) else "reasoning"
+                new, _, prefix = _TEXT_ITEMS[kind]
+                if self.open is None or self.open["type"] != kind:
+                    out += self._start(new(_new_id("msg" if kind == "message" else "rs"), "", "in_progress"))
                     out.append({"type": "response.content_part.added", **self._where(), "content_index": 0,
-                                "part": {"type": "output_text", "text": "", "annotations": []}})
+                                "part": _part(kind, "")})
                 self.open["text"] += event.text
-                out.append({"type": "response.output_text.delta", **self._where(), "content_index": 0,
-                            "delta": event.text})
+                out.append({"type": f"{prefix}.delta", **self._where(), "content_index": 0, "delta": event.text})
             elif isinstance(event, ToolCallStart):
                 out += self._start(_call(_new_id("fc"), event.id, event.name, "", "in_progress"))
             elif isinstance(event, ToolCallArgumentsDelta):
@@ -257,11 +294,11 @@ class Items:
         if self.open is None:
             return []
         item, text, where = self.open["item"], self.open["text"], self._where()
-        if item["type"] == "message":
-            done = _message(item["id"], text, "completed")
-            part = done["content"][0]
-            out = [{"type": "response.output_text.done", **where, "content_index": 0, "text": text},
-                   {"type": "response.content_part.done", **where, "content_index": 0, "part": part}]
+        if item["type"] in _TEXT_ITEMS:
+            new, _, prefix = _TEXT_ITEMS[item["type"]]
+            done = new(item["id"], text, "completed")
+            out = [{"type": f"{prefix}.done", **where, "content_index": 0, "text": text},
+                   {"type": "response.content_part.done", **where, "content_index": 0, "part": done["content"][0]}]
         else:
             done = _call(item["id"], item["call_id"], item["name"], text, "completed")
             out = [{"type": "response.function_call_arguments.done", **where, "arguments": text}]

@@ -2,7 +2,7 @@
 
 A top-level field Parley does not know is refused by name (400, errors.refuse_unknown_fields);
 inside `input`, `tools` and `text` a field or item type it does not know is a 400 naming where it
-is (images, files, built-in tools such as web_search, reasoning items...).
+is (images, files, built-in tools such as web_search...).
 """
 
 from __future__ import annotations
@@ -52,6 +52,24 @@ class FunctionCallOutputItem(Strict):
     status: str | None = None
 
 
+class ReasoningText(Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(Strict):
+    """An earlier answer's reasoning, sent back: the chat template gets it as the `reasoning_content`
+    of the assistant turn that follows it (Qwen3's shows the latest turn's only). Its summary and
+    encrypted content are OpenAI's own: Parley writes none and reads none."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[dict[str, Any]] = []
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
 def _item_type(value: Any) -> str | None:
     """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage). None: not an item."""
     if isinstance(value, dict):
@@ -60,7 +78,8 @@ def _item_type(value: Any) -> str | None:
 
 
 Item = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-                 | Annotated[FunctionCallOutputItem, Tag("function_call_output")], Discriminator(_item_type)]
+                 | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                 | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
 
 
 class FunctionTool(Strict):
