@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", action="append", default=None,
                        help="a name OpenAI-style requests may give as `model` (repeat for aliases; the first is the "
                             "one answers report; default: the model's id); other names get 404")
+    serve.add_argument("--no-playground", action="store_true", default=None,
+                       help="do not serve the browser playground at GET / (environment: NO_PLAYGROUND=1)")
     return parser
 
 
@@ -78,7 +80,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     origins = [o.strip() for value in args.cors_allow_origin or [] for o in value.split(",") if o.strip()]
     engine = EngineConfig.from_env(**_options(args, ENGINE_FLAGS))
     server = ServerConfig.from_env(**_options(args, SERVER_FLAGS), cors_allow_origin=tuple(origins) or None,
-                                   served_model_names=tuple(args.served_model_name or ()) or None)
+                                   served_model_names=tuple(args.served_model_name or ()) or None,
+                                   playground=False if args.no_playground else None)
     return engine, server
 
 

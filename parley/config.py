@@ -62,7 +62,22 @@ class ModelConfig:
 
 def _env(name: str, default, cast=str):
     value = os.environ.get(name)
-    return default if value in (None, "") else cast(value)
+    if value in (None, ""):
+        return default
+    try:
+        return cast(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r}: {exc}") from exc
+
+
+def parse_bool(text: str) -> bool:
+    """A yes/no environment variable (NO_PLAYGROUND=1)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false (1/0, yes/no, on/off), not {text!r}")
 
 
 def parse_lora_adapters(text: str) -> tuple[tuple[str, str], ...]:
@@ -142,6 +157,7 @@ class ServerConfig:
     lora_root: str | None = None  # the folder /v1/load_lora_adapter may read adapters from; None: none
     served_model_names: tuple[str, ...] = ()  # names `model` may give (the first is reported); (): the model id
     unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
+    playground: bool = True  # GET / serves the browser playground (--no-playground: off)
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
@@ -158,6 +174,7 @@ class ServerConfig:
             drain_timeout=_env("DRAIN_TIMEOUT", cls.drain_timeout, float),
             lora_root=_env("LORA_ROOT", None),
             unknown_fields=_env("UNKNOWN_FIELDS", cls.unknown_fields),
+            playground=not _env("NO_PLAYGROUND", False, parse_bool),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["unknown_fields"] not in ("refuse", "ignore"):

@@ -113,3 +113,15 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
         proc.stop()
     assert during == {"health": 503, "generate": 503}
     assert len(events) == 600 and '"generated_text"' in events[-1]  # every token, and the final event
+
+
+def test_playground_flag(monkeypatch):
+    assert parse()[1].playground is True
+    assert parse("--no-playground")[1].playground is False
+    monkeypatch.setenv("NO_PLAYGROUND", "1")
+    assert parse()[1].playground is False
+    monkeypatch.setenv("NO_PLAYGROUND", "false")
+    assert parse()[1].playground is True
+    monkeypatch.setenv("NO_PLAYGROUND", "maybe")
+    with pytest.raises(ValueError, match="NO_PLAYGROUND='maybe': expected true or false"):
+        parse()
