@@ -233,6 +233,7 @@ function chatBody(messages) {
     if (!Array.isArray(tools)) throw new SettingsError("tools must be a JSON array of function tools");
     body.tools = tools;
     body.tool_choice = setting("tool_choice");
+    if (setting("single_call")) body.parallel_tool_calls = false;
   }
   return body;
 }
@@ -250,6 +251,18 @@ function wireMessage(message) {
 function settingsError(text) {
   $("settings-error").textContent = text;
   $("settings-error").hidden = !text;
+}
+
+function settingsOk() {
+  try {
+    chatBody([]);
+    settingsError("");
+    return true;
+  } catch (err) {
+    if (!(err instanceof SettingsError)) throw err;
+    settingsError(err.message);
+    return false;
+  }
 }
 
 // -- generating ------------------------------------------------------------------------------------
@@ -361,7 +374,7 @@ function setBusy(busy) {
 }
 
 function send() {
-  if (page.controller) return;
+  if (page.controller || !settingsOk()) return;
   const text = $("prompt").value;
   if (text.trim()) {
     saved.messages.push({role: "user", content: text});
