@@ -45,6 +45,8 @@ SERVER_FLAGS = {
     "--drain-timeout": (float, "seconds requests in flight get to finish after SIGTERM (default 30)"),
     "--lora-root": (str, "the only folder /v1/load_lora_adapter may read adapters from (with --api-key)"),
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
+    "--status-interval": (float, "seconds between the console's status lines while busy: requests running and "
+                                 "waiting, tok/s, KV-cache use (default 10; 0: none)"),
     "--unknown-fields": (lambda value: _one_of(value, ("refuse", "ignore")), "refuse (default: 400, or 422 on TGI's routes, naming a body field Parley does "
                               "not know) | ignore (for clients that send fields of their own)"),
 }

@@ -158,6 +158,7 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # names `model` may give (the first is reported); (): the model id
     unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
     playground: bool = True  # GET / serves the browser playground (--no-playground: off)
+    status_interval: float = 10.0  # seconds between console status lines while busy; 0: none
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
@@ -175,8 +176,11 @@ class ServerConfig:
             lora_root=_env("LORA_ROOT", None),
             unknown_fields=_env("UNKNOWN_FIELDS", cls.unknown_fields),
             playground=not _env("NO_PLAYGROUND", False, parse_bool),
+            status_interval=_env("STATUS_INTERVAL", cls.status_interval, float),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["status_interval"] < 0:
+            raise ValueError(f"--status-interval must be 0 (no status lines) or more seconds, not {values['status_interval']}")
         if values["unknown_fields"] not in ("refuse", "ignore"):
             raise ValueError(f"--unknown-fields must be refuse or ignore, not {values['unknown_fields']!r}")
         return cls(**values)

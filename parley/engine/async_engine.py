@@ -54,6 +54,7 @@ class EngineStats:
     waiting: int
     running: int
     adapter_requests: dict[str, int] = field(default_factory=dict)  # adapter name -> requests so far
+    generated_tokens: int = 0  # tokens generated since the start, every request's
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         blocks = self.core.scheduler.blocks
         return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running,
-                           dict(self._adapter_requests))
+                           dict(self._adapter_requests), self.core.num_generated_tokens)
 
     # -- LoRA adapters -------------------------------------------------------------------------
     def has_adapter(self, name: str | None) -> bool:

@@ -115,6 +115,7 @@ class EngineCore:
         self._stopping = False
         self.fatal_error: BaseException | None = None  # what stopped the loop, if anything did
         self.num_steps = 0  # forward passes run
+        self.num_generated_tokens = 0  # tokens appended to outputs, drafts verified included (/metrics, status line)
         # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
 
@@ -369,6 +370,7 @@ class EngineCore:
         state = self.states[seq.seq_id]
         stopping = req.request.stopping
         seq.token_ids.append(token_id)
+        self.num_generated_tokens += 1
         token = self._token(token_id, logprob)
         state.tokens.append(token)
         top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]

@@ -29,6 +29,7 @@ class EngineGauges(Protocol):
     waiting: int
     running: int
     adapter_requests: dict[str, int]  # LoRA adapter name -> requests that used it
+    generated_tokens: int  # tokens generated since the start
 
 
 class Metrics:
@@ -130,6 +131,8 @@ class _EngineCollector:
             ("parley_kv_blocks_total", "KV-cache blocks in the pool", stats.kv_blocks_total),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily("parley_generated_tokens", "Tokens generated, counted as each is sampled "
+                                  "(tokens/s is its rate)", value=stats.generated_tokens)
         adapters = CounterMetricFamily("parley_adapter_requests", "Generation requests per LoRA adapter",
                                        labels=["adapter"])
         for name, count in sorted(stats.adapter_requests.items()):

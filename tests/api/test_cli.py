@@ -125,3 +125,12 @@ def test_playground_flag(monkeypatch):
     monkeypatch.setenv("NO_PLAYGROUND", "maybe")
     with pytest.raises(ValueError, match="NO_PLAYGROUND='maybe': expected true or false"):
         parse()
+
+
+def test_status_interval_flag(monkeypatch):
+    assert parse()[1].status_interval == 10.0
+    assert parse("--status-interval", "0")[1].status_interval == 0.0
+    monkeypatch.setenv("STATUS_INTERVAL", "2.5")
+    assert parse()[1].status_interval == 2.5
+    with pytest.raises(ValueError, match="--status-interval must be 0"):
+        parse("--status-interval", "-1")

@@ -602,7 +602,7 @@ async function pollStatus() {
     return;
   }
   const now = performance.now();
-  const tokens = metrics.parley_generated_tokens ?? metrics.tgi_request_generated_tokens_sum ?? 0;
+  const tokens = metrics.parley_generated_tokens_total ?? 0;
   let rate = "…";
   if (page.lastTokens) rate = ((tokens - page.lastTokens.tokens) / ((now - page.lastTokens.at) / 1000)).toFixed(1);
   page.lastTokens = {at: now, tokens};
