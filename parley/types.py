@@ -103,6 +103,7 @@ class FinalEvent:
     text_tail: str = ""  # output text held back until the end and not yet sent in a TokenEvent
     stop_sequence: str | None = None  # with FinishReason.STOP_SEQUENCE: which one
     queue_s: float = 0.0  # seconds between arrival and the first scheduled step
+    cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache already held
     inference_s: float = 0.0  # seconds between the first scheduled step and the end
 
 

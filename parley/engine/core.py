@@ -416,7 +416,8 @@ class EngineCore:
             index=seq.index, finish_reason=reason, text=state.detokenizer.output_text,
             generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
             tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
-            stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first))
+            stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
+            cached_tokens=seq.num_cached_tokens or 0))
         if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
             self._forget(req)
 

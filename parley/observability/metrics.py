@@ -30,6 +30,8 @@ class EngineGauges(Protocol):
     running: int
     adapter_requests: dict[str, int]  # LoRA adapter name -> requests that used it
     generated_tokens: int  # tokens generated since the start
+    prefix_cache_queried_tokens: int  # prompt tokens looked up in the prefix cache, one per sequence admitted
+    prefix_cache_hit_tokens: int  # ... and found there
 
 
 class Metrics:
@@ -54,6 +56,9 @@ class Metrics:
                                         DURATION_BUCKETS)
         self.inference_duration = histogram("tgi_request_inference_duration",
                                             "Time from the first step to the end (s)", DURATION_BUCKETS)
+        self.time_to_first_token = histogram("parley_time_to_first_token",
+                                             "Arrival to the first generated token (s), streamed or not",
+                                             DURATION_BUCKETS)
         self.time_per_token = histogram("tgi_request_mean_time_per_token_duration",
                                         "Inference time per generated token (s)", DURATION_BUCKETS)
         self.input_length = histogram("tgi_request_input_length", "Prompt tokens per request", TOKEN_BUCKETS)
@@ -84,6 +89,13 @@ class RequestRecord:
         self._metrics = metrics
         self._arrival = time.monotonic()
         self._done = False
+        self._first_token_seen = False
+
+    def first_token(self) -> None:
+        """The request's first token came out of the engine (later calls are ignored)."""
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self._metrics.time_to_first_token.observe(time.monotonic() - self._arrival)
 
     def _finish(self) -> bool:
         first, self._done = not self._done, True
@@ -131,8 +143,15 @@ class _EngineCollector:
             ("parley_kv_blocks_total", "KV-cache blocks in the pool", stats.kv_blocks_total),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
-        yield CounterMetricFamily("parley_generated_tokens", "Tokens generated, counted as each is sampled "
-                                  "(tokens/s is its rate)", value=stats.generated_tokens)
+        for name, doc, value in (
+            ("parley_generated_tokens", "Tokens generated, counted as each is sampled (tokens/s is its rate)",
+             stats.generated_tokens),
+            ("parley_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache (each sequence's, "
+             "at its first admission)", stats.prefix_cache_queried_tokens),
+            ("parley_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (their K/V not computed again)",
+             stats.prefix_cache_hit_tokens),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
         adapters = CounterMetricFamily("parley_adapter_requests", "Generation requests per LoRA adapter",
                                        labels=["adapter"])
         for name, count in sorted(stats.adapter_requests.items()):

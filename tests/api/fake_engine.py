@@ -69,6 +69,8 @@ class FakeStats:
     running: int
     adapter_requests: dict = dataclasses.field(default_factory=dict)
     generated_tokens: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 class FakeEngine:

@@ -14,6 +14,7 @@ wait_for_function.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -145,6 +146,7 @@ def test_chat_streams_token_by_token_with_probabilities_and_figures(page, server
     assert "TTFT" in figures and "tok/s" in figures
     assert f"prompt {usage['prompt_tokens']} tokens" in figures
     assert f"output {usage['completion_tokens']} tokens" in figures
+    assert re.search(r"prefix cache \d+/\d+ tokens", figures), figures  # usage.prompt_tokens_details
 
     # the server panel reads /metrics by itself
     until(lambda: "answered" in page.inner_text('#status dd[data-name="requests"]'), "the status panel")

@@ -65,3 +65,17 @@ def test_generated_tokens_are_counted_as_they_are_sampled(http):
     generated = r.json()["details"]["generated_tokens"]
     assert 1 <= generated <= 5
     assert metric(http.get("/metrics").text, "parley_generated_tokens_total") == before + generated
+
+
+def test_time_to_first_token_is_observed_once_per_request_streamed_or_not(http):
+    from server import metric
+
+    def observed() -> float:
+        return metric(http.get("/metrics").text, "parley_time_to_first_token_count")
+
+    before = observed()
+    http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
+    http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                            "stream": True, "n": 2, "temperature": 1})
+    http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 0}})  # refused: no token
+    assert observed() == before + 2
