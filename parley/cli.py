@@ -47,6 +47,9 @@ SERVER_FLAGS = {
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
     "--status-interval": (float, "seconds between the console's status lines while busy: requests running and "
                                  "waiting, tok/s, KV-cache use (default 10; 0: none)"),
+    "--otlp-endpoint": (str, "send each request's trace (queue, prefill, decode) to this OTLP/HTTP collector, e.g. "
+                              "http://127.0.0.1:4318 (needs pip install 'parley[otel]')"),
+    "--otlp-service-name": (str, "the service.name of the traces (default parley)"),
     "--unknown-fields": (lambda value: _one_of(value, ("refuse", "ignore")), "refuse (default: 400, or 422 on TGI's routes, naming a body field Parley does "
                               "not know) | ignore (for clients that send fields of their own)"),
 }
@@ -130,7 +133,11 @@ def serve(args: argparse.Namespace, engine_loader: Callable = _load_real_engine)
         failures.append(exc)
         server.should_exit = True
 
-    app = create_app(server_config, engine_config, lambda: engine_loader(engine_config), on_load_failure)
+    try:
+        app = create_app(server_config, engine_config, lambda: engine_loader(engine_config), on_load_failure)
+    except (RuntimeError, ValueError) as exc:  # a setting that cannot work, e.g. --otlp-endpoint without the extra
+        log.error("%s", exc)
+        return 2
     server = DrainingServer(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
                                            log_level="info", timeout_graceful_shutdown=5))
     log.info("Parley listening on http://%s:%d; /health answers 503 until the model is loaded",

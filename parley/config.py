@@ -159,6 +159,8 @@ class ServerConfig:
     unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
     playground: bool = True  # GET / serves the browser playground (--no-playground: off)
     status_interval: float = 10.0  # seconds between console status lines while busy; 0: none
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector for request traces (the otel extra); None: no tracing
+    otlp_service_name: str = "parley"
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
@@ -177,6 +179,8 @@ class ServerConfig:
             unknown_fields=_env("UNKNOWN_FIELDS", cls.unknown_fields),
             playground=not _env("NO_PLAYGROUND", False, parse_bool),
             status_interval=_env("STATUS_INTERVAL", cls.status_interval, float),
+            otlp_endpoint=_env("OTLP_ENDPOINT", None),
+            otlp_service_name=_env("OTLP_SERVICE_NAME", cls.otlp_service_name),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["status_interval"] < 0:

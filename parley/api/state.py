@@ -16,6 +16,7 @@ from parley.api.responses.store import ResponseStore
 from parley.config import EngineConfig, ServerConfig
 from parley.observability.console import StatusLine
 from parley.observability.metrics import Metrics
+from parley.observability.tracing import Tracing
 
 if TYPE_CHECKING:
     from parley.engine.async_engine import AsyncEngine
@@ -35,7 +36,8 @@ class ServerState:
         self.engine: AsyncEngine | None = None  # set once loaded and started: /health is 200 from then on
         self.load_error: BaseException | None = None
         self.admission = Admission(engine_config.max_concurrent_requests)
-        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None)
+        self.tracing = Tracing(config.otlp_endpoint, config.otlp_service_name) if config.otlp_endpoint else None
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None, self.tracing)
         self.created = int(time.time())
         self.system_fingerprint = f"parley-{VERSION}"
         self._load_engine = load_engine
@@ -98,6 +100,8 @@ class ServerState:
     async def shutdown(self) -> None:
         if self._status_task is not None:
             self._status_task.cancel()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # sends the spans still buffered
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.shutdown()
