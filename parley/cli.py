@@ -45,6 +45,11 @@ SERVER_FLAGS = {
     "--drain-timeout": (float, "seconds requests in flight get to finish after SIGTERM (default 30)"),
     "--lora-root": (str, "the only folder /v1/load_lora_adapter may read adapters from (with --api-key)"),
     "--api-key": (str, "require `Authorization: Bearer KEY` (or `api-key: KEY`) on every route but /health"),
+    "--status-interval": (float, "seconds between the console's status lines while busy: requests running and "
+                                 "waiting, tok/s, KV-cache use (default 10; 0: none)"),
+    "--otlp-endpoint": (str, "send each request's trace (queue, prefill, decode) to this OTLP/HTTP collector, e.g. "
+                              "http://127.0.0.1:4318 (needs pip install 'parley[otel]')"),
+    "--otlp-service-name": (str, "the service.name of the traces (default parley)"),
     "--unknown-fields": (lambda value: _one_of(value, ("refuse", "ignore")), "refuse (default: 400, or 422 on TGI's routes, naming a body field Parley does "
                               "not know) | ignore (for clients that send fields of their own)"),
     "--reasoning-format": (lambda value: _one_of(value, ("auto", "none")), "auto (default: a thinking model's reasoning "
@@ -70,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", action="append", default=None,
                        help="a name OpenAI-style requests may give as `model` (repeat for aliases; the first is the "
                             "one answers report; default: the model's id); other names get 404")
+    serve.add_argument("--no-playground", action="store_true", default=None,
+                       help="do not serve the browser playground at GET / (environment: NO_PLAYGROUND=1)")
     return parser
 
 
@@ -81,7 +88,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     origins = [o.strip() for value in args.cors_allow_origin or [] for o in value.split(",") if o.strip()]
     engine = EngineConfig.from_env(**_options(args, ENGINE_FLAGS))
     server = ServerConfig.from_env(**_options(args, SERVER_FLAGS), cors_allow_origin=tuple(origins) or None,
-                                   served_model_names=tuple(args.served_model_name or ()) or None)
+                                   served_model_names=tuple(args.served_model_name or ()) or None,
+                                   playground=False if args.no_playground else None)
     return engine, server
 
 
@@ -128,7 +136,11 @@ def serve(args: argparse.Namespace, engine_loader: Callable = _load_real_engine)
         failures.append(exc)
         server.should_exit = True
 
-    app = create_app(server_config, engine_config, lambda: engine_loader(engine_config), on_load_failure)
+    try:
+        app = create_app(server_config, engine_config, lambda: engine_loader(engine_config), on_load_failure)
+    except (RuntimeError, ValueError) as exc:  # a setting that cannot work, e.g. --otlp-endpoint without the extra
+        log.error("%s", exc)
+        return 2
     server = DrainingServer(uvicorn.Config(app, host=server_config.hostname, port=server_config.port,
                                            log_level="info", timeout_graceful_shutdown=5))
     log.info("Parley listening on http://%s:%d; /health answers 503 until the model is loaded",

@@ -62,7 +62,22 @@ class ModelConfig:
 
 def _env(name: str, default, cast=str):
     value = os.environ.get(name)
-    return default if value in (None, "") else cast(value)
+    if value in (None, ""):
+        return default
+    try:
+        return cast(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r}: {exc}") from exc
+
+
+def parse_bool(text: str) -> bool:
+    """A yes/no environment variable (NO_PLAYGROUND=1)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false (1/0, yes/no, on/off), not {text!r}")
 
 
 def parse_lora_adapters(text: str) -> tuple[tuple[str, str], ...]:
@@ -143,6 +158,10 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # names `model` may give (the first is reported); (): the model id
     unknown_fields: str = "refuse"  # a body field Parley does not know: "refuse" (400/422 naming it) or "ignore"
     reasoning_format: str = "auto"  # a thinking model's reasoning: "auto" (apart, reasoning_content) or "none" (in content)
+    playground: bool = True  # GET / serves the browser playground (--no-playground: off)
+    status_interval: float = 10.0  # seconds between console status lines while busy; 0: none
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector for request traces (the otel extra); None: no tracing
+    otlp_service_name: str = "parley"
 
     @classmethod
     def from_env(cls, **overrides) -> "ServerConfig":
@@ -160,8 +179,14 @@ class ServerConfig:
             lora_root=_env("LORA_ROOT", None),
             unknown_fields=_env("UNKNOWN_FIELDS", cls.unknown_fields),
             reasoning_format=_env("REASONING_FORMAT", cls.reasoning_format),
+            playground=not _env("NO_PLAYGROUND", False, parse_bool),
+            status_interval=_env("STATUS_INTERVAL", cls.status_interval, float),
+            otlp_endpoint=_env("OTLP_ENDPOINT", None),
+            otlp_service_name=_env("OTLP_SERVICE_NAME", cls.otlp_service_name),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["status_interval"] < 0:
+            raise ValueError(f"--status-interval must be 0 (no status lines) or more seconds, not {values['status_interval']}")
         if values["unknown_fields"] not in ("refuse", "ignore"):
             raise ValueError(f"--unknown-fields must be refuse or ignore, not {values['unknown_fields']!r}")
         if values["reasoning_format"] not in ("auto", "none"):

@@ -121,6 +121,7 @@ class FinalEvent:
     stop_sequence: str | None = None  # with FinishReason.STOP_SEQUENCE: which one
     reasoning_tokens: int = 0  # of generated_tokens, those of the thinking (with GenerationRequest.reasoning)
     queue_s: float = 0.0  # seconds between arrival and the first scheduled step
+    cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache already held
     inference_s: float = 0.0  # seconds between the first scheduled step and the end
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from parley.api import adapters, dialects, service
+from parley.api import adapters, dialects, playground, service
 from parley.api.anthropic import routes as anthropic_routes
 from parley.api.responses import routes as responses_routes
 from parley.api.auth import ApiKeyAuth
@@ -56,8 +56,11 @@ def create_app(config: ServerConfig, engine_config: EngineConfig, load_engine: C
                    anthropic_routes.router, anthropic_routes.count_router, responses_routes.router,
                    responses_routes.stored_router, service.router, adapters.router):
         app.include_router(router)
+    if config.playground:
+        app.include_router(playground.router)
     if config.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key,
+                           open_pages=playground.PAGE_PATHS if config.playground else frozenset())
     if config.cors_allow_origin:  # added last: outermost, so preflights and 401s carry CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origin), allow_methods=["*"],
                            allow_headers=["*"])

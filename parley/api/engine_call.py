@@ -127,6 +127,8 @@ class EngineCall:
         events = self._engine.generate(request)
         try:
             async for event in events:
+                if isinstance(event, TokenEvent):
+                    self._record.first_token()
                 self._queue.put_nowait((i, event))
             self._queue.put_nowait((i, _END))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it

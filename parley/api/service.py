@@ -38,6 +38,7 @@ async def info(http: Request) -> Response:
         "max_concurrent_requests": cfg.max_concurrent_requests,
         "max_best_of": cfg.max_best_of,
         "max_stop_sequences": cfg.max_stop_sequences,
+        "max_top_n_tokens": cfg.max_top_n_tokens,  # not TGI's: the largest top_n_tokens / top_logprobs
         "max_input_tokens": cfg.max_input_tokens,
         "max_total_tokens": cfg.max_total_tokens,
         "waiting_served_ratio": cfg.waiting_served_ratio,

@@ -100,7 +100,7 @@ class GenerationRoute(StrictJSONRoute):
 
         async def run(request: Request) -> Response:
             server = server_of(request)
-            request.state.record = record = server.metrics.record_request()
+            request.state.record = record = server.metrics.record_request(self.path, request.headers)
             try:
                 server.admission.check()  # before the body is read: an overloaded server answers at once
                 return await handler(request)

@@ -14,7 +14,9 @@ from parley.api.admission import Admission
 from parley.api.errors import ApiError
 from parley.api.responses.store import ResponseStore
 from parley.config import EngineConfig, ServerConfig
+from parley.observability.console import StatusLine
 from parley.observability.metrics import Metrics
+from parley.observability.tracing import Tracing
 
 if TYPE_CHECKING:
     from parley.engine.async_engine import AsyncEngine
@@ -34,12 +36,14 @@ class ServerState:
         self.engine: AsyncEngine | None = None  # set once loaded and started: /health is 200 from then on
         self.load_error: BaseException | None = None
         self.admission = Admission(engine_config.max_concurrent_requests)
-        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None)
+        self.tracing = Tracing(config.otlp_endpoint, config.otlp_service_name) if config.otlp_endpoint else None
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None, self.tracing)
         self.created = int(time.time())
         self.system_fingerprint = f"parley-{VERSION}"
         self._load_engine = load_engine
         self.draining = False  # set on SIGTERM (cli.DrainingServer): new requests get 503
         self.responses = ResponseStore()  # what previous_response_id refers to (OpenAI's Responses API)
+        self._status_task: asyncio.Task | None = None
 
     @property
     def model_name(self) -> str:
@@ -78,11 +82,37 @@ class ServerState:
         log.info("model ready in %.1fs: %s (%s on %s), max_input_tokens=%s max_total_tokens=%s "
                  "max_concurrent_requests=%s", time.monotonic() - started, engine.model_id, engine.dtype,
                  engine.device, cfg.max_input_tokens, cfg.max_total_tokens, cfg.max_concurrent_requests)
+        url = browser_url(self.config)
+        log.info("Parley is ready%s (API docs: %s/docs)",
+                 f": open {url}/ in a browser for the playground" if self.config.playground else "", url)
+        if self.config.status_interval > 0:
+            self._status_task = asyncio.create_task(self._report_status(self.config.status_interval))
+
+    async def _report_status(self, every_s: float) -> None:
+        """A status line every `every_s` seconds while the server is busy (--status-interval)."""
+        status = StatusLine()
+        while self.engine is not None:
+            line = status.line(self.engine.stats())
+            if line:
+                log.info("%s", line)
+            await asyncio.sleep(every_s)
 
     async def shutdown(self) -> None:
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # sends the spans still buffered
         if self.engine is not None:
             engine, self.engine = self.engine, None
             await engine.shutdown()
+
+
+def browser_url(config: ServerConfig) -> str:
+    """Where a browser on this machine reaches the server: a wildcard address means this machine."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.hostname, config.hostname)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}"
 
 
 def server_of(request: Request) -> ServerState:

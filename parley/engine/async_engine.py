@@ -55,6 +55,9 @@ class EngineStats:
     waiting: int
     running: int
     adapter_requests: dict[str, int] = field(default_factory=dict)  # adapter name -> requests so far
+    generated_tokens: int = 0  # tokens generated since the start, every request's
+    prefix_cache_queried_tokens: int = 0  # prompt tokens of every sequence admitted, looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # ... and found there
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         blocks = self.core.scheduler.blocks
         return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running,
-                           dict(self._adapter_requests))
+                           dict(self._adapter_requests), self.core.num_generated_tokens,
+                           self.core.scheduler.num_prompt_tokens_admitted, self.core.scheduler.num_prompt_tokens_cached)
 
     # -- LoRA adapters -------------------------------------------------------------------------
     def has_adapter(self, name: str | None) -> bool:

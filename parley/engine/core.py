@@ -175,6 +175,7 @@ class EngineCore:
         self._stopping = False
         self.fatal_error: BaseException | None = None  # what stopped the loop, if anything did
         self.num_steps = 0  # forward passes run
+        self.num_generated_tokens = 0  # tokens appended to outputs, drafts verified included (/metrics, status line)
         # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
 
@@ -444,6 +445,7 @@ class EngineCore:
         state = self.states[seq.seq_id]
         stopping = req.request.stopping
         seq.token_ids.append(token_id)
+        self.num_generated_tokens += 1
         token = self._token(token_id, logprob)
         state.tokens.append(token)
         top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]
@@ -491,6 +493,7 @@ class EngineCore:
             generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
             tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
             stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
+            cached_tokens=seq.num_cached_tokens or 0,
             reasoning_tokens=state.thinking.thought if state.thinking else 0))
         if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
             self._forget(req)

@@ -52,6 +52,9 @@ class Scheduler:
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        # prefix-cache use, over every sequence's first admission: prompt tokens looked up, and found
+        self.num_prompt_tokens_admitted = 0
+        self.num_prompt_tokens_cached = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -99,6 +102,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.num_cached_tokens is None:  # first admission (not a preempted one's return)
+                seq.num_cached_tokens = seq.num_computed_tokens
+                self.num_prompt_tokens_admitted += seq.num_prompt_tokens
+                self.num_prompt_tokens_cached += seq.num_computed_tokens
             self._emit(out, seq, num_new)
             budget -= num_new
         return out

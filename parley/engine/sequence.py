@@ -33,6 +33,7 @@ class Sequence:
         self.lora_id = lora_id  # the LoRA adapter it runs with; 0: the base model
         self.needs_prompt_logprobs = needs_prompt_logprobs
         self.spec_tokens: list[int] = []  # draft tokens to verify after the next token, if any
+        self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache held at its first admission
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from parley.config import ModelConfig
 from parley.kernels.linear import GROUP, Q4Rows, Q8Rows, QuantRows
 from parley.models.llama import LlamaForCausalLM
+from parley.observability.console import LoadProgress
 from parley.tokenization.gguf_file import GGUFTensor, read_gguf
 
 log = logging.getLogger("parley.models")
@@ -80,42 +81,32 @@ def load_model(
     if path.is_dir():
         config, files = _hf_folder(path)
         size = sum(f.stat().st_size for f in files)
-        weights = _safetensors_weights(files)
+        progress = LoadProgress(path.name, size)
+        weights = _safetensors_weights(files, progress)
     elif path.suffix == ".gguf":
         meta, tensors = _read_gguf(path)
         config = _gguf_config(meta, tensors, path)
         size = path.stat().st_size
-        weights = _gguf_weights(tensors, config)
+        progress = LoadProgress(path.name, sum(t.data.nbytes for t in tensors))
+        weights = _gguf_weights(tensors, config, progress)
     else:
         raise ModelLoadError(f"{path} is neither an HF model folder nor a .gguf file")
     log.info("loading %s (%.1f MB, %s)", path, size / 1e6, config.architecture)
 
-    counted = _Counter(weights)
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config)
         model.to(dtype)
-        model.load_weights(counted)
+        model.load_weights(weights)
     except ValueError as e:  # unsupported rope scaling; unknown, missing or misshapen tensor
         raise ModelLoadError(f"{path}: {e}") from e
+    log.info("%s", progress.finish())
     model.eval()
     model.prepack(quantize)
     log.info(
-        "loaded %d tensors as %s on %s in %.1f s", counted.count, dtype, device, time.perf_counter() - started
+        "loaded %d tensors as %s on %s in %.1f s", progress.tensors, dtype, device, time.perf_counter() - started
     )
     return model, config
-
-
-class _Counter:
-    """Passes tensors through, counting them for the progress log."""
-
-    def __init__(self, weights: Iterator[tuple[str, torch.Tensor]]):
-        self.weights, self.count = weights, 0
-
-    def __iter__(self):
-        for item in self.weights:
-            self.count += 1
-            yield item
 
 
 def _hf_folder(path: pathlib.Path) -> tuple[ModelConfig, list[pathlib.Path]]:
@@ -145,12 +136,14 @@ def _hf_folder(path: pathlib.Path) -> tuple[ModelConfig, list[pathlib.Path]]:
     return config, files
 
 
-def _safetensors_weights(files: list[pathlib.Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(files: list[pathlib.Path], progress: LoadProgress) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    progress.advance(tensor.nbytes)
+                    yield name, tensor
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"cannot read {file} (corrupt or truncated?): {e}") from e
 
@@ -227,9 +220,11 @@ def _unpermute(w: np.ndarray | torch.Tensor, heads: int) -> np.ndarray | torch.T
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | QuantRows]]:
+def _gguf_weights(tensors: list[GGUFTensor], config: ModelConfig,
+                  progress: LoadProgress) -> Iterator[tuple[str, torch.Tensor | QuantRows]]:
     permute_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     for tensor in tensors:
+        progress.advance(tensor.data.nbytes)
         shape = [int(d) for d in reversed(tensor.shape)]  # GGUF lists dims innermost first
         kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
         heads = permute_heads.get(kind) if config.architecture == "LlamaForCausalLM" else None

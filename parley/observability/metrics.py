@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from parley.observability.tracing import RequestLife
 from parley.types import FinalEvent
+
+if TYPE_CHECKING:
+    from parley.observability.tracing import Tracing
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -29,6 +33,9 @@ class EngineGauges(Protocol):
     waiting: int
     running: int
     adapter_requests: dict[str, int]  # LoRA adapter name -> requests that used it
+    generated_tokens: int  # tokens generated since the start
+    prefix_cache_queried_tokens: int  # prompt tokens looked up in the prefix cache, one per sequence admitted
+    prefix_cache_hit_tokens: int  # ... and found there
 
 
 class Metrics:
@@ -38,7 +45,10 @@ class Metrics:
         "parley_request_cancelled": "Generation requests whose client went away before the end",
     }
 
-    def __init__(self, read_engine: Callable[[], EngineGauges | None] = lambda: None):
+    def __init__(self, read_engine: Callable[[], EngineGauges | None] = lambda: None,
+                 tracing: "Tracing | None" = None):
+        """`tracing`: where each request's spans go (--otlp-endpoint), if anywhere."""
+        self.tracing = tracing
         disable_created_metrics()  # no `*_created` series next to every histogram
         self.registry = CollectorRegistry(auto_describe=False)
         self.counts: Tally[str] = Tally()
@@ -53,6 +63,9 @@ class Metrics:
                                         DURATION_BUCKETS)
         self.inference_duration = histogram("tgi_request_inference_duration",
                                             "Time from the first step to the end (s)", DURATION_BUCKETS)
+        self.time_to_first_token = histogram("parley_time_to_first_token",
+                                             "Arrival to the first generated token (s), streamed or not",
+                                             DURATION_BUCKETS)
         self.time_per_token = histogram("tgi_request_mean_time_per_token_duration",
                                         "Inference time per generated token (s)", DURATION_BUCKETS)
         self.input_length = histogram("tgi_request_input_length", "Prompt tokens per request", TOKEN_BUCKETS)
@@ -60,9 +73,10 @@ class Metrics:
                                           TOKEN_BUCKETS)
         self.registry.register(_EngineCollector(read_engine))
 
-    def record_request(self) -> "RequestRecord":
+    def record_request(self, route: str = "", headers: Mapping[str, str] | None = None) -> "RequestRecord":
+        """`route` and `headers` (a caller's traceparent) name the request's trace, when tracing."""
         self.counts["tgi_request_count"] += 1
-        return RequestRecord(self)
+        return RequestRecord(self, route, self.tracing.parent(headers) if self.tracing else None)
 
     # -- exposition ------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
@@ -79,10 +93,19 @@ class RequestRecord:
     """One generation request's entry: the first of succeeded/failed/cancelled counts, later ones
     are ignored (several layers may see the same failure)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, route: str = "", trace_parent=None):
         self._metrics = metrics
         self._arrival = time.monotonic()
+        self._arrival_ns = time.time_ns()  # the trace's clock
         self._done = False
+        self._first_token_ns: int | None = None
+        self._route, self._trace_parent = route, trace_parent
+
+    def first_token(self) -> None:
+        """The request's first token came out of the engine (later calls are ignored)."""
+        if self._first_token_ns is None:
+            self._first_token_ns = time.time_ns()
+            self._metrics.time_to_first_token.observe(time.monotonic() - self._arrival)
 
     def _finish(self) -> bool:
         first, self._done = not self._done, True
@@ -91,10 +114,29 @@ class RequestRecord:
     def failed(self, error_type: str) -> None:
         if self._finish():
             self._metrics.failures[error_type] += 1
+            self._trace(error_type)
 
     def cancelled(self) -> None:
         if self._finish():
             self._metrics.counts["parley_request_cancelled"] += 1
+            self._trace("cancelled")
+
+    def _trace(self, outcome: str, finals: list[list[FinalEvent]] | None = None) -> None:
+        if self._metrics.tracing is None:
+            return
+        life = RequestLife(self._route, self._trace_parent, self._arrival_ns, time.time_ns(), outcome,
+                           first_token_ns=self._first_token_ns)
+        every = [f for group in finals or [] for f in group]
+        if every:
+            # the engine's queue time counts from its own arrival, a little after this one's
+            life.first_step_ns = self._arrival_ns + round(min(f.queue_s for f in every) * 1e9)
+            if self._first_token_ns is not None:
+                life.first_step_ns = min(life.first_step_ns, self._first_token_ns)
+            life.prompt_tokens = sum(group[0].prompt_tokens for group in finals if group)
+            life.generated_tokens = sum(f.generated_tokens for f in every)
+            life.cached_tokens = sum(f.cached_tokens for f in every if f.index == 0)
+            life.finish_reason = ",".join(sorted({f.finish_reason.value for f in every}))
+        self._metrics.tracing.record(life)
 
     def succeeded(self, finals: list[list[FinalEvent]]) -> None:
         """`finals`: the FinalEvents of each engine request this HTTP request made."""
@@ -103,6 +145,7 @@ class RequestRecord:
         m, every = self._metrics, [f for group in finals for f in group]
         m.counts["tgi_request_success"] += 1
         m.duration.observe(time.monotonic() - self._arrival)
+        self._trace("success", finals)
         if not every:
             return
         inference_s = max(f.inference_s for f in every)
@@ -130,6 +173,15 @@ class _EngineCollector:
             ("parley_kv_blocks_total", "KV-cache blocks in the pool", stats.kv_blocks_total),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, value in (
+            ("parley_generated_tokens", "Tokens generated, counted as each is sampled (tokens/s is its rate)",
+             stats.generated_tokens),
+            ("parley_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache (each sequence's, "
+             "at its first admission)", stats.prefix_cache_queried_tokens),
+            ("parley_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (their K/V not computed again)",
+             stats.prefix_cache_hit_tokens),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
         adapters = CounterMetricFamily("parley_adapter_requests", "Generation requests per LoRA adapter",
                                        labels=["adapter"])
         for name, count in sorted(stats.adapter_requests.items()):

@@ -70,6 +70,9 @@ class FakeStats:
     waiting: int
     running: int
     adapter_requests: dict = dataclasses.field(default_factory=dict)
+    generated_tokens: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 class FakeEngine:
@@ -88,6 +91,7 @@ class FakeEngine:
         self.dtype, self.device = "torch.float32", "cpu"
         self._blocks: dict[str, int] = {}
         self._running = 0
+        self._generated = 0
         self.started = False
 
     @classmethod
@@ -109,7 +113,7 @@ class FakeEngine:
 
     def stats(self) -> FakeStats:
         return FakeStats(sum(self._blocks.values()), self.config.max_batch_total_tokens // self.BLOCK, 0,
-                         self._running)
+                         self._running, generated_tokens=self._generated)
 
     def _validate(self, r: GenerationRequest) -> list[int]:
         ids = self.tokenizer.encode(r.prompt, r.add_special_tokens) if isinstance(r.prompt, str) else r.prompt
@@ -154,6 +158,7 @@ class FakeEngine:
                 batch = []
                 for seq in (s for s in seqs if not s.done):
                     batch.append(seq.step())
+                    self._generated += 1
                     if seq.done:
                         batch.append(seq.final(len(ids), started - arrival, time.monotonic() - started,
                                                r.decoder_input_details, ids))

@@ -113,3 +113,41 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
         proc.stop()
     assert during == {"health": 503, "generate": 503}
     assert len(events) == 600 and '"generated_text"' in events[-1]  # every token, and the final event
+
+
+def test_playground_flag(monkeypatch):
+    assert parse()[1].playground is True
+    assert parse("--no-playground")[1].playground is False
+    monkeypatch.setenv("NO_PLAYGROUND", "1")
+    assert parse()[1].playground is False
+    monkeypatch.setenv("NO_PLAYGROUND", "false")
+    assert parse()[1].playground is True
+    monkeypatch.setenv("NO_PLAYGROUND", "maybe")
+    with pytest.raises(ValueError, match="NO_PLAYGROUND='maybe': expected true or false"):
+        parse()
+
+
+def test_status_interval_flag(monkeypatch):
+    assert parse()[1].status_interval == 10.0
+    assert parse("--status-interval", "0")[1].status_interval == 0.0
+    monkeypatch.setenv("STATUS_INTERVAL", "2.5")
+    assert parse()[1].status_interval == 2.5
+    with pytest.raises(ValueError, match="--status-interval must be 0"):
+        parse("--status-interval", "-1")
+
+
+def test_otlp_flags(monkeypatch):
+    assert (parse()[1].otlp_endpoint, parse()[1].otlp_service_name) == (None, "parley")
+    server = parse("--otlp-endpoint", "http://c:4318", "--otlp-service-name", "p")[1]
+    assert (server.otlp_endpoint, server.otlp_service_name) == ("http://c:4318", "p")
+    monkeypatch.setenv("OTLP_ENDPOINT", "http://env:4318")
+    assert parse()[1].otlp_endpoint == "http://env:4318"
+
+
+def test_a_setting_that_cannot_work_stops_serve_at_once_saying_why():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "parley", "serve", "--otlp-endpoint", "collector:4317"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--otlp-endpoint must be an http(s) URL" in done.stderr

@@ -180,8 +180,27 @@ def test_default_max_tokens_fills_the_context(http):
     prompt_tokens = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
     r = http.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "min_tokens": 2048 - prompt_tokens})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 2048 - prompt_tokens,
-                                 "total_tokens": 2048}
+    usage = r.json()["usage"]
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]
+    assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 2048 - prompt_tokens, "total_tokens": 2048}
+    assert 0 < cached < prompt_tokens  # the same prompt was computed by the request before
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_held(http):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: whole KV blocks (16 tokens) of the prompt
+    found in the prefix cache, never its last block; /metrics counts them too."""
+    from server import metric
+
+    body = {"messages": [{"role": "user", "content": "Tell me about prefix caching. " * 8}], "max_tokens": 1}
+    first = http.post("/v1/chat/completions", json=body).json()["usage"]
+    hits = metric(http.get("/metrics").text, "parley_prefix_cache_hit_tokens_total")
+    second = http.post("/v1/chat/completions", json={**body, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+    usage = json.loads(sse_events(second)[-2])["usage"]
+    prompt, cached = usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+    assert prompt == first["prompt_tokens"] and first["prompt_tokens_details"]["cached_tokens"] < prompt - 16
+    assert cached == (prompt - 1) // 16 * 16  # every whole block but the one holding the last token
+    assert metric(http.get("/metrics").text, "parley_prefix_cache_hit_tokens_total") == hits + cached
 
 
 @pytest.mark.parametrize("path", ["/models/chat/completions", "/chat/completions", "/models/info", "/info"])

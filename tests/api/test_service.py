@@ -53,3 +53,29 @@ def test_startup_log_says_what_was_loaded_and_where(server):
     log = server.log()
     assert f"listening on http://127.0.0.1:{server.port}" in log
     assert "model ready" in log and "SmolLM2" in log and "max_total_tokens=2048" in log
+
+
+def test_generated_tokens_are_counted_as_they_are_sampled(http):
+    """parley_generated_tokens_total: its rate is the server's tokens/s (the playground's status panel
+    and the console's status line read it)."""
+    from server import metric
+
+    before = metric(http.get("/metrics").text, "parley_generated_tokens_total")
+    r = http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 5, "stop": [], "details": True}})
+    generated = r.json()["details"]["generated_tokens"]
+    assert 1 <= generated <= 5
+    assert metric(http.get("/metrics").text, "parley_generated_tokens_total") == before + generated
+
+
+def test_time_to_first_token_is_observed_once_per_request_streamed_or_not(http):
+    from server import metric
+
+    def observed() -> float:
+        return metric(http.get("/metrics").text, "parley_time_to_first_token_count")
+
+    before = observed()
+    http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
+    http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                            "stream": True, "n": 2, "temperature": 1})
+    http.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 0}})  # refused: no token
+    assert observed() == before + 2

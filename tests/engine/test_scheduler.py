@@ -118,3 +118,31 @@ def test_a_sequence_larger_than_the_whole_cache_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="KV cache too small"):
         for _ in range(10):
             run_step(sched)
+
+
+def test_prefix_cache_hits_are_counted_once_per_sequence_at_its_first_admission():
+    """Sequence.num_cached_tokens (the request's usage.prompt_tokens_details.cached_tokens) and the
+    scheduler's totals (/metrics): a preempted sequence's return is not a second lookup."""
+    sched = make(num_blocks=4, block_size=4, prefill=64)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks + 2
+    a = Sequence(prompt)
+    sched.add(a)
+    run_step(sched)
+    assert (a.num_cached_tokens, sched.num_prompt_tokens_admitted, sched.num_prompt_tokens_cached) == (0, 10, 0)
+    sched.finish(a)
+    b = Sequence(prompt)
+    sched.add(b)
+    run_step(sched)
+    assert (b.num_cached_tokens, sched.num_prompt_tokens_admitted, sched.num_prompt_tokens_cached) == (8, 20, 8)
+    sched.finish(b)
+
+    old, new = Sequence(list(range(30, 37))), Sequence(list(range(20, 27)))  # as in the preemption test above
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)
+    run_step(sched)
+    assert run_step(sched).preempted == [new] and new.num_cached_tokens == 0
+    sched.finish(old)
+    run_step(sched)  # new comes back, its first block found in the cache: not counted again
+    assert new.status is SequenceStatus.RUNNING and new.num_computed_tokens == 9 and new.num_cached_tokens == 0
+    assert (sched.num_prompt_tokens_admitted, sched.num_prompt_tokens_cached) == (34, 8)

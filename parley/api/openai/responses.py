@@ -39,20 +39,25 @@ class Envelope:
 
 class Usage:
     def __init__(self):
-        self.prompt_tokens = self.completion_tokens = self.reasoning_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = self.reasoning_tokens = 0
         self._prompts_counted: set[int] = set()
 
     def add(self, request_index: int, final: FinalEvent) -> None:
         if request_index not in self._prompts_counted:  # n sequences share one prompt
             self._prompts_counted.add(request_index)
             self.prompt_tokens += final.prompt_tokens
+        if final.index == 0:  # the prompt's own lookup (its siblings reuse the blocks it filled)
+            self.cached_tokens += final.cached_tokens
         self.completion_tokens += final.generated_tokens
         self.reasoning_tokens += final.reasoning_tokens
 
     def json(self) -> dict:
+        """OpenAI's usage; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache held;
+        `completion_tokens_details.reasoning_tokens` only for thinking models, which have some."""
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-        if self.reasoning_tokens:  # OpenAI's place for them; only thinking models have any
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        if self.reasoning_tokens:
             usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return usage
 

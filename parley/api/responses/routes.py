@@ -193,7 +193,8 @@ class ResponseShape:
     def _final(self, final: FinalEvent, output: list[dict]) -> dict:
         usage = {"input_tokens": final.prompt_tokens, "output_tokens": final.generated_tokens,
                  "total_tokens": final.prompt_tokens + final.generated_tokens,
-                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": final.reasoning_tokens}}
+                 "input_tokens_details": {"cached_tokens": final.cached_tokens},
+                 "output_tokens_details": {"reasoning_tokens": final.reasoning_tokens}}
         return self._response("incomplete" if final.finish_reason == FinishReason.LENGTH else "completed", output,
                               usage, final)
 
