@@ -88,7 +88,8 @@ def test_enable_thinking_false_reaches_the_template(http):
     # the template closed an empty thinking: "<think>\n" became "<think>\n\n</think>\n\n"
     assert off["usage"]["prompt_tokens"] > on["usage"]["prompt_tokens"]
     assert off["choices"][0]["message"]["reasoning_content"] is None and off["choices"][0]["message"]["content"]
-    assert as_kwarg["choices"] == off["choices"] and as_kwarg["usage"] == off["usage"]
+    assert as_kwarg["choices"] == off["choices"]
+    assert as_kwarg["usage"]["prompt_tokens"] == off["usage"]["prompt_tokens"]
 
 
 def test_chat_template_kwargs_reach_the_template_and_unread_ones_are_refused(http):
@@ -136,7 +137,7 @@ def test_an_earlier_answers_reasoning_reaches_the_template(http):
     as_friendli = chat(http, messages=[*HI, {"role": "assistant", "content": "x", "reasoning": "a long thought"}],
                        max_tokens=2)
     assert with_thought["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
-    assert as_friendli["usage"] == with_thought["usage"]
+    assert as_friendli["usage"]["prompt_tokens"] == with_thought["usage"]["prompt_tokens"]
 
 
 def test_the_responses_api_returns_a_reasoning_item(thinker):
