@@ -4,6 +4,8 @@
 - `strict_server`: --api-key, --max-concurrent-requests 1 and CORS (the default model too: the
   tiny random one generates so fast that a stream ends before a second request can collide).
 - `fake_server`: the real CLI and app around tests/api/fake_engine.py, for engine failures.
+- `thinker`: a tiny random model whose template thinks (tiny_model.THINKING_TEMPLATE), served as
+  "thinker": everything it writes is thinking until a budget forces "</think>".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import httpx
 import pytest
 
 from server import API_KEY, CLIENT_TIMEOUT_S, CORS_ORIGIN, ServerProcess, start_default_server
+from tiny_model import make_tiny_model
 
 HERE = Path(__file__).parent
 
@@ -40,6 +43,16 @@ def strict_server(tmp_path_factory):
 def fake_server(tmp_path_factory):
     proc = ServerProcess([sys.executable, str(HERE / "fake_server.py"), "serve"],
                          tmp_path_factory.mktemp("fake") / "server.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def thinker(tmp_path_factory):
+    model = make_tiny_model(tmp_path_factory.mktemp("thinker"), seed=3, thinking=True)
+    proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
+                          "--num-threads", "1", "--max-batch-total-tokens", "4096", "--served-model-name", "thinker"],
+                         tmp_path_factory.mktemp("thinker_server") / "server.log").start()
     yield proc
     proc.stop()
 

@@ -244,3 +244,22 @@ def test_with_an_api_key_the_page_asks_for_it_and_keeps_it_in_the_tab(browser, t
 def test_chromium_is_debians():
     """The browser is the system's, never one Playwright fetched."""
     assert shutil.which("chromium") == str(CHROMIUM)
+
+
+def test_a_thinking_models_reasoning_folds_away_above_its_answer(browser, thinker):
+    page = browser.new_page()
+    page.set_default_timeout(WAIT_S * 1000)
+    page.goto(thinker.url + "/")
+    page.wait_for_selector("#model option", state="attached")
+    set_params(page, temperature=0, max_tokens=12)
+    send(page, "hi")
+    finished_answer(page)
+    thought = httpx.post(thinker.url + "/v1/chat/completions", timeout=CLIENT_TIMEOUT_S, json={
+        "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 12,
+    }).json()["choices"][0]["message"]["reasoning_content"]
+    thinking = page.locator(f"{ASSISTANT} details.thinking")
+    assert thinking.count() == 1 and not thinking.get_attribute("open")
+    thinking.locator("summary").click()
+    assert thinking.locator("div").inner_text() == thought
+    shot(page, "7-thinking")
+    page.close()

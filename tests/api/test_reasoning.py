@@ -8,7 +8,6 @@ opens the thinking, so everything it writes is thinking until the budget forces 
 from __future__ import annotations
 
 import json
-import sys
 
 import anthropic
 import httpx
@@ -16,20 +15,9 @@ import openai
 import pytest
 
 from parley.tokenization.reasoning import THINKING, split_reasoning
-from server import CLIENT_TIMEOUT_S, ServerProcess, sse_events
-from tiny_model import make_tiny_model
+from server import CLIENT_TIMEOUT_S, sse_events
 
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def thinker(tmp_path_factory):
-    model = make_tiny_model(tmp_path_factory.mktemp("thinker"), seed=3, thinking=True)
-    proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
-                          "--num-threads", "1", "--max-batch-total-tokens", "4096", "--served-model-name", "thinker"],
-                         tmp_path_factory.mktemp("thinker_server") / "server.log").start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

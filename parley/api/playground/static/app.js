@@ -298,10 +298,11 @@ async function generate() {
         const delta = choice.delta || {};
         const entries = (choice.logprobs && choice.logprobs.content) || [];
         if (delta.content) reply.content += delta.content;
+        if (delta.reasoning_content) reply.reasoning = (reply.reasoning || "") + delta.reasoning_content;
         for (const entry of entries) reply.tokens.push(tokenOf(entry, bytes));
         if (delta.tool_calls) mergeToolCalls(reply.tool_calls, delta.tool_calls);
         if (choice.finish_reason) reply.finish = choice.finish_reason;
-        if (entries.length || delta.content || delta.tool_calls) {
+        if (entries.length || delta.content || delta.reasoning_content || delta.tool_calls) {
           firstAt = firstAt ?? performance.now();
           received += Math.max(entries.length, 1);
         }
@@ -449,8 +450,14 @@ function messageItem(message, index) {
     item.append(editor(message));
     return item;
   }
+  if (message.reasoning) {  // a thinking model's reasoning_content, folded away
+    const thinking = el("details", "thinking");
+    thinking.append(el("summary", "muted", "thinking"), el("div", "", message.reasoning));
+    item.append(thinking);
+  }
   const body = el("div", "body");
-  if (message.tokens && message.tokens.length) colouredTokens(body, message, index);
+  // tokens are coloured from the first one on: with a reasoning before it, the content starts later
+  if (message.tokens && message.tokens.length && !message.reasoning) colouredTokens(body, message, index);
   else body.textContent = message.content;
   item.append(body);
   if (message.tool_calls && message.tool_calls.length) {
