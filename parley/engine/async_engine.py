@@ -26,7 +26,8 @@ from parley.adapters.lora import load_lora
 from parley.adapters.registry import LoRARegistry
 from parley.config import EngineConfig, ModelConfig
 from parley.engine.block_manager import BlockManager
-from parley.engine.core import EngineCore, PreparedRequest, Sink
+from parley.engine.core import EngineCore
+from parley.engine.request import PreparedRequest, Sink
 from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory, release_freed_memory
 from parley.engine.scheduler import Scheduler

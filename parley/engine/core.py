@@ -1,4 +1,5 @@
-"""The engine loop: schedule -> grammar mask -> run -> update, one step at a time, in its own thread.
+"""The engine loop: schedule -> inputs -> execute -> update_from_output, one step at a time, in its
+own thread (vLLM v1's shape).
 
 Requests arrive and are aborted through an inbox (thread-safe); each request's events leave
 through its `sink`, called once per step with the events of that step (or with an exception), on
@@ -6,157 +7,35 @@ the sink's event loop. One step's events for every request of a loop travel in o
 loop: a wake-up per request made the event loop fight the engine thread for the GIL and the cores.
 Anything else that must not race a step (loading or unloading a LoRA adapter) goes through the
 inbox too, as a function `call` runs between steps.
+
+The pieces, each in its own file: request.py (a request's and its sequences' state), inputs.py
+(sampling rows and the allowed-token mask), runner.py (the forward and the sampler), output.py
+(a step's tokens applied: stop rules, grammars, detokenization, events).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
 
 from parley.adapters.registry import LoRARegistry
-from parley.engine.drafts import propose
+from parley.engine.drafts import verifies_exactly
+from parley.engine.inputs import StepInputs
+from parley.engine.output import OutputProcessor
+from parley.engine.request import PreparedRequest, RequestState, SequenceState, Sink
 from parley.engine.runner import ModelRunner
-from parley.engine.scheduler import Scheduler, SchedulerOutput
+from parley.engine.scheduler import Scheduler
 from parley.engine.sequence import Sequence
-from parley.sampling.metadata import SamplingRow
-from parley.structured import allocate_bitmask, bitmask_to_bool, fill_bitmasks
+from parley.engine.thinking import ThinkingState
 from parley.tokenization.detokenizer import IncrementalDetokenizer
-from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, NotFoundError, Reasoning,
-                          RequestTimeoutError, Token, TokenEvent)
+from parley.types import GenerationError, NotFoundError, RequestTimeoutError
 
 log = logging.getLogger("parley.engine")
-
-MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
-
-
-
-@dataclass(frozen=True)
-class Sink:
-    """Where a request's events go: `put` (a list of events, or an exception that ends the request)
-    runs on `loop`."""
-
-    loop: asyncio.AbstractEventLoop
-    put: Callable[[object], None]
-
-    def send(self, item: object) -> None:
-        self.loop.call_soon_threadsafe(self.put, item)
-
-
-def _deliver(items: list[tuple[Callable[[object], None], object]]) -> None:
-    for put, item in items:
-        put(item)
-
-
-@dataclass
-class PreparedRequest:
-    """A validated request: prompt tokenized, seeds chosen, grammar compiled."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    seeds: list[int | None]
-    matchers: list  # one grammar matcher per sequence, or empty
-    draft_ids: list[int] = field(default_factory=list)  # predicted output, verified as draft tokens
-    cache_salt: int = 0  # prefix-cache namespace: one per LoRA adapter load, 0 for the base model
-    lora_id: int = 0  # the LoRA adapter load it runs with (LoRARegistry); 0: the base model
-
-
-@dataclass
-class SequenceState:
-    """Everything about one sequence's output that the scheduler does not need."""
-
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    seed: int | None
-    matcher: object | None = None
-    tokens: list[Token] = field(default_factory=list)
-    top_tokens: list[list[Token]] = field(default_factory=list)
-    prompt_logprobs: list[float] = field(default_factory=list)
-    draft: list[int] = field(default_factory=list)  # empty unless the sequence can speculate exactly
-    draft_cursor: int = 0
-    thinking: ThinkingState | None = None  # with GenerationRequest.reasoning
-
-
-@dataclass
-class ThinkingState:
-    """Where a thinking model's sequence stands (types.Reasoning): its phase ("maybe" it opens a
-    thinking with its next token, "thinking", "answer"), the tokens it thought and answered, and
-    the close still to force once the budget is spent."""
-
-    rules: Reasoning
-    phase: str
-    thought: int = 0
-    answered: int = 0
-    forced: list[int] = field(default_factory=list)
-
-    @classmethod
-    def start(cls, rules: Reasoning) -> ThinkingState:
-        state = cls(rules, rules.phase)
-        state._force_if_spent()
-        return state
-
-    def mask_edit(self) -> tuple[str, int] | None:
-        """How the next token's allowed set differs from the grammar's: ("only", t), ("also", t) or
-        ("not", t)."""
-        if self.forced:
-            return "only", self.forced[0]
-        if self.phase == "maybe":  # the first token may open a thinking, unless there is no room for one
-            return ("not", self.rules.start_id) if self.rules.budget == 0 else ("also", self.rules.start_id)
-        return None
-
-    def constrains_answer(self) -> bool:
-        """The grammar's mask applies to the next token (when it "maybe" opens a thinking, with the
-        start marker allowed besides); a thinking is free."""
-        return self.phase != "thinking"
-
-    def advance(self, token_id: int) -> bool:
-        """Take the next token; True if it belongs to the answer (so the grammar must accept it)."""
-        if self.forced and token_id == self.forced[0]:
-            self.forced.pop(0)
-        if self.phase == "maybe":
-            self.phase = "thinking" if token_id == self.rules.start_id else "answer"
-        elif self.phase == "thinking" and token_id == self.rules.end_id:
-            self.phase = "answer"
-            self.thought += 1
-            self.forced = []
-            return False
-        if self.phase == "answer":
-            self.answered += 1
-            return True
-        self.thought += 1
-        self._force_if_spent()
-        return False
-
-    def answer_spent(self) -> bool:
-        return self.rules.max_answer_tokens is not None and self.answered >= self.rules.max_answer_tokens
-
-    def _force_if_spent(self) -> None:
-        budget, close = self.rules.budget, self.rules.close_ids
-        if self.phase == "thinking" and budget is not None and not self.forced and self.thought + len(close) >= budget:
-            self.forced = list(close)
-
-
-@dataclass
-class RequestState:
-    prepared: PreparedRequest
-    sink: Sink
-    arrival: float
-    deadline: float | None
-    sequences: list[Sequence] = field(default_factory=list)
-    waiting_siblings: list[Sequence] = field(default_factory=list)  # started once the prompt is cached
-    first_scheduled: float | None = None
-    events: list = field(default_factory=list)
-
-    @property
-    def request(self) -> GenerationRequest:
-        return self.prepared.request
 
 
 class EngineCore:
@@ -166,18 +45,18 @@ class EngineCore:
         self.runner = runner
         self.adapters = adapters
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.requests: dict[str, RequestState] = {}
         self.states: dict[int, SequenceState] = {}
-        self.special_ids = tokenizer.special_ids
-        self.model_eos_ids = frozenset(tokenizer.eos_token_ids)
         self._stopping = False
         self.fatal_error: BaseException | None = None  # what stopped the loop, if anything did
         self.num_steps = 0  # forward passes run
-        self.num_generated_tokens = 0  # tokens appended to outputs, drafts verified included (/metrics, status line)
-        # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
-        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
+        self.inputs = StepInputs(self.states, vocab_size, frozenset(tokenizer.eos_token_ids), runner.device)
+        self.output = OutputProcessor(scheduler, tokenizer, self.states, self._fail, self._forget)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.output.num_generated_tokens
 
     # -- thread-safe entry points ------------------------------------------------------------
     def submit(self, prepared: PreparedRequest, sink: Sink) -> None:
@@ -191,7 +70,7 @@ class EngineCore:
     def stop(self) -> None:
         self._stopping = True
         self.inbox.put(("stop",))
-        self._grammar_thread.shutdown(wait=False)
+        self.inputs.grammar_thread.shutdown(wait=False)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the engine thread between two steps; the future holds its result or error."""
@@ -251,12 +130,12 @@ class EngineCore:
             return
         if sched.is_empty:
             return
-        now = time.monotonic()
+        started = time.monotonic()
         sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
         filled = None
         try:
-            allowed, filled = self._allowed_tokens(sampling)
-            result = self.runner.execute(sched, [self._sampling_row(seq) for seq in sampling], allowed)
+            allowed, filled = self.inputs.allowed_tokens(sampling)
+            result = self.runner.execute(sched, [self.inputs.sampling_row(seq) for seq in sampling], allowed)
         except Exception as exc:  # a failed forward: fail the requests in it, keep serving the rest
             log.exception("engine step failed")
             for req in {id(s.seq.group): s.seq.group for s in sched.scheduled}.values():
@@ -267,32 +146,7 @@ class EngineCore:
                 filled.exception()  # the matchers advance below: their mask must be done with them
         self.num_steps += 1
         self.scheduler.update(sched)
-        for s in sched.scheduled:
-            req = s.seq.group
-            if req.first_scheduled is None:
-                req.first_scheduled = now
-            if s.seq.seq_id in result.prompt_logprobs:
-                self.states[s.seq.seq_id].prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
-        for row, seq in enumerate(sampling):
-            out = result.sampled
-            self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],
-                         out.top_ids[row], out.top_logprobs[row])
-        for seq_id, (tokens, logprobs) in result.verified.items():
-            self._safely(self._append_verified, self._scheduled_seq(sched, seq_id), tokens, logprobs)
-        self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
-
-    def _safely(self, append, seq: Sequence, *args) -> None:
-        if seq.is_finished:
-            return
-        try:
-            append(seq, *args)
-        except Exception as exc:  # one request's failure (grammar, detokenizer) ends that request only
-            log.exception("request %s failed", seq.group.request.request_id)
-            self._fail(seq.group, GenerationError(str(exc)))
-
-    @staticmethod
-    def _scheduled_seq(sched: SchedulerOutput, seq_id: int) -> Sequence:
-        return next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
+        self.output.update_from_output(sched, sampling, result, started)
 
     # -- requests ----------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> None:
@@ -338,7 +192,7 @@ class EngineCore:
                 IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, prompt_tail_ids=tail),
                 generator, seed, prepared.matchers[index] if prepared.matchers else None,
                 thinking=ThinkingState.start(request.reasoning) if request.reasoning else None)
-            if prepared.draft_ids and self._verifies_exactly(request, state):
+            if prepared.draft_ids and verifies_exactly(request, state):
                 state.draft = prepared.draft_ids
             self.states[seq.seq_id] = state
             req.sequences.append(seq)
@@ -369,143 +223,3 @@ class EngineCore:
         """The request is over: the engine lets go of it and of its adapter."""
         if self.requests.pop(req.request.request_id, None) is not None and req.prepared.lora_id:
             self.adapters.release(req.prepared.lora_id)
-
-    # -- one sampled token -------------------------------------------------------------------
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        req: RequestState = seq.group
-        state = self.states[seq.seq_id]
-        params, stopping = req.request.sampling, req.request.stopping
-        needs_history = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-        suppressed = ()
-        if seq.num_output_tokens < stopping.min_new_tokens:
-            suppressed = tuple(self.model_eos_ids.union(stopping.extra_eos_token_ids))
-        return SamplingRow(
-            params=params,
-            generator=state.generator,
-            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if needs_history else [],
-            output_ids=seq.output_ids if needs_history or params.watermark else [],
-            suppressed_ids=suppressed,
-        )
-
-    def _allowed_tokens(self, sampling: list[Sequence]) -> tuple[Callable[[], torch.Tensor] | None, Future | None]:
-        """The allowed tokens of the sampling rows as a function giving [B, V] bools once the forward
-        has run, and the future of the grammar bitmask being filled meanwhile on the grammar thread.
-        (None, None) when no row is constrained. A thinking sequence's grammar waits for its answer;
-        its own rules (a forced close, whether it may open a thinking) edit its row."""
-        states = [self.states[seq.seq_id] for seq in sampling]
-        matchers = [s.matcher if s.thinking is None or s.thinking.constrains_answer() else None for s in states]
-        edits = [(row, s.thinking.mask_edit()) for row, s in enumerate(states) if s.thinking is not None]
-        edits = [(row, edit) for row, edit in edits if edit is not None]
-        if all(m is None for m in matchers) and not edits:
-            return None, None
-        filled = bitmask = None
-        if any(m is not None for m in matchers):
-            bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-            filled = self._grammar_thread.submit(fill_bitmasks, matchers, bitmask)
-
-        def allowed() -> torch.Tensor:
-            if filled is None:
-                mask = torch.ones(len(matchers), self.vocab_size, dtype=torch.bool)
-            else:
-                filled.result()
-                mask = bitmask_to_bool(bitmask, self.vocab_size)
-            for row, (kind, token) in edits:
-                if kind == "only":
-                    mask[row] = False
-                mask[row, token] = kind != "not"
-            return mask.to(self.runner.device)
-
-        return allowed, filled
-
-    @staticmethod
-    def _verifies_exactly(request: GenerationRequest, state: SequenceState) -> bool:
-        """Draft tokens are checked by greedy argmax, which is exact only for plain greedy decoding."""
-        p = request.sampling
-        plain = not (p.do_sample or p.frequency_penalty or p.presence_penalty or p.logit_bias or p.watermark
-                     or p.top_n_tokens or p.repetition_penalty != 1.0)
-        return plain and state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)
-
-    def _append_verified(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
-        """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
-        for token_id, logprob in zip(tokens, logprobs):
-            self._append_token(seq, token_id, logprob, (), ())
-            if seq.is_finished:
-                return
-        self.scheduler.advance(seq, len(tokens) - 1)
-
-    def _propose_drafts(self, seq: Sequence, state: SequenceState) -> None:
-        stopping = seq.group.request.stopping
-        room = min(MAX_DRAFT_TOKENS, stopping.max_new_tokens - seq.num_output_tokens - 1)
-        if seq.num_output_tokens < stopping.min_new_tokens:
-            room = 0  # EOS is suppressed until then, which greedy verification does not model
-        seq.spec_tokens, state.draft_cursor = propose(state.draft, state.draft_cursor, seq.output_ids, room)
-
-    def _append_token(self, seq: Sequence, token_id: int, logprob: float, top_ids, top_logprobs) -> None:
-        req: RequestState = seq.group
-        state = self.states[seq.seq_id]
-        stopping = req.request.stopping
-        seq.token_ids.append(token_id)
-        self.num_generated_tokens += 1
-        token = self._token(token_id, logprob)
-        state.tokens.append(token)
-        top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]
-        state.top_tokens.append(top)
-        answers = state.thinking is None or state.thinking.advance(token_id)
-        if answers and state.matcher is not None and not state.matcher.accept(token_id):
-            raise GenerationError(f"token {token_id} rejected by the grammar")
-        text = state.detokenizer.add(token_id)
-
-        if req.waiting_siblings and seq is req.sequences[0]:
-            for sibling in req.waiting_siblings:  # the prompt is cached now: siblings reuse its blocks
-                self.scheduler.add(sibling)
-            req.waiting_siblings = []
-
-        reason = None
-        is_eos = token_id in self.model_eos_ids or token_id in stopping.extra_eos_token_ids
-        if is_eos:
-            reason = FinishReason.EOS_TOKEN
-        elif state.detokenizer.stopped:
-            reason = FinishReason.STOP_SEQUENCE
-        elif answers and state.matcher is not None and state.matcher.is_terminated():
-            reason = FinishReason.EOS_TOKEN
-        elif seq.num_output_tokens >= stopping.max_new_tokens or (state.thinking and state.thinking.answer_spent()):
-            reason = FinishReason.LENGTH
-        req.events.append(TokenEvent(seq.index, token, text, top))
-        if reason is not None:
-            self._finish_sequence(seq, reason)
-        elif state.draft:
-            self._propose_drafts(seq, state)
-
-    def _finish_sequence(self, seq: Sequence, reason: FinishReason) -> None:
-        req: RequestState = seq.group
-        state = self.states.pop(seq.seq_id)
-        self.scheduler.finish(seq)
-        tail = "" if state.detokenizer.stopped else state.detokenizer.flush()
-        now = time.monotonic()
-        first = req.first_scheduled or now
-        prefill = None
-        if req.request.decoder_input_details and seq.index == 0:
-            ids = seq.token_ids[: seq.num_prompt_tokens]
-            logprobs = [None] + state.prompt_logprobs
-            prefill = [Token(i, self.tokenizer.token_text(i), lp, i in self.special_ids) for i, lp in zip(ids, logprobs)]
-        req.events.append(FinalEvent(
-            index=seq.index, finish_reason=reason, text=state.detokenizer.output_text,
-            generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
-            tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
-            stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
-            cached_tokens=seq.num_cached_tokens or 0,
-            reasoning_tokens=state.thinking.thought if state.thinking else 0))
-        if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
-            self._forget(req)
-
-    def _token(self, token_id: int, logprob: float | None) -> Token:
-        return Token(token_id, self.tokenizer.token_text(token_id), logprob, token_id in self.special_ids)
-
-    def _flush_events(self, reqs) -> None:
-        by_loop = defaultdict(list)
-        for req in reqs:
-            if req.events:
-                events, req.events = req.events, []
-                by_loop[req.sink.loop].append((req.sink.put, events))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)

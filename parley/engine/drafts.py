@@ -7,6 +7,8 @@ when the output has left the prediction, an n-gram lookup finds where it rejoins
 
 from __future__ import annotations
 
+from parley.types import GenerationRequest
+
 
 def propose(prediction: list[int], cursor: int, output: list[int], k: int) -> tuple[list[int], int]:
     """Up to `k` draft tokens and the new cursor (index in `prediction` of the next expected token)."""
@@ -23,3 +25,12 @@ def propose(prediction: list[int], cursor: int, output: list[int], k: int) -> tu
                 cursor = j + n
                 return prediction[cursor : cursor + k], cursor
     return [], cursor
+
+
+def verifies_exactly(request: GenerationRequest, state) -> bool:
+    """Whether draft tokens may be used: they are checked by greedy argmax, which is exact only for
+    plain greedy decoding with no grammar (`state.matcher`) or thinking budget forcing tokens."""
+    p = request.sampling
+    plain = not (p.do_sample or p.frequency_penalty or p.presence_penalty or p.logit_bias or p.watermark
+                 or p.top_n_tokens or p.repetition_penalty != 1.0)
+    return plain and state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)

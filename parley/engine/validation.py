@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from parley.engine.core import PreparedRequest
+from parley.engine.request import PreparedRequest
 from parley.types import GenerationRequest, ValidationError
 
 

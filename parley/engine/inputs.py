@@ -1,0 +1,71 @@
+"""What the runner needs besides the schedule: each sampling sequence's sampling row and the tokens
+it may take (grammars and a thinking model's rules), as one [B, V] mask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from parley.engine.request import RequestState, SequenceState
+from parley.engine.sequence import Sequence
+from parley.sampling.metadata import SamplingRow
+from parley.structured import allocate_bitmask, bitmask_to_bool, fill_bitmasks
+
+
+class StepInputs:
+    def __init__(self, states: dict[int, SequenceState], vocab_size: int, model_eos_ids: frozenset[int],
+                 device: torch.device):
+        self.states = states
+        self.vocab_size = vocab_size
+        self.model_eos_ids = model_eos_ids
+        self.device = device
+        # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
+        self.grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
+
+    def sampling_row(self, seq: Sequence) -> SamplingRow:
+        req: RequestState = seq.group
+        state = self.states[seq.seq_id]
+        params, stopping = req.request.sampling, req.request.stopping
+        needs_history = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+        suppressed = ()
+        if seq.num_output_tokens < stopping.min_new_tokens:
+            suppressed = tuple(self.model_eos_ids.union(stopping.extra_eos_token_ids))
+        return SamplingRow(
+            params=params,
+            generator=state.generator,
+            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if needs_history else [],
+            output_ids=seq.output_ids if needs_history or params.watermark else [],
+            suppressed_ids=suppressed,
+        )
+
+    def allowed_tokens(self, sampling: list[Sequence]) -> tuple[Callable[[], torch.Tensor] | None, Future | None]:
+        """The allowed tokens of the sampling rows as a function giving [B, V] bools once the forward
+        has run, and the future of the grammar bitmask being filled meanwhile on the grammar thread.
+        (None, None) when no row is constrained. A thinking sequence's grammar waits for its answer;
+        its own rules (a forced close, whether it may open a thinking) edit its row."""
+        states = [self.states[seq.seq_id] for seq in sampling]
+        matchers = [s.matcher if s.thinking is None or s.thinking.constrains_answer() else None for s in states]
+        edits = [(row, s.thinking.mask_edit()) for row, s in enumerate(states) if s.thinking is not None]
+        edits = [(row, edit) for row, edit in edits if edit is not None]
+        if all(m is None for m in matchers) and not edits:
+            return None, None
+        filled = bitmask = None
+        if any(m is not None for m in matchers):
+            bitmask = allocate_bitmask(len(matchers), self.vocab_size)
+            filled = self.grammar_thread.submit(fill_bitmasks, matchers, bitmask)
+
+        def allowed() -> torch.Tensor:
+            if filled is None:
+                mask = torch.ones(len(matchers), self.vocab_size, dtype=torch.bool)
+            else:
+                filled.result()
+                mask = bitmask_to_bool(bitmask, self.vocab_size)
+            for row, (kind, token) in edits:
+                if kind == "only":
+                    mask[row] = False
+                mask[row, token] = kind != "not"
+            return mask.to(self.device)
+
+        return allowed, filled

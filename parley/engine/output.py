@@ -1,0 +1,153 @@
+"""update_from_output: a step's sampled and verified tokens applied to their sequences.
+
+Each token goes through the sequence's thinking rules and grammar, its detokenizer and the stop
+rules; it becomes a TokenEvent, and a sequence that ends a FinalEvent. The step's events leave in
+one wake-up per event loop (core.py says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from parley.engine.drafts import propose
+from parley.engine.request import RequestState, SequenceState, deliver
+from parley.engine.runner import StepResult
+from parley.engine.scheduler import Scheduler, SchedulerOutput
+from parley.engine.sequence import Sequence
+from parley.types import FinalEvent, FinishReason, GenerationError, Token, TokenEvent
+
+log = logging.getLogger("parley.engine")
+
+MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
+
+
+class OutputProcessor:
+    """`fail(request, error)` ends a request whose token failed (its grammar rejected it...);
+    `forget(request)` lets go of a request whose sequences all ended."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer, states: dict[int, SequenceState],
+                 fail: Callable[[RequestState, Exception], None], forget: Callable[[RequestState], None]):
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.states = states
+        self.special_ids = tokenizer.special_ids
+        self.model_eos_ids = frozenset(tokenizer.eos_token_ids)
+        self.fail = fail
+        self.forget = forget
+        self.num_generated_tokens = 0  # tokens appended to outputs, drafts verified included (/metrics, status line)
+
+    def update_from_output(self, sched: SchedulerOutput, sampling: list[Sequence], result: StepResult,
+                           started: float) -> None:
+        """`sampling`: the sequences of `result.sampled`'s rows, in order; `started`: when the step began."""
+        for s in sched.scheduled:
+            req = s.seq.group
+            if req.first_scheduled is None:
+                req.first_scheduled = started
+            if s.seq.seq_id in result.prompt_logprobs:
+                self.states[s.seq.seq_id].prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
+        for row, seq in enumerate(sampling):
+            out = result.sampled
+            self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],
+                         out.top_ids[row], out.top_logprobs[row])
+        for seq_id, (tokens, logprobs) in result.verified.items():
+            seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
+            self._safely(self._append_verified, seq, tokens, logprobs)
+        self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
+
+    def _safely(self, append, seq: Sequence, *args) -> None:
+        if seq.is_finished:
+            return
+        try:
+            append(seq, *args)
+        except Exception as exc:  # one request's failure (grammar, detokenizer) ends that request only
+            log.exception("request %s failed", seq.group.request.request_id)
+            self.fail(seq.group, GenerationError(str(exc)))
+
+    def _append_verified(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
+        """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
+        for token_id, logprob in zip(tokens, logprobs):
+            self._append_token(seq, token_id, logprob, (), ())
+            if seq.is_finished:
+                return
+        self.scheduler.advance(seq, len(tokens) - 1)
+
+    def _propose_drafts(self, seq: Sequence, state: SequenceState) -> None:
+        stopping = seq.group.request.stopping
+        room = min(MAX_DRAFT_TOKENS, stopping.max_new_tokens - seq.num_output_tokens - 1)
+        if seq.num_output_tokens < stopping.min_new_tokens:
+            room = 0  # EOS is suppressed until then, which greedy verification does not model
+        seq.spec_tokens, state.draft_cursor = propose(state.draft, state.draft_cursor, seq.output_ids, room)
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float, top_ids, top_logprobs) -> None:
+        req: RequestState = seq.group
+        state = self.states[seq.seq_id]
+        stopping = req.request.stopping
+        seq.token_ids.append(token_id)
+        self.num_generated_tokens += 1
+        token = self._token(token_id, logprob)
+        state.tokens.append(token)
+        top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]
+        state.top_tokens.append(top)
+        answers = state.thinking is None or state.thinking.advance(token_id)
+        if answers and state.matcher is not None and not state.matcher.accept(token_id):
+            raise GenerationError(f"token {token_id} rejected by the grammar")
+        text = state.detokenizer.add(token_id)
+
+        if req.waiting_siblings and seq is req.sequences[0]:
+            for sibling in req.waiting_siblings:  # the prompt is cached now: siblings reuse its blocks
+                self.scheduler.add(sibling)
+            req.waiting_siblings = []
+
+        reason = None
+        is_eos = token_id in self.model_eos_ids or token_id in stopping.extra_eos_token_ids
+        if is_eos:
+            reason = FinishReason.EOS_TOKEN
+        elif state.detokenizer.stopped:
+            reason = FinishReason.STOP_SEQUENCE
+        elif answers and state.matcher is not None and state.matcher.is_terminated():
+            reason = FinishReason.EOS_TOKEN
+        elif seq.num_output_tokens >= stopping.max_new_tokens or (state.thinking and state.thinking.answer_spent()):
+            reason = FinishReason.LENGTH
+        req.events.append(TokenEvent(seq.index, token, text, top))
+        if reason is not None:
+            self._finish_sequence(seq, reason)
+        elif state.draft:
+            self._propose_drafts(seq, state)
+
+    def _finish_sequence(self, seq: Sequence, reason: FinishReason) -> None:
+        req: RequestState = seq.group
+        state = self.states.pop(seq.seq_id)
+        self.scheduler.finish(seq)
+        tail = "" if state.detokenizer.stopped else state.detokenizer.flush()
+        now = time.monotonic()
+        first = req.first_scheduled or now
+        prefill = None
+        if req.request.decoder_input_details and seq.index == 0:
+            ids = seq.token_ids[: seq.num_prompt_tokens]
+            logprobs = [None] + state.prompt_logprobs
+            prefill = [Token(i, self.tokenizer.token_text(i), lp, i in self.special_ids) for i, lp in zip(ids, logprobs)]
+        req.events.append(FinalEvent(
+            index=seq.index, finish_reason=reason, text=state.detokenizer.output_text,
+            generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
+            tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
+            stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
+            cached_tokens=seq.num_cached_tokens or 0,
+            reasoning_tokens=state.thinking.thought if state.thinking else 0))
+        if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
+            self.forget(req)
+
+    def _token(self, token_id: int, logprob: float | None) -> Token:
+        return Token(token_id, self.tokenizer.token_text(token_id), logprob, token_id in self.special_ids)
+
+    @staticmethod
+    def _flush_events(reqs) -> None:
+        by_loop = defaultdict(list)
+        for req in reqs:
+            if req.events:
+                events, req.events = req.events, []
+                by_loop[req.sink.loop].append((req.sink.put, events))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(deliver, items)
