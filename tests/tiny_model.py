@@ -1,4 +1,4 @@
-"""A tiny random Llama/Qwen2 checkpoint with a real tokenizer, written as an HF folder, for tests."""
+"""A tiny random checkpoint of each family with a real tokenizer, written as an HF folder, for tests."""
 
 from __future__ import annotations
 
@@ -66,10 +66,19 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
-    from transformers import LlamaConfig, Qwen2Config
+# Each family's config class and what makes its tiny model exercise the family's own math: small
+# heads (the classes' defaults are 128-256 wide), few experts, multipliers and caps far from 1.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+}
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+
+def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
+    import transformers
+
+    name, family = FAMILIES[arch]
     kwargs = {
         "vocab_size": vocab_size,
         "hidden_size": 64,
@@ -84,15 +93,16 @@ def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
         "bos_token_id": SPECIAL_TOKENS.index("<|im_start|>"),
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
     }
+    kwargs.update(family)
     kwargs.update(overrides)
-    return cls(**kwargs)
+    return getattr(transformers, name)(**kwargs)
 
 
 def make_tiny_model(
     path, arch: str = "llama", *, tie: bool = True, seed: int = 0, vocab_size: int | None = None,
     thinking: bool = False, **overrides
 ) -> str:
-    """Write a random `arch` ("llama" or "qwen2") checkpoint + tokenizer to folder `path`; return it.
+    """Write a random `arch` (a key of FAMILIES) checkpoint + tokenizer to folder `path`; return it.
 
     The model's vocab equals the tokenizer's (~400 tokens) unless `vocab_size` pads it larger, as
     real checkpoints often do. `overrides` go to the HF config (e.g. rope_scaling). Every weight,

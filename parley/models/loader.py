@@ -1,4 +1,4 @@
-"""Build a LlamaForCausalLM from an HF folder (safetensors) or a GGUF file.
+"""Build a model of any registered family from an HF folder (safetensors) or a GGUF file.
 
 GGUF tensors are dequantized to float with gguf's own kernels (bit-identical to transformers'
 GGUF loading) and then cast to the requested dtype. Q4_0, Q4_1 and Q8_0 matrices come as their rows
@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 
 from parley.config import ModelConfig
 from parley.kernels.linear import GROUP, Q4Rows, Q8Rows, QuantRows
-from parley.models.llama import LlamaForCausalLM
+from parley.models.layers.decoder import DecoderModel
+from parley.models.registry import config_from_hf, model_class
 from parley.tokenization.gguf_file import GGUFTensor, read_gguf
 
 log = logging.getLogger("parley.models")
@@ -70,7 +71,7 @@ def default_model_path() -> str:
 
 def load_model(
     path: str | None, dtype: torch.dtype, device: str | torch.device, quantize: str | None = None
-) -> tuple[LlamaForCausalLM, ModelConfig]:
+) -> tuple[DecoderModel, ModelConfig]:
     """Load a local HF folder or .gguf file (None: the default model) as `dtype` on `device`;
     quantize="int4": with 4-bit decoder projections (parley/kernels/linear.py)."""
     path = pathlib.Path(path or default_model_path())
@@ -93,7 +94,7 @@ def load_model(
     counted = _Counter(weights)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = model_class(config.architecture)(config)
         model.to(dtype)
         model.load_weights(counted)
     except ValueError as e:  # unsupported rope scaling; unknown, missing or misshapen tensor
@@ -123,8 +124,8 @@ def _hf_folder(path: pathlib.Path) -> tuple[ModelConfig, list[pathlib.Path]]:
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no config.json, so it is not an HF model folder")
     try:
-        config = ModelConfig.from_hf(json.loads(config_file.read_text()))
-    except ValueError as e:  # bad JSON or unsupported architecture
+        config = config_from_hf(json.loads(config_file.read_text()))
+    except ValueError as e:  # bad JSON, unsupported architecture or config field
         raise ModelLoadError(f"{config_file}: {e}") from e
     except KeyError as e:
         raise ModelLoadError(f"{config_file}: missing key {e}") from e

@@ -1,4 +1,4 @@
-"""LlamaForCausalLM over a paged cache equals transformers on tiny random checkpoints."""
+"""Every family over a paged cache equals transformers on tiny random checkpoints."""
 
 import math
 
@@ -16,6 +16,8 @@ BLOCK = 4
 NUM_BLOCKS = 16
 PROMPT = [1, 50, 60, 70, 80, 90, 100, 110, 120, 3, 4]
 
+# name -> (family, tied embeddings, config overrides). Windows of 8 tokens: the tests' 11-19 token
+# sequences run past them, so the sliding layers' masks count.
 VARIANTS = {
     "llama-tied": ("llama", True, {}),
     "llama-untied": ("llama", False, {}),
@@ -36,6 +38,8 @@ VARIANTS = {
             },
         },
     ),
+    "mistral-window": ("mistral", False, {"sliding_window": 8}),
+    "qwen2-window": ("qwen2", False, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
 }
 
 
@@ -79,8 +83,9 @@ def step(model, caches, decodes=(), prefills=()):
         ids += tokens
         positions += range(start, context)
         slot_mapping += slots(table, range(start, context))
-    decode_tables = decode_bias = None
+    decode_tables = decode_bias = context_lens = None
     if decodes:
+        context_lens = torch.tensor([pos + 1 for _, pos, _ in decodes])
         width = max(len(table) for _, _, table in decodes)
         decode_tables = torch.tensor([table + [0] * (width - len(table)) for _, _, table in decodes])
         visible = (
@@ -92,6 +97,7 @@ def step(model, caches, decodes=(), prefills=()):
         num_decode_tokens=len(decodes),
         decode_block_tables=decode_tables,
         decode_bias=decode_bias,
+        decode_context_lens=context_lens,
         prefill_chunks=tuple(chunks),
     )
     with torch.inference_mode():
@@ -150,9 +156,9 @@ def _hf_named(hf):
     return [(name, t.clone()) for name, t in hf.state_dict().items() if not (tied and name == "lm_head.weight")]
 
 
-def test_bfloat16_is_close_to_float32(models):
+def test_bfloat16_is_close_to_float32(models, tmp_path):
     ours, hf = models
-    bf16 = LlamaForCausalLM(ours.config).to(torch.bfloat16)
+    bf16 = type(ours)(ours.config).to(torch.bfloat16)
     bf16.load_weights(_hf_named(hf))
     caches = make_caches(ours.config)
     reference = ours.compute_logits(step(ours, caches, prefills=[(PROMPT, 0, [5, 2, 7])]))
@@ -160,17 +166,24 @@ def test_bfloat16_is_close_to_float32(models):
         step(bf16, make_caches(ours.config, torch.bfloat16), prefills=[(PROMPT, 0, [5, 2, 7])])
     )
     assert logits.dtype == torch.float32
-    assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
+    error = (logits - reference).abs().max()
+    if ours.config.num_experts:  # bf16 rounding moves tokens whose top experts nearly tie: as far as HF's own bf16
+        hf.save_pretrained(tmp_path)
+        hf_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+        assert error <= 1.5 * (hf_logits(hf_bf16, PROMPT).float() - reference).abs().max() + 0.01
+    else:
+        assert error < 0.1 * reference.abs().max()
 
 
 def test_load_weights_names_unknown_and_missing_tensors(models):
     ours, hf = models
     weights = _hf_named(hf)
-    model = LlamaForCausalLM(ours.config)
+    model = type(ours)(ours.config)
     with pytest.raises(ValueError, match=r"unknown tensor 'model\.layers\.0\.self_attn\.qkv\.weight'"):
         model.load_weights(weights + [("model.layers.0.self_attn.qkv.weight", torch.zeros(1))])
-    with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
-        model.load_weights([(n, t) for n, t in weights if n != "model.layers.1.mlp.up_proj.weight"])
+    last = max(name for name, _ in weights if name.startswith("model.layers.1."))
+    with pytest.raises(ValueError, match=rf"missing tensor\(s\) {last.replace('.', '[.]')}$"):
+        model.load_weights([(n, t) for n, t in weights if n != last])
     with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \(3,\)"):
         model.load_weights([(n, torch.zeros(3) if n == "model.norm.weight" else t) for n, t in weights])
 
