@@ -72,6 +72,16 @@ FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 6.0, "residual_multiplier": 0.3,
+                                  "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    "phi3": ("Phi3Config", {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+                                "final_logit_softcapping": 5.0, "sliding_window": 8}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "full_attention"], "rope_local_base_freq": 100.0,
+                                    "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
 }
 
 

@@ -40,6 +40,15 @@ VARIANTS = {
     ),
     "mistral-window": ("mistral", False, {"sliding_window": 8}),
     "qwen2-window": ("qwen2", False, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "qwen3": ("qwen3", False, {}),
+    "qwen3-tied-bias": ("qwen3", True, {"attention_bias": True}),
+    "olmo2": ("olmo2", False, {}),
+    "granite": ("granite", True, {"attention_bias": True}),
+    "phi3": ("phi3", False, {}),
+    "phi3-longrope": ("phi3", False, {"original_max_position_embeddings": 64, "rope_scaling": {
+        "type": "longrope", "short_factor": [1.0, 1.5, 2.5, 4.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}}),
+    "gemma2": ("gemma2", True, {}),
+    "gemma3": ("gemma3", True, {}),
 }
 
 
@@ -194,3 +203,53 @@ def test_unsupported_rope_scaling_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
         LlamaForCausalLM(config)
+
+
+REFUSED = [
+    ("llama", "mlp_bias", True, r"mlp_bias=True is not supported"),
+    ("llama", "hidden_act", "relu", r"hidden_act='relu' is not supported"),
+    ("llama", "quantization_config", {"quant_method": "awq"}, r"quantization_config \(awq\) is not supported"),
+    ("granite", "mlp_bias", True, r"mlp_bias=True is not supported"),
+    ("gemma3", "use_bidirectional_attention", True, r"use_bidirectional_attention=True is not supported"),
+    ("qwen3", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}, r"unsupported rope_scaling type 'yarn'"),
+    ("phi3", "rope_scaling", {"type": "dynamic", "factor": 2.0}, r"unsupported rope_scaling type 'dynamic'"),
+    ("llama", "architectures", ["Qwen2MoeForCausalLM"], r"unsupported architecture 'Qwen2MoeForCausalLM'"),
+]
+
+
+@pytest.mark.parametrize("arch,field,value,message", REFUSED, ids=[f"{a}-{f}" for a, f, _, _ in REFUSED])
+def test_a_config_field_that_is_not_served_is_refused_at_load_naming_it(tmp_path, arch, field, value, message):
+    import json
+    import pathlib
+
+    from parley.models.loader import ModelLoadError
+
+    folder = pathlib.Path(make_tiny_model(tmp_path, arch))
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(str(folder), torch.float32, "cpu")
+
+
+def test_a_field_the_config_json_omits_takes_the_family_default(tmp_path):
+    """Gemma 2's class defaults attn_logit_softcapping to 50 and ties the embeddings: a config.json
+    without them means that to transformers, and so to us."""
+    import json
+    import pathlib
+
+    folder = pathlib.Path(make_tiny_model(tmp_path, "gemma2", tie=True, attn_logit_softcapping=50.0))
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("attn_logit_softcapping")
+    config.pop("tie_word_embeddings", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    ours, parsed = load_model(str(folder), torch.float32, "cpu")
+    assert (parsed.attn_logit_softcap, parsed.tie_word_embeddings) == (50.0, True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    hidden = step(ours, make_caches(parsed), prefills=[(PROMPT, 0, [5, 2, 7])])
+    torch.testing.assert_close(ours.compute_logits(hidden), hf_logits(hf, PROMPT), atol=1e-4, rtol=0)
+
+
+def test_longrope_serves_the_original_context_only(tmp_path):
+    _, config = load_model(make_tiny_model(tmp_path, "phi3", **VARIANTS["phi3-longrope"][2]), torch.float32, "cpu")
+    assert config.max_position_embeddings == 64
