@@ -82,6 +82,10 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
                                     "layer_types": ["sliding_attention", "full_attention"], "rope_local_base_freq": 100.0,
                                     "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "mixtral": ("MixtralConfig", {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 48, "norm_topk_prob": True}),
+    "olmoe": ("OlmoeConfig", {"intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 0.3}),
 }
 
 

@@ -19,6 +19,9 @@ FAMILIES = {
     "phi3": ("phi3", {}),
     "gemma2": ("gemma2", {"sliding_window": 16}),
     "gemma3": ("gemma3", {"sliding_window": 16}),
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3_moe", {}),
+    "olmoe": ("olmoe", {}),
 }
 
 SHARED = "The user asked a question and the assistant gave a helpful answer. Once upon a time there was "

@@ -49,6 +49,11 @@ VARIANTS = {
         "type": "longrope", "short_factor": [1.0, 1.5, 2.5, 4.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}}),
     "gemma2": ("gemma2", True, {}),
     "gemma3": ("gemma3", True, {}),
+    "mixtral": ("mixtral", False, {}),
+    "mixtral-window": ("mixtral", True, {"sliding_window": 8}),
+    "qwen3-moe": ("qwen3_moe", False, {}),
+    "qwen3-moe-dense-layer": ("qwen3_moe", True, {"norm_topk_prob": False, "decoder_sparse_step": 2}),
+    "olmoe": ("olmoe", False, {}),
 }
 
 
@@ -253,3 +258,22 @@ def test_a_field_the_config_json_omits_takes_the_family_default(tmp_path):
 def test_longrope_serves_the_original_context_only(tmp_path):
     _, config = load_model(make_tiny_model(tmp_path, "phi3", **VARIANTS["phi3-longrope"][2]), torch.float32, "cpu")
     assert config.max_position_embeddings == 64
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+def test_experts_run_batched_one_matmul_pair_per_chosen_expert(tmp_path, arch, monkeypatch):
+    from parley.models.layers import moe
+
+    ours, config = load_model(make_tiny_model(tmp_path, arch), torch.float32, "cpu")
+    calls = []
+    plain = moe.linear
+    monkeypatch.setattr(moe, "linear", lambda x, w, *a: calls.append(x.shape[0]) or plain(x, w, *a))
+    tokens = PROMPT * 3  # 33 tokens, each choosing num_experts_per_tok of the 4 experts
+    layer = ours.layers[-1]
+    x = torch.randn(len(tokens), config.hidden_size)
+    out = layer._mlp(x, None)
+    router, experts = calls[0], calls[1:]
+    assert router == len(tokens) and len(experts) <= 2 * config.num_experts
+    assert sum(experts[::2]) == len(tokens) * config.num_experts_per_tok  # each (token, expert) pair once
+    # the same rows alone: the same output (a row's result does not depend on the batch)
+    torch.testing.assert_close(layer._mlp(x[5:6], None), out[5:6], atol=1e-6, rtol=0)
