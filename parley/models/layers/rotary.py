@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "freq_factors")  # the last: llama.cpp's rope_freqs
 
 
 def rope_parameters(head_dim: int, theta: float, scaling: dict | None,
@@ -25,6 +25,8 @@ def rope_parameters(head_dim: int, theta: float, scaling: dict | None,
         return 1.0 / (theta**exponents) / scaling["factor"], 1.0
     if kind == "llama3":
         return _llama3_inv_freq(1.0 / (theta**exponents), scaling), 1.0
+    if kind == "freq_factors":  # a GGUF file's rope_freqs.weight: each frequency's divisor (Llama 3's scaling)
+        return 1.0 / (theta**exponents) / torch.tensor(scaling["factors"], dtype=torch.float32), 1.0
     if kind == "longrope":
         return _longrope_short(theta**exponents, scaling)
     raise ValueError(f"unsupported rope_scaling type {kind!r}; Parley supports {', '.join(ROPE_TYPES)}")
