@@ -46,16 +46,16 @@ class Timers:
 
 def instrument(timers: Timers) -> None:
     from parley.engine import runner
-    from parley.models import llama
+    from parley.models.layers import decoder
     from parley.sampling.sampler import Sampler
 
-    llama.lora_linear = timers.wrap("projections", llama.lora_linear)
-    llama.linear = timers.wrap("lm_head", llama.linear)  # compute_logits is its only caller there
-    llama.paged_attention = timers.wrap("attention", llama.paged_attention)
-    llama.apply_rope = timers.wrap("rotary", llama.apply_rope)
-    llama.rms_norm = timers.wrap("norms", llama.rms_norm)  # with the residual adds
+    decoder.lora_linear = timers.wrap("projections", decoder.lora_linear)
+    decoder.linear = timers.wrap("lm_head", decoder.linear)  # compute_logits is its only caller there
+    decoder.paged_attention = timers.wrap("attention", decoder.paged_attention)
+    decoder.apply_rope = timers.wrap("rotary", decoder.apply_rope)
+    decoder.rms_norm = timers.wrap("norms", decoder.rms_norm)  # with the residual adds
     Sampler.__call__ = timers.wrap("sampling", Sampler.__call__)
-    llama.LlamaForCausalLM.forward = timers.wrap("forward", llama.LlamaForCausalLM.forward)
+    decoder.DecoderModel.forward = timers.wrap("forward", decoder.DecoderModel.forward)
     execute = runner.ModelRunner.execute
 
     def counted(self, *args, **kwargs):

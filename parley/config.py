@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder (Llama, Mistral, SmolLM, Qwen2)."""
+    """The shape of a decoder-only model and the settings of its family that change the math. The
+    defaults are Llama's; each family's class in parley/models/ reads its HF config.json into this
+    (see `from_hf` for the fields every family shares) and refuses the fields it does not honour."""
 
     architecture: str
     vocab_size: int
@@ -26,22 +28,40 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # the gated MLP's activation: silu, gelu_tanh or gelu
+    partial_rotary_factor: float = 1.0  # the share of each head's dims RoPE rotates (Phi-4-mini: 0.75)
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: "head" (each head) or "whole" (each projection)
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip_qkv, clip_qkv] (OLMoE)
+    attention_scale: float | None = None  # the scores' scale; None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the logits
+    embedding_scale: float = 1.0  # the embeddings times this (Gemma: sqrt(hidden); Granite)
+    residual_scale: float = 1.0  # each attention and MLP output times this before it joins the residual (Granite)
+    logits_divisor: float = 1.0  # the logits divided by this (Granite's logits_scaling)
+    sliding_window: int | None = None  # keys a sliding layer's token sees, itself included
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" or "full_attention" per layer; (): all full
+    rope_local_theta: float | None = None  # the sliding layers' own RoPE base, unscaled (Gemma 3)
+    num_experts: int = 0  # a sparse MoE MLP in the layers not in `dense_layers`; 0: dense
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the chosen experts' weights renormalized to sum to 1
+    dense_layers: tuple[int, ...] = ()  # an MoE model's layers with a dense MLP instead
 
-    SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`; None: it attends to the whole context."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict, **family) -> "ModelConfig":
+        """The fields every family shares, from an HF config.json; `family` sets the others."""
         archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
-        arch = archs[0]
-        if arch not in cls.SUPPORTED:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; Parley serves {', '.join(cls.SUPPORTED)}"
-            )
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
-            architecture=arch,
+        values = dict(
+            architecture=archs[0],
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -54,10 +74,12 @@ class ModelConfig:
             rope_scaling=cfg.get("rope_scaling"),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            attention_bias=cfg.get("attention_bias", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+        values.update(family)
+        return cls(**values)
 
 
 def _env(name: str, default, cast=str):

@@ -1,4 +1,4 @@
-"""A tiny random Llama/Qwen2 checkpoint with a real tokenizer, written as an HF folder, for tests."""
+"""A tiny random checkpoint of each family with a real tokenizer, written as an HF folder, for tests."""
 
 from __future__ import annotations
 
@@ -66,10 +66,33 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
-    from transformers import LlamaConfig, Qwen2Config
+# Each family's config class and what makes its tiny model exercise the family's own math: small
+# heads (the classes' defaults are 128-256 wide), few experts, multipliers and caps far from 1.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 6.0, "residual_multiplier": 0.3,
+                                  "attention_multiplier": 0.1, "logits_scaling": 4.0}),
+    "phi3": ("Phi3Config", {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+                                "final_logit_softcapping": 5.0, "sliding_window": 8}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "full_attention"], "rope_local_base_freq": 100.0,
+                                    "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "mixtral": ("MixtralConfig", {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 48, "norm_topk_prob": True}),
+    "olmoe": ("OlmoeConfig", {"intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2, "clip_qkv": 0.3}),
+}
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+
+def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
+    import transformers
+
+    name, family = FAMILIES[arch]
     kwargs = {
         "vocab_size": vocab_size,
         "hidden_size": 64,
@@ -84,15 +107,16 @@ def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
         "bos_token_id": SPECIAL_TOKENS.index("<|im_start|>"),
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
     }
+    kwargs.update(family)
     kwargs.update(overrides)
-    return cls(**kwargs)
+    return getattr(transformers, name)(**kwargs)
 
 
 def make_tiny_model(
     path, arch: str = "llama", *, tie: bool = True, seed: int = 0, vocab_size: int | None = None,
     thinking: bool = False, **overrides
 ) -> str:
-    """Write a random `arch` ("llama" or "qwen2") checkpoint + tokenizer to folder `path`; return it.
+    """Write a random `arch` (a key of FAMILIES) checkpoint + tokenizer to folder `path`; return it.
 
     The model's vocab equals the tokenizer's (~400 tokens) unless `vocab_size` pads it larger, as
     real checkpoints often do. `overrides` go to the HF config (e.g. rope_scaling). Every weight,

@@ -63,6 +63,8 @@ class AttentionMetadata:
     gather_rows: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict, repr=False)
     # every row's table and visible keys as the kernel reads them (`_kernel_rows`), built once a step
     kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # sliding window -> decode_bias with the keys before each decode token's window hidden too
+    window_bias: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -77,8 +79,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,  # a sliding layer's: each token sees its last `window` positions, itself included
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)
 ) -> torch.Tensor:  # [N, H, D]
-    if use_kernel(q, k_cache):
+    if window is None and softcap is None and use_kernel(q, k_cache):
         return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
@@ -93,7 +97,9 @@ def paged_attention(
         values = _gather(v_cache, meta.decode_block_tables, meta).view(num_kv_heads, nd, -1, head_dim)
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim).transpose(0, 1)  # [KVH, B, G, D]
         scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)  # [KVH, B, G, L]
-        scores.add_(meta.decode_bias)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
+        scores.add_(meta.decode_bias if window is None else _decode_window_bias(meta, window))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out[:nd] = _weighted_values(probs, values).transpose(0, 1).reshape(nd, -1, head_dim)  # [B, H, D]
 
@@ -107,7 +113,9 @@ def paged_attention(
         qp = qp.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)  # [KVH, G*T, D]
         scores = torch.matmul(qp, keys.transpose(-1, -2)).mul_(scale)  # [KVH, G*T, L]
         scores = scores.view(num_kv_heads, group, t, width)
-        scores.add_(causal_bias(t, ctx, scores.dtype, scores.device, width))
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap).mul_(softcap)
+        scores.add_(causal_bias(t, ctx, scores.dtype, scores.device, width, window))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = probs.view(num_kv_heads, group * t, width)
         chunk_out = _weighted_values(probs, values).view(num_kv_heads, group, t, head_dim)
@@ -189,11 +197,27 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, meta: AttentionMetad
     return gathered.view(num_kv_heads, -1, *cache.shape[2:])
 
 
-def causal_bias(num_queries: int, context_len: int, dtype, device, width: int | None = None) -> torch.Tensor:
+def causal_bias(num_queries: int, context_len: int, dtype, device, width: int | None = None,
+                window: int | None = None) -> torch.Tensor:
     """[T, width] additive mask (width: ctx unless given): query i (at position ctx - T + i) sees
-    keys at positions <= its own."""
+    keys at positions <= its own, and with a window only those > its own - window (HF's rule)."""
     width = context_len if width is None else width
     q_pos = torch.arange(context_len - num_queries, context_len, device=device).unsqueeze(1)
     k_pos = torch.arange(width, device=device).unsqueeze(0)
     bias = torch.zeros(num_queries, width, dtype=dtype, device=device)
-    return bias.masked_fill_(k_pos > q_pos, float("-inf"))
+    hidden = k_pos > q_pos
+    if window is not None:
+        hidden |= k_pos <= q_pos - window
+    return bias.masked_fill_(hidden, float("-inf"))
+
+
+def _decode_window_bias(meta: AttentionMetadata, window: int) -> torch.Tensor:
+    """meta.decode_bias with, for each decode token, the keys before its window hidden too; built
+    once a step and window (the runner's decode_context_lens say where each token is)."""
+    bias = meta.window_bias.get(window)
+    if bias is None:
+        width = meta.decode_bias.shape[-1]
+        k_pos = torch.arange(width, device=meta.decode_bias.device)
+        first = (meta.decode_context_lens - window).unsqueeze(1)  # [B, 1]: the first key each token sees
+        bias = meta.window_bias[window] = meta.decode_bias.masked_fill((k_pos < first).unsqueeze(1), float("-inf"))
+    return bias

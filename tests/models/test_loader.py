@@ -1,7 +1,9 @@
 """Loading HF folders and GGUF files: same logits as transformers, clear errors otherwise."""
 
 import json
+import math
 import pathlib
+import re
 
 import gguf
 import numpy as np
@@ -53,53 +55,137 @@ def hf_logits(path, tokens, **kwargs):
         return hf, hf(torch.tensor([tokens])).logits[0]
 
 
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "gemma2": "gemma2",
+             "gemma3": "gemma3", "phi3": "phi3", "granite": "granite", "olmo2": "olmo2", "olmoe": "olmoe",
+             "mixtral": "llama"}
+_GGUF_NAMES = {  # HF module -> llama.cpp's tensor name, as its converter maps them
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "self_attn.qkv_proj": "attn_qkv", "post_attention_layernorm": "ffn_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+}
+_EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+                 "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+
+
 def write_gguf(folder: str, path: pathlib.Path, arch: str, projections: str = "F32", embeddings: str = "F32") -> None:
-    """Convert a tiny HF folder to a GGUF the way llama.cpp's convert script does: F32, or the
-    decoder's projections in `projections` (Q4_0, Q4_1, Q8_0), the token embeddings and output in
-    `embeddings` (Q8_0, as llama.cpp's Q4 files keep them)."""
+    """Convert a tiny HF folder of family `arch` (a key of GGUF_ARCH) to a GGUF the way llama.cpp's
+    convert script does: F32, or the decoder's projections in `projections` (Q4_0, Q4_1, Q8_0), the
+    token embeddings and output in `embeddings` (Q8_0, as llama.cpp's Q4 files keep them)."""
     cfg = json.loads((pathlib.Path(folder) / "config.json").read_text())
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    writer = gguf.GGUFWriter(path, arch)
+    heads, kv_heads, hidden = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    name = GGUF_ARCH[arch]
+    writer = gguf.GGUFWriter(path, name)
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(cfg["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_bos_token_id(cfg["bos_token_id"])
     writer.add_eos_token_id(cfg["eos_token_id"])
+    _family_metadata(writer, arch, cfg, head_dim)
 
     def permute(w, n_head):  # llama.cpp's LlamaModel.permute
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    renames = {
-        "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }  # fmt: skip
-    for name, tensor in sorted(load_file(pathlib.Path(folder) / "model.safetensors").items()):
-        array, projection = tensor.numpy(), "_proj." in name
-        if arch == "llama" and ".q_proj." in name:
+    renames = dict(_GGUF_NAMES)
+    if arch in ("gemma2", "gemma3", "olmo2"):
+        renames["post_attention_layernorm"] = "post_attention_norm"
+    experts = {}  # (layer, gguf name) -> {expert: matrix}
+    for hf_name, tensor in sorted(load_file(pathlib.Path(folder) / "model.safetensors").items()):
+        array, projection = tensor.numpy(), "_proj." in hf_name or ".experts." in hf_name
+        if name in ("llama", "granite") and ".q_proj." in hf_name:  # llama.cpp permutes these two
             array = permute(array, heads)
-        if arch == "llama" and ".k_proj." in name:
+        if name in ("llama", "granite") and ".k_proj." in hf_name:
             array = permute(array, kv_heads)
-        for hf, ours in renames.items():
-            name = name.replace(hf, ours)
-        matrix = projection or name.startswith(("token_embd", "output."))
+        if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+            array = array + 1  # llama.cpp stores Gemma's 1 + w
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+        if match and ".experts." in match[2]:
+            expert, part = re.fullmatch(r".+\.experts\.(\d+)\.(\w+)", match[2]).groups()
+            experts.setdefault((match[1], _EXPERT_PARTS[part]), {})[int(expert)] = array
+            continue
+        if match:
+            gguf_name = f"blk.{match[1]}.{renames[match[2]]}.{match[3]}"
+        else:
+            gguf_name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                         "lm_head.weight": "output.weight"}[hf_name]
+        matrix = projection or gguf_name.startswith(("token_embd", "output."))
         array, kind = np.ascontiguousarray(array), gguf.GGMLQuantizationType[projections if projection else embeddings]
         if matrix and kind != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name.replace("model.layers.", "blk."), gguf.quants.quantize(array, kind), raw_dtype=kind)
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:
-            writer.add_tensor(name.replace("model.layers.", "blk."), array)
+            writer.add_tensor(gguf_name, array)
+    for (layer, gguf_name), by_expert in sorted(experts.items()):
+        writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", np.stack([by_expert[e] for e in sorted(by_expert)]))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _family_metadata(writer, arch: str, cfg: dict, head_dim: int) -> None:
+    """The keys (and derived tensors) llama.cpp's converter writes for the family."""
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    if kind == "llama3":  # as per-frequency divisors (rope_freqs.weight)
+        dim, factor = head_dim, scaling["factor"]
+        inv_freq = 1.0 / (cfg["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+        old, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        factors = []
+        for freq in inv_freq:
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / high:
+                factors.append(1.0)
+            elif wavelen > old / low:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(cfg["sliding_window"])
+        writer.add_sliding_window_pattern(2)  # the tiny models' layer 0 slides, layer 1 is global
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        writer.add_attention_scale(cfg["query_pre_attn_scalar"] ** -0.5)
+    if arch == "gemma3":
+        writer.add_attention_scale(cfg["query_pre_attn_scalar"] ** -0.5)
+        writer.add_rope_freq_base_swa(cfg["rope_local_base_freq"])
+    if arch == "granite":
+        writer.add_embedding_scale(cfg["embedding_multiplier"])
+        writer.add_residual_scale(cfg["residual_multiplier"])
+        writer.add_attention_scale(cfg["attention_multiplier"])
+        writer.add_logit_scale(cfg["logits_scaling"])
+    if arch == "phi3":
+        writer.add_rope_dimension_count(int(head_dim * cfg["partial_rotary_factor"]))
+        if kind == "longrope":
+            writer.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+            factor = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(cfg["original_max_position_embeddings"])))
+            writer.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+    if arch == "olmoe" and cfg.get("clip_qkv") is not None:
+        writer.add_clamp_kqv(cfg["clip_qkv"])
+    if arch in ("mixtral", "qwen3_moe", "olmoe"):
+        writer.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3_moe":
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        writer.add_expert_weights_norm(cfg["norm_topk_prob"])
 
 
 @pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False)])
@@ -112,6 +198,43 @@ def test_gguf_file_matches_the_hf_folder_it_was_converted_from(tmp_path, arch, t
     tokens = [1, 50, 60, 70, 80, 90, 3]
     _, expected = hf_logits(folder, tokens)
     torch.testing.assert_close(prefill(model, tokens, make_caches(config)), expected, atol=1e-4, rtol=0)
+
+
+LONGROPE = {"original_max_position_embeddings": 64, "rope_scaling": {
+    "type": "longrope", "short_factor": [1.0, 1.5, 2.5, 4.0], "long_factor": [2.0, 4.0, 8.0, 16.0]}}
+LLAMA3_ROPE = {"rope_theta": 500000.0, "rope_scaling": {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64}}
+FAMILY_GGUFS = {  # name -> (family, tied, config overrides)
+    "llama-rope-llama3": ("llama", False, LLAMA3_ROPE),
+    "mistral": ("llama", False, {}),
+    "qwen3": ("qwen3", False, {}),
+    "qwen3-moe": ("qwen3_moe", False, {}),
+    "gemma2": ("gemma2", True, {}),
+    "gemma3": ("gemma3", True, {}),
+    "phi3": ("phi3", False, {}),
+    "phi3-longrope": ("phi3", False, LONGROPE),
+    "granite": ("granite", True, {}),
+    "olmo2": ("olmo2", False, {}),
+    "olmoe": ("olmoe", False, {}),
+    "mixtral": ("mixtral", False, {}),
+}
+
+
+@pytest.mark.parametrize("variant", list(FAMILY_GGUFS))
+def test_each_family_gguf_matches_its_hf_folder(tmp_path, variant):
+    arch, tie, overrides = FAMILY_GGUFS[variant]
+    folder = make_tiny_model(tmp_path / "hf", arch, tie=tie, **overrides)
+    write_gguf(folder, tmp_path / "tiny.gguf", arch)
+    model, config = load_model(str(tmp_path / "tiny.gguf"), torch.float32, "cpu")
+    hf_model, hf_config = load_model(folder, torch.float32, "cpu")
+    assert type(model) is type(hf_model)
+    tokens = PROMPT_19
+    _, expected = hf_logits(folder, tokens, attn_implementation="eager")
+    torch.testing.assert_close(prefill(model, tokens, make_caches(config)), expected, atol=1e-4, rtol=0)
+
+
+PROMPT_19 = [1, 50, 60, 70, 80, 90, 100, 110, 120, 3, 4, 200, 13, 7, 300, 250, 8, 99, 150]  # past 8-token windows
 
 
 @pytest.mark.parametrize("tie", [True, False])
