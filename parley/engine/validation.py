@@ -36,7 +36,7 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
     else:
         prompt_ids = list(request.prompt)
         _check(all(0 <= i < limits.vocab_size for i in prompt_ids), "inputs",
-               f"Input validation error: token ids must be in [0, {limits.vocab_size})")
+               f"Input validation error: `inputs` token ids must be in [0, {limits.vocab_size})")
     _check(len(prompt_ids) > 0, "inputs", "Input validation error: `inputs` must have at least one token")
     if request.truncate is not None:
         _check(request.truncate > 0, "truncate", "Input validation error: `truncate` must be strictly positive")
@@ -82,7 +82,7 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
 
     matchers = []
     if request.grammar is not None:
-        _check(grammar_compiler is not None, "grammar", "Input validation error: grammars are not supported")
+        _check(grammar_compiler is not None, "grammar", "Input validation error: `grammar`: grammars are not supported by this engine")
         try:
             grammar_compiler.validate(request.grammar)
             matchers = [grammar_compiler.matcher(request.grammar) for _ in range(n)]

@@ -1,0 +1,36 @@
+"""Draft tokens from a predicted output (parley/engine/drafts.py)."""
+
+from parley.engine.drafts import propose, verifies_exactly
+from parley.engine.request import SequenceState
+from parley.types import GenerationRequest, Reasoning, SamplingParams
+
+PREDICTION = [10, 11, 12, 13, 14, 15, 16]
+
+
+def test_the_prediction_is_proposed_from_where_the_output_is():
+    assert propose(PREDICTION, 0, [], 3) == ([10, 11, 12], 0)
+    assert propose(PREDICTION, 0, [10, 11], 3) == ([12, 13, 14], 2)
+    assert propose(PREDICTION, 2, [10, 11, 12, 13], 8) == ([14, 15, 16], 4)
+
+
+def test_the_output_rejoins_the_prediction_after_leaving_it():
+    # the model wrote 99 instead of 12, then went on with 13: the n-gram lookup finds 13 again
+    assert propose(PREDICTION, 2, [10, 11, 99, 13], 2) == ([14, 15], 4)
+    assert propose(PREDICTION, 2, [10, 11, 99], 2) == ([], 2)  # nowhere to rejoin yet
+
+
+def test_no_room_no_drafts():
+    assert propose(PREDICTION, 0, [10], 0) == ([], 0)
+
+
+def test_only_plain_greedy_decoding_verifies_exactly():
+    state = SequenceState(detokenizer=None, generator=None, seed=None)
+    assert verifies_exactly(GenerationRequest("x"), state)
+    assert not verifies_exactly(GenerationRequest("x", sampling=SamplingParams(do_sample=True)), state)
+    assert not verifies_exactly(GenerationRequest("x", sampling=SamplingParams(logit_bias={1: 2.0})), state)
+    state.matcher = object()
+    assert not verifies_exactly(GenerationRequest("x"), state)
+    state.matcher = None
+    budget = Reasoning(start_id=1, end_id=2, close_ids=[2], budget=5)
+    assert not verifies_exactly(GenerationRequest("x", reasoning=budget), state)
+    assert verifies_exactly(GenerationRequest("x", reasoning=Reasoning(start_id=1, end_id=2, close_ids=[2])), state)
