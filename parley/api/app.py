@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from parley.api import adapters, dialects, playground, service
+from parley.api import dialects, lora_routes, playground, status
 from parley.api.anthropic import routes as anthropic_routes
 from parley.api.responses import routes as responses_routes
 from parley.api.auth import ApiKeyAuth
@@ -54,7 +54,7 @@ def create_app(config: ServerConfig, engine_config: EngineConfig, load_engine: C
     install_handlers(app)
     for router in (tgi_routes.router, tgi_routes.tokenize_router, openai_routes.router, openai_routes.models_router,
                    anthropic_routes.router, anthropic_routes.count_router, responses_routes.router,
-                   responses_routes.stored_router, service.router, adapters.router):
+                   responses_routes.stored_router, status.router, lora_routes.router):
         app.include_router(router)
     if config.playground:
         app.include_router(playground.router)

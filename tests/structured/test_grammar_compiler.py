@@ -88,7 +88,7 @@ def _accepts(compiler, backend_tokenizer, grammar: Grammar, text: str) -> bool:
 
 
 def test_strict_json_schema_refuses_properties_the_schema_does_not_name(compiler, backend_tokenizer):
-    from parley.api.openai.structured import response_grammar
+    from parley.api.openai.response_format import response_grammar
 
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     extra = '{"city": "Paris", "mayor": "x"}'

@@ -4,12 +4,12 @@ own way (seeds, output budget, top_k...) map through the one table, `dialects.FI
 from __future__ import annotations
 
 from parley.api import dialects
-from parley.api.adapters import adapter_for_model
+from parley.api.lora_routes import adapter_for_model
 from parley.api.budget import room_for_output
 from parley.api.errors import require, validation_error
 from parley.api.openai import reasoning
 from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
-from parley.api.openai.structured import response_grammar
+from parley.api.openai.response_format import response_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from parley.api import dialects
-from parley.api.adapters import adapter_cards
+from parley.api.lora_routes import adapter_cards
 from parley.api.dialects import SILICONFLOW_CHAT_PATH, ChatBody
 from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields
 from parley.api.jsonio import JSONBody

@@ -21,7 +21,7 @@ from typing import Any
 
 from parley.api.errors import require, validation_error
 from parley.api.openai.responses import ChatShape
-from parley.api.openai.structured import response_grammar
+from parley.api.openai.response_format import response_grammar
 from parley.tools import (
     StreamEvent,
     ToolCallArgumentsDelta,

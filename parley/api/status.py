@@ -1,4 +1,4 @@
-"""Service routes: /health, /info (TGI Info + Azure ModelInfo, SDK-WIRE §1.6), /metrics."""
+"""The server's status routes: /health, /info (TGI Info + Azure ModelInfo, SDK-WIRE §1.6), /metrics."""
 
 from __future__ import annotations
 
