@@ -41,6 +41,7 @@ from starlette.responses import Response, StreamingResponse
 
 from parley.api import create_app
 from parley.api.errors import ANTHROPIC_PREFIX, ApiError, error_body, error_response
+from parley.api.serving import too_large
 from parley.api.sse import frame
 from parley.cli import ENGINE_FLAGS, SERVER_FLAGS, configs, load_engine
 from parley.config import EngineConfig, ServerConfig
@@ -50,6 +51,7 @@ from parley.deploy.routing import prompt_text
 log = logging.getLogger("parley.deploy")
 
 REPLICA_HEADER = "x-parley-replica"
+DEATH_RETRIES = 2  # times a request whose replica died before answering is sent to another
 
 # Ray's settings: name -> (type, default, help). `num_replicas` is fixed unless min_replicas or
 # max_replicas is given: then Ray scales between them on ongoing requests per replica.
@@ -172,22 +174,26 @@ class ParleyIngress:
         path = request.url.path
         body = await request.body()
         if len(body) > self.payload_limit:  # the replica would refuse it too: no need to ship it there
-            return error_response(path, ApiError(413, f"Payload too large: the body holds more than "
-                                                 f"{self.payload_limit} bytes (--payload-limit)", "payload_too_large"))
+            return error_response(path, too_large(self.payload_limit))
         call = HttpCall(request.method, path, request.scope.get("query_string", b""), list(request.scope["headers"]),
                         body, request.scope.get("client"), request.url.scheme)
-        answer = self.replicas.handle.remote(call, prompt=prompt_text(body) if body else None,
-                                             replica=request.headers.get(REPLICA_HEADER))
-        try:
-            start = await answer.__anext__()
-        except BackPressureError as exc:
-            retry_after = max(1, math.ceil(exc.retry_after_s or 1))
-            return error_response(path, ApiError(429, "Model is overloaded: every replica is busy and the queue "
-                                                 "for them is full", "overloaded", retry_after=retry_after))
-        except (RayActorError, ActorUnavailableError) as exc:
-            log.warning("%s %s: the replica died before answering: %s", request.method, path, exc)
-            return error_response(path, ApiError(503, "The replica serving this request died before answering; "
-                                                 "retry", "unhealthy", retry_after=1), {"Retry-After": "1"})
+        prompt, pinned = prompt_text(body), request.headers.get(REPLICA_HEADER)
+        for attempt in range(DEATH_RETRIES + 1):
+            answer = self.replicas.handle.remote(call, prompt=prompt, replica=pinned)
+            try:
+                start = await answer.__anext__()
+                break
+            except BackPressureError as exc:
+                retry_after = max(1, math.ceil(exc.retry_after_s or 1))
+                return error_response(path, ApiError(429, "Model is overloaded: every replica is busy and the "
+                                                     "queue for them is full", "overloaded", retry_after=retry_after))
+            except (RayActorError, ActorUnavailableError) as exc:
+                # nothing was generated yet: another replica can answer it (Ray drops the dead one)
+                log.warning("%s %s: the replica died before answering (attempt %d): %s", request.method, path,
+                            attempt + 1, exc)
+        else:
+            return error_response(path, ApiError(503, "The replicas serving this request died before answering; "
+                                                 "retry", "unhealthy"), {"Retry-After": "1"})
         response = StreamingResponse(_rest(answer, path, start))
         response.status_code, response.raw_headers = start.status, start.headers
         return response
