@@ -60,6 +60,10 @@ RAY_ARGS: dict[str, tuple[Any, Any, str]] = {
     "min_replicas": (int, None, "autoscaling: fewest replicas (default 1 when max_replicas is given)"),
     "max_replicas": (int, None, "autoscaling: most replicas (default min_replicas)"),
     "target_ongoing_requests": (float, 4.0, "autoscaling: ongoing requests per replica Ray scales to keep"),
+    "upscale_delay_s": (float, None, "autoscaling: seconds the load must stay high before a replica is added "
+                                     "(Ray's default: 30)"),
+    "downscale_delay_s": (float, None, "autoscaling: ... stay low before one is removed (Ray's default: 600)"),
+    "look_back_period_s": (float, None, "autoscaling: seconds the load is averaged over (Ray's default: 30)"),
     "max_ongoing_requests": (int, None, "requests one replica runs at once (default --max-concurrent-requests)"),
     "max_queued_requests": (int, None, "requests the ingress holds for busy replicas before answering 429 "
                                        "(default max_ongoing_requests; -1: no limit)"),
@@ -69,6 +73,7 @@ RAY_ARGS: dict[str, tuple[Any, Any, str]] = {
     "min_prefix_chars": (int, 256, "prefix router: shortest shared prompt prefix worth following, in characters"),
     "imbalance": (int, 4, "prefix router: ongoing requests a prefix's replica may run above the least loaded"),
 }
+AUTOSCALING_DELAYS = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
 # flags of `parley serve` that mean nothing here, and why
 REFUSED = {
     "hostname": "Ray Serve's proxy binds the address: `serve run --host`, or http_options in the config file",
@@ -113,6 +118,13 @@ def parse_args(args: dict[str, Any]) -> tuple[EngineConfig, ServerConfig, dict[s
                 raise ValueError(f"not a setting of Parley or of its Ray deployment (these are: {', '.join(known)})")
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise ValueError(f"argument {name}={value!r}: {exc}") from None
+    autoscaling = ray_args["min_replicas"] is not None or ray_args["max_replicas"] is not None
+    scaling = [name for name in AUTOSCALING_DELAYS if ray_args[name] is not None]
+    if scaling and not autoscaling:
+        raise ValueError(f"argument {scaling[0]}: only with min_replicas or max_replicas (autoscaling)")
+    if autoscaling and "num_replicas" in args:
+        raise ValueError("argument num_replicas: not with min_replicas or max_replicas, between which Ray "
+                         "chooses the number of replicas itself")
     if ray_args["router"] not in ("prefix", "power_of_two"):
         raise ValueError(f"argument router={ray_args['router']!r}: must be prefix or power_of_two")
     if namespace.num_threads is None:  # one torch thread per CPU Ray gives the replica, not every core
@@ -229,9 +241,10 @@ def build(args: dict[str, Any]):
     low, high = ray_args["min_replicas"], ray_args["max_replicas"]
     if low is not None or high is not None:
         low = 1 if low is None else low
+        delays = {name: ray_args[name] for name in AUTOSCALING_DELAYS if ray_args[name] is not None}
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=low, max_replicas=high if high is not None else low,
-            target_ongoing_requests=ray_args["target_ongoing_requests"])
+            target_ongoing_requests=ray_args["target_ongoing_requests"], **delays)
     else:
         options["num_replicas"] = ray_args["num_replicas"]
     if ray_args["router"] == "prefix":

@@ -45,6 +45,8 @@ def test_arguments_are_parleys_flags_and_rays_settings():
 
 
 @pytest.mark.parametrize("args, named", [({"modle_id": "x"}, "modle_id"), ({"port": 9000}, "port"),
+                                         ({"upscale_delay_s": 1}, "upscale_delay_s"),  # without autoscaling
+                                         ({"num_replicas": 2, "max_replicas": 3}, "num_replicas"),
                                          ({"max_batch_total_tokens": "lots"}, "max_batch_total_tokens"),
                                          ({"router": "random"}, "router"), ({"no_playground": "maybe"}, "no_playground")])
 def test_a_wrong_argument_is_refused_naming_it(args, named):
@@ -75,9 +77,14 @@ def model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def url(model):
+    # autoscaling metrics every 0.5 s, not 10: test_autoscaling_* waits for Ray's decisions
+    pushes = {f"RAY_SERVE_{side}_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5" for side in ("REPLICA", "HANDLE")}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **pushes}})
     try:
+        # the workers import this worktree's parley, not another installed copy
+        parley_file = ray.remote(lambda: __import__("parley").__file__)  # a lambda: pickled whole, not by name
+        assert ray.get(parley_file.remote()).startswith(str(REPO))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build({**ARGS, "model_id": model}), name="parley", route_prefix="/")
@@ -272,11 +279,14 @@ def wait_for(condition, what: str) -> None:
 
 def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_comes_back(url, http):
     doomed, survivor = sorted(replica_ids(http))
-    streams = {r: Reader(url, {**long_chat(2000), "stream": True}, r) for r in (doomed, survivor)}
+    streams = {r: Reader(url, {**long_chat(4000), "stream": True}, r) for r in (doomed, survivor)}
     for stream in streams.values():
         stream.start()
     wait_for(lambda: all(len(s.events) >= 3 or not s.is_alive() for s in streams.values()), "both streams started")
     assert all(s.status == 200 for s in streams.values()), [s.status for s in streams.values()]
+    # Ray streams a replica's output ahead of the client: the replica must still be generating
+    metrics = http.get("/metrics", headers={REPLICA_HEADER: doomed}).text
+    assert metric(metrics, "parley_num_requests_running") == 1, "the stream ended before the kill: make it longer"
     ray.kill(replica_actor(doomed))
 
     # the killed replica's stream ends, with an error event, not a hang
@@ -294,7 +304,28 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_comes_ba
     assert streams[survivor].error is None and events[-1] == b"[DONE]", events[-3:]
     finals = [orjson.loads(e) for e in events[:-1]]
     assert [c["finish_reason"] for e in finals for c in e["choices"] if c["finish_reason"]] == ["length"]
-    assert finals[-1]["usage"] is None or finals[-1]["usage"]["completion_tokens"] == 2000
+    assert finals[-1]["usage"] is None or finals[-1]["usage"]["completion_tokens"] == 4000
     # a new replica takes the dead one's place
     wait_for(lambda: any(r not in (doomed, survivor) for r in replica_ids(http, 1)), "a new replica answering")
     assert doomed not in replica_ids(http)
+
+
+def running_replicas() -> int:
+    return serve.status().applications["parley"].deployments["ParleyReplica"].replica_states.get("RUNNING", 0)
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(model, url, http):
+    serve.delete("parley")  # a rolling update would start the new replicas before the old stop: 2 CPUs hold 2
+    fixed = {name: value for name, value in ARGS.items() if name != "num_replicas"}
+    serve.run(build({**fixed, "model_id": model, "min_replicas": 1, "max_replicas": 2,
+                     "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 1}),
+              name="parley", route_prefix="/")
+    assert running_replicas() == 1
+    def send(_):
+        return http.post("/v1/chat/completions", json=long_chat(3000))
+
+    with ThreadPoolExecutor(3) as pool:
+        load = [pool.submit(send, i) for i in range(3)]
+        wait_for(lambda: running_replicas() == 2, "a second replica under load")
+        assert all(f.result().status_code == 200 for f in load)
+    wait_for(lambda: running_replicas() == 1, "back to one replica once idle")
