@@ -242,6 +242,22 @@ def test_when_every_replica_and_the_queue_are_full_the_client_gets_429_at_once(h
         assert answer.json()["error"]["type"] == "overloaded" and answer.json()["error_type"] == "overloaded"
 
 
+def test_a_client_that_goes_away_mid_stream_aborts_its_request_on_the_replica(url, http):
+    replica = sorted(replica_ids(http))[0]
+    before = metric(http.get("/metrics", headers={REPLICA_HEADER: replica}).text, "parley_request_cancelled")
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**long_chat(4000), "stream": True},
+                      headers={REPLICA_HEADER: replica}, timeout=CLIENT_TIMEOUT_S) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(3)]
+    # the connection is closed: Ray cancels the call, the replica's app hears http.disconnect
+
+    def cancelled() -> bool:
+        text = http.get("/metrics", headers={REPLICA_HEADER: replica}).text
+        return metric(text, "parley_request_cancelled") > before and metric(text, "parley_num_requests_running") == 0
+
+    wait_for(cancelled, "the replica aborting the request")
+
+
 def replica_actor(replica: str):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica in a["name"]]
     assert len(names) == 1, names
