@@ -213,10 +213,20 @@ class ParleyIngress:
 
 async def _rest(answer, path: str, start: ResponseStart) -> AsyncIterator[bytes]:
     """The body after the ResponseStart. If the replica dies mid-stream, an SSE stream ends with an
-    error event in the route's dialect (the status was sent already); other bodies end short."""
+    error event in the route's dialect (the status was sent already); other bodies end short. A body
+    of known length ends with its last byte: the replica's end of stream, which would follow, is lost
+    if it dies in between, and the answer is whole."""
+    declared = start.header(b"content-length")
+    remaining = int(declared) if declared is not None and declared.isdigit() else None
     try:
+        if remaining == 0:  # /health's empty 200
+            return
         async for chunk in answer:
             yield chunk
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    return
     except (RayActorError, ActorUnavailableError) as exc:
         log.warning("%s: the replica died mid-answer: %s", path, exc)
         if not (start.header(b"content-type") or b"").startswith(b"text/event-stream"):

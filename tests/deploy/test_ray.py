@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from parley.api import create_app  # noqa: E402
 from parley.cli import load_engine  # noqa: E402
-from parley.deploy.ray import REPLICA_HEADER, build, parse_args  # noqa: E402
+from parley.deploy.asgi import ResponseStart  # noqa: E402
+from parley.deploy.ray import REPLICA_HEADER, _rest, build, parse_args  # noqa: E402
 from server import CLIENT_TIMEOUT_S, free_port, metric  # noqa: E402
 from tiny_model import make_tiny_model  # noqa: E402
 
@@ -67,6 +68,49 @@ def test_autoscaling_and_backpressure_settings_reach_the_deployment():
     assert config.request_router_config.request_router_class.endswith("PrefixAffinityRouter")
     fixed = replica_deployment({"num_replicas": 2, "router": "power_of_two"})
     assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 2
+
+
+class DyingAnswer:
+    """A replica's answer whose replica dies after `chunks` (a DeploymentResponseGenerator's part)."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks, self.cancelled = list(chunks), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.chunks:
+            return self.chunks.pop(0)
+        raise ray.exceptions.ActorDiedError()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def rest(answer, path: str, headers: list) -> list[bytes]:
+    return [chunk async for chunk in _rest(answer, path, ResponseStart(200, headers))]
+
+
+async def test_a_replica_dying_after_a_whole_body_loses_nothing():
+    answer = DyingAnswer([b'{"a":', b"1}"])
+    assert await rest(answer, "/generate", [(b"content-length", b"6")]) == [b'{"a":', b"1}"]
+    assert answer.cancelled
+    assert await rest(DyingAnswer([]), "/health", [(b"content-length", b"0")]) == []
+
+
+async def test_a_replica_dying_mid_stream_ends_it_with_an_error_event_in_the_routes_dialect():
+    sse = [(b"content-type", b"text/event-stream")]
+    *_, last = await rest(DyingAnswer([b"data: {}\n\n"]), "/v1/messages", sse)
+    name, data = last.split(b"\n", 1)
+    assert name == b"event: error"  # Anthropic's events are named
+    body = orjson.loads(data[len(b"data: "):])
+    assert body["type"] == "error" and body["error"]["type"] == "api_error" and "died" in body["error"]["message"]
+    *_, last = await rest(DyingAnswer([b"data: {}\n\n"]), "/generate_stream", sse)
+    body = orjson.loads(last[len(b"data: "):])
+    assert body["error_type"] == "unhealthy" and "died" in body["error"]
+    with pytest.raises(ray.exceptions.ActorDiedError):  # a JSON body cut short: the connection ends
+        await rest(DyingAnswer([b'{"a":']), "/generate", [(b"content-length", b"6")])
 
 
 # -- a live application ---------------------------------------------------------------------------
