@@ -171,7 +171,9 @@ class ParleyReplica:
             raise RuntimeError(f"Parley's engine stopped: {engine.failure if engine else 'not loaded'}")
 
     async def __del__(self) -> None:
-        await self._lifespan.__aexit__(None, None, None)
+        """Ray's graceful shutdown: the engine stops as `parley serve`'s does."""
+        if hasattr(self, "_lifespan"):  # not if the constructor failed before entering it
+            await self._lifespan.__aexit__(None, None, None)
 
 
 class ParleyIngress:
@@ -184,6 +186,9 @@ class ParleyIngress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.payload_limit:  # refused unread, as by a single server
+            return error_response(path, too_large(self.payload_limit))
         body = await request.body()
         if len(body) > self.payload_limit:  # the replica would refuse it too: no need to ship it there
             return error_response(path, too_large(self.payload_limit))
