@@ -69,6 +69,8 @@ RAY_ARGS: dict[str, tuple[Any, Any, str]] = {
                                        "(default max_ongoing_requests; -1: no limit)"),
     "num_cpus": (float, 1.0, "CPUs Ray reserves per replica (and its torch threads, unless num_threads)"),
     "num_gpus": (float, 0.0, "GPUs Ray reserves per replica"),
+    "ingress_replicas": (int, 1, "replicas of the ingress (it only reads bodies and forwards them; each keeps its own "
+                                "prefix table)"),
     "router": (str, "prefix", "prefix (prefix-cache affinity, parley.deploy.router) | power_of_two (Ray's default)"),
     "min_prefix_chars": (int, 256, "prefix router: shortest shared prompt prefix worth following, in characters"),
     "imbalance": (int, 4, "prefix router: ongoing requests a prefix's replica may run above the least loaded"),
@@ -270,8 +272,9 @@ def build(args: dict[str, Any]):
     replicas = serve.deployment(ParleyReplica, name="ParleyReplica", **options).bind(engine_config, server_config)
     # the ingress only forwards: no CPU of its own reserved, and room for every replica's requests
     ingress_limit = max_ongoing * (high or ray_args["num_replicas"]) + max(max_queued, 0) + 100
-    return serve.deployment(ParleyIngress, name="ParleyIngress", max_ongoing_requests=ingress_limit,
-                            ray_actor_options={"num_cpus": 0}).bind(replicas, server_config)
+    return serve.deployment(ParleyIngress, name="ParleyIngress", num_replicas=ray_args["ingress_replicas"],
+                            max_ongoing_requests=ingress_limit, ray_actor_options={"num_cpus": 0}
+                            ).bind(replicas, server_config)
 
 
 app = build

@@ -66,6 +66,7 @@ def test_autoscaling_and_backpressure_settings_reach_the_deployment():
     assert config.request_router_config.request_router_class.endswith("PrefixAffinityRouter")
     fixed = replica_deployment({"num_replicas": 2, "router": "power_of_two"})
     assert fixed._deployment_config.autoscaling_config is None and fixed.num_replicas == 2
+    assert build({"ingress_replicas": 3})._bound_deployment.num_replicas == 3
 
 
 class DyingAnswer:
