@@ -16,8 +16,8 @@
 Every answer says which replica gave it (`x-parley-replica`); a request carrying that header goes to
 that replica (to read one replica's /metrics, say). When every replica is full and Ray's queue
 for them too (`max_ongoing_requests`, `max_queued_requests`), the client gets Parley's 429 with
-Retry-After at once. A replica that dies mid-stream ends its streams with an error event (a 503 if
-nothing was sent yet); Ray restarts it.
+Retry-After at once. A replica that dies mid-stream ends its streams with an error event; a request
+it had not begun to answer goes to another replica (a 503 if every one tried died); Ray restarts it.
 
 The builder's arguments are `parley serve`'s flags, named as their config fields (model_id,
 max_batch_total_tokens, served_model_name, ...), plus Ray's: see RAY_ARGS.
