@@ -21,7 +21,7 @@ import time
 import httpx
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from run import free_port  # noqa: E402  (bench/run.py)
+from run import free_port, wait_healthy  # noqa: E402  (bench/run.py)
 
 
 async def burst(base: str, requests: int, max_tokens: int) -> None:
@@ -73,13 +73,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(base)
         asyncio.run(burst(base, args.requests, args.max_tokens))
     finally:
         server.terminate()

@@ -153,6 +153,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(base: str, timeout_s: float = 120) -> None:
+    """Until `base`/health answers 200 (the model loaded), or SystemExit after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{base} was not healthy within {timeout_s:.0f} s")
+
+
 def tree_rss_mb(pid: int) -> float:
     """Peak RSS (VmHWM) of the process and all its descendants, summed: vLLM runs its API server,
     engine core and worker as separate processes."""

@@ -93,13 +93,13 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     return engine, server
 
 
-def _load_real_engine(config: EngineConfig):
+def load_engine(config: EngineConfig):
     from parley.engine.async_engine import AsyncEngine  # imports torch: done in the loading thread
 
     return AsyncEngine.load(config)
 
 
-def serve(args: argparse.Namespace, engine_loader: Callable = _load_real_engine) -> int:
+def serve(args: argparse.Namespace, engine_loader: Callable = load_engine) -> int:
     import uvicorn
 
     from parley.api import create_app
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None, engine_loader: Callable | None = None) -
     """`engine_loader(EngineConfig) -> engine` replaces the real engine (tests use a fake)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return serve(args, engine_loader or _load_real_engine)
+    return serve(args, engine_loader or load_engine)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ class LoRARegistry:
             raise NotFoundError(f"adapter {name!r} is not loaded (loaded adapters: {loaded})")
         return adapter
 
+    def names_by_id(self) -> dict[int, str]:
+        """The name of every adapter load a request may still run with (unloaded ones too)."""
+        return {lora_id: adapter.name for lora_id, adapter in dict(self._by_id).items()}
+
     # -- engine thread -----------------------------------------------------------------------
     def add(self, weights: LoRAWeights) -> LoadedAdapter:
         self.check_name(weights.name)

@@ -64,7 +64,7 @@ class StrictJSONRoute(APIRoute):
             limit = server_of(request).config.payload_limit
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             body = StrictJSONRequest(request.scope, _limited(request.receive, limit))
             await body.body()  # here, not in FastAPI's handler, which turns any error into a 400
             return await handler(body)
@@ -80,13 +80,13 @@ def _limited(receive: Receive, limit: int) -> Receive:
         message = await receive()
         size += len(message.get("body", b""))
         if size > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         return message
 
     return limited
 
 
-def _too_large(limit: int) -> ApiError:
+def too_large(limit: int) -> ApiError:
     return ApiError(413, f"Payload too large: the body holds more than {limit} bytes (--payload-limit)",
                     "payload_too_large")
 

@@ -59,6 +59,12 @@ class EngineStats:
     generated_tokens: int = 0  # tokens generated since the start, every request's
     prefix_cache_queried_tokens: int = 0  # prompt tokens of every sequence admitted, looked up in the prefix cache
     prefix_cache_hit_tokens: int = 0  # ... and found there
+    requests_waiting: int = 0  # requests none of whose sequences runs yet (`waiting` counts sequences)
+    requests_running: int = 0  # requests with a sequence in the running batch
+    adapters_loaded: int = 0  # LoRA adapters served now
+    running_adapters: tuple[str, ...] = ()  # LoRA adapters of the sequences running now
+    waiting_adapters: tuple[str, ...] = ()  # ... and of those waiting
+    max_adapters_per_batch: int = 0  # how many adapters one step can run: one per sequence of the batch
 
 
 @dataclass(frozen=True)
@@ -227,10 +233,24 @@ class AsyncEngine:
         return None if error is None else f"{type(error).__name__}: {error}"
 
     def stats(self) -> EngineStats:
-        blocks = self.core.scheduler.blocks
-        return EngineStats(blocks.num_used_blocks, blocks.num_blocks, self.core.num_waiting, self.core.num_running,
+        """Read from another thread than the engine's: each list is copied once (in one C call, under
+        the GIL), so the numbers are of one moment or two close ones, never an error."""
+        scheduler = self.core.scheduler
+        blocks = scheduler.blocks
+        running, waiting = tuple(scheduler.running), tuple(scheduler.waiting)
+        running_requests = len({id(seq.group) for seq in running})
+        names = self.adapters.names_by_id()
+
+        def adapters(sequences) -> tuple[str, ...]:
+            return tuple(sorted({names[s.lora_id] for s in sequences if s.lora_id in names}))
+
+        return EngineStats(blocks.num_used_blocks, blocks.num_blocks, len(waiting), len(running),
                            dict(self._adapter_requests), self.core.num_generated_tokens,
-                           self.core.scheduler.num_prompt_tokens_admitted, self.core.scheduler.num_prompt_tokens_cached)
+                           scheduler.num_prompt_tokens_admitted, scheduler.num_prompt_tokens_cached,
+                           requests_waiting=max(0, len(self.core.requests) - running_requests),
+                           requests_running=running_requests, adapters_loaded=len(self.adapters.loaded),
+                           running_adapters=adapters(running), waiting_adapters=adapters(waiting),
+                           max_adapters_per_batch=self.config.max_batch_size)
 
     # -- LoRA adapters -------------------------------------------------------------------------
     def has_adapter(self, name: str | None) -> bool:

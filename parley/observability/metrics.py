@@ -1,4 +1,5 @@
-"""Prometheus metrics under TGI's names, plus Parley's KV-cache gauges and per-adapter counts.
+"""Prometheus metrics under TGI's names, plus Parley's KV-cache gauges and per-adapter counts, and
+the gauges an inference gateway routes by, as vLLM exports them (docs/API.md, "Metrics for a gateway").
 
 Each server owns its own registry, so tests can build several apps. Counters are written under
 their exact TGI names (`tgi_request_count`, not prometheus_client's `tgi_request_count_total`), so
@@ -36,6 +37,12 @@ class EngineGauges(Protocol):
     generated_tokens: int  # tokens generated since the start
     prefix_cache_queried_tokens: int  # prompt tokens looked up in the prefix cache, one per sequence admitted
     prefix_cache_hit_tokens: int  # ... and found there
+    requests_waiting: int  # requests, not sequences: what an inference gateway routes by
+    requests_running: int
+    adapters_loaded: int
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+    max_adapters_per_batch: int
 
 
 class Metrics:
@@ -171,8 +178,21 @@ class _EngineCollector:
             ("tgi_batch_current_size", "Sequences in the running batch", stats.running),
             ("parley_kv_blocks_used", "KV-cache blocks in use", stats.kv_blocks_used),
             ("parley_kv_blocks_total", "KV-cache blocks in the pool", stats.kv_blocks_total),
+            ("parley_num_requests_waiting", "Requests waiting for their first step (vllm:num_requests_waiting)",
+             stats.requests_waiting),
+            ("parley_num_requests_running", "Requests in the running batch (vllm:num_requests_running)",
+             stats.requests_running),
+            ("parley_kv_cache_usage_perc", "Share of the KV-cache blocks in use, 0 to 1 (vllm:kv_cache_usage_perc)",
+             stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0),
+            ("parley_lora_adapters_loaded", "LoRA adapters served now", stats.adapters_loaded),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        lora = GaugeMetricFamily("parley_lora_requests_info", "LoRA adapters of the running and waiting requests, and "
+                                 "how many one batch can run; its value is when it was read (vllm:lora_requests_info)",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        lora.add_metric([",".join(stats.running_adapters), ",".join(stats.waiting_adapters),
+                         str(stats.max_adapters_per_batch)], time.time())
+        yield lora
         for name, doc, value in (
             ("parley_generated_tokens", "Tokens generated, counted as each is sampled (tokens/s is its rate)",
              stats.generated_tokens),

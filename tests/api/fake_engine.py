@@ -73,6 +73,12 @@ class FakeStats:
     generated_tokens: int = 0
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    requests_waiting: int = 0
+    requests_running: int = 0
+    adapters_loaded: int = 0
+    running_adapters: tuple = ()
+    waiting_adapters: tuple = ()
+    max_adapters_per_batch: int = 0
 
 
 class FakeEngine:

@@ -227,3 +227,16 @@ async def test_an_adapter_on_smollm2_equals_peft_merged_model(tmp_path):
         assert got == reference_tokens(reference, engine.tokenizer.encode(prompt))
     finally:
         engine.core.stop()
+
+
+async def test_stats_name_the_adapters_of_running_requests_for_a_gateway(engine):
+    """What parley_lora_requests_info reports (vllm:lora_requests_info's labels)."""
+    request = greedy(PROMPTS[0], "mlp", max_new_tokens=200)
+    seen = []
+    async for _ in engine.generate(request):
+        if not seen:
+            seen.append(engine.stats())
+    during, after = seen[0], engine.stats()
+    assert during.running_adapters == ("mlp",) and during.requests_running == 1 and during.requests_waiting == 0
+    assert during.adapters_loaded == len(ADAPTERS) and during.max_adapters_per_batch == engine.config.max_batch_size
+    assert after.running_adapters == () and after.requests_running == 0
