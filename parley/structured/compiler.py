@@ -9,6 +9,7 @@ import llguidance
 import tokenizers
 
 from parley.structured.matcher import GrammarMatcher
+from parley.structured.numbers import number_bound_grammar
 from parley.structured.tokenizer import build_llg_tokenizer
 from parley.types import Grammar
 
@@ -40,14 +41,41 @@ class GrammarCompiler:
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
+        self._token_bytes: list[bytes] | None = None  # built on first need
+        self._number_bound: llguidance.LLMatcher | None = None
 
     def validate(self, grammar: Grammar) -> None:
         """Raise `GrammarError` unless `grammar` compiles (and then keep it compiled)."""
         self._compiled(grammar)
 
     def matcher(self, grammar: Grammar) -> GrammarMatcher:
-        """A fresh matcher at the start of `grammar`. Raises `GrammarError` like `validate`."""
-        return GrammarMatcher(self._compiled(grammar).deep_copy())
+        """A fresh matcher at the start of `grammar`. Raises `GrammarError` like `validate`.
+
+        JSON grammars are held to Parley's number bound too: numbers carry at most the digits a
+        double holds (see `GrammarMatcher`). Regex and Lark grammars are followed as written."""
+        compiled = self._compiled(grammar).deep_copy()
+        if grammar.kind not in ("json", "json_object"):
+            return GrammarMatcher(compiled)
+        token_bytes, number_bound = self._bound()
+        return GrammarMatcher(compiled, token_bytes, number_bound.deep_copy())
+
+    def _bound(self) -> tuple[list[bytes], llguidance.LLMatcher]:
+        """Each token's bytes and the number bound's matcher, built on first need."""
+        with self._lock:
+            if self._number_bound is None:
+                bound = llguidance.LLMatcher(
+                    self._tokenizer, llguidance.LLMatcher.grammar_from_lark(number_bound_grammar()),
+                    log_level=0, limits=_LIMITS,
+                )
+                if bound.is_error():  # a fixed grammar of Parley's own: a bug, not a request's fault
+                    raise RuntimeError(f"the number bound does not compile: {bound.get_error()}")
+                tokenizer = self._tokenizer
+                self._token_bytes = [  # special tokens (EOS, padding ids) write no text
+                    b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i])
+                    for i in range(tokenizer.vocab_size)
+                ]
+                self._number_bound = bound
+            return self._token_bytes, self._number_bound
 
     def _compiled(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A matcher left at the grammar's start, copied for each request. Copies share the lexer

@@ -235,6 +235,24 @@ def test_max_tokens_cut_gives_a_valid_prefix(oai):
     assert whole.message.content.startswith(cut.message.content) and cut.message.content
 
 
+DIGIT_TOKENS = range(32, 42)  # "0" to "9" in SmolLM2's vocabulary
+NUMBERS = {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "integer"}},
+           "required": ["x", "y"], "additionalProperties": False}
+
+
+def test_numbers_end_even_when_the_model_wants_digits(oai):
+    """A model pushed to write nothing but digits (logit_bias) still ends its numbers at 17 digits
+    before the exponent and 3 in it: the answer ends whole well before max_tokens."""
+    r = oai.chat.completions.create(model="m", messages=prompt("two numbers"), max_tokens=100, temperature=1.0,
+                                    seed=3, logit_bias={str(t): 100 for t in DIGIT_TOKENS},
+                                    response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": NUMBERS}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert set(json.loads(choice.message.content)) == {"x", "y"}
+    for mantissa, exponent in re.findall(r"([0-9.]+)(?:[eE][+-]?([0-9]+))?", choice.message.content):
+        assert len(mantissa.replace(".", "")) <= 17 and len(exponent) <= 3, choice.message.content
+
+
 def test_unsupported_keyword_is_a_422_naming_it(oai):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         oai.chat.completions.create(model="m", messages=prompt("x"), max_tokens=5, response_format={
