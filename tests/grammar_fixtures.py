@@ -1,5 +1,6 @@
 """Fixtures shared by tests/structured and tests/tools (both conftests import them): the default
-model's tokenizer, a GrammarCompiler for it, and a random walk through grammar masks."""
+model's tokenizer, a GrammarCompiler for it, a random walk through grammar masks, and a "model"
+that wants nothing but digits."""
 
 import functools
 import importlib.util
@@ -76,6 +77,42 @@ def walk(backend_tokenizer, eos_ids, compiler):
             candidates = allowed.nonzero().flatten()
             assert len(candidates), "the grammar allows nothing but is not finished"
             token = int(candidates[rng.randrange(len(candidates))])
+            assert matcher.accept(token), matcher.error
+            tokens.append(token)
+        raise AssertionError(f"no end after {max_tokens} tokens: {backend_tokenizer.decode(tokens)!r}")
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def digit_lover(backend_tokenizer, eos_ids, compiler):
+    """digit_lover(grammar, prefix="") -> text: a "model" that always picks an allowed token made
+    only of digits when there is one, else EOS when allowed, else a closing token ('"', '}', ']'),
+    else the first allowed token. Without a bound it writes digits until max_tokens."""
+    vocab = compiler.vocab_size
+    texts = [backend_tokenizer.decode([t]) for t in range(backend_tokenizer.get_vocab_size())]
+    digits = sorted((t for t, text in enumerate(texts) if text.isascii() and text.isdigit()),
+                    key=lambda t: texts[t].startswith("0"))  # a leading 0 would end a number
+    closing = [t for t, text in enumerate(texts) if text and set(text) <= set('"}]')]
+
+    def run(grammar: Grammar, prefix: str = "", max_tokens: int = 300) -> str:
+        matcher = compiler.matcher(grammar)
+        tokens = backend_tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+        for token in tokens:
+            assert matcher.accept(token), matcher.error
+        bitmask = allocate_bitmask(1, vocab)
+        for _ in range(max_tokens):
+            if matcher.is_terminated():
+                return backend_tokenizer.decode(tokens)
+            matcher.fill_bitmask(bitmask, 0)
+            allowed = bitmask_to_bool(bitmask, vocab)[0]
+            choices = [t for t in digits if allowed[t]]
+            if choices:
+                token = choices[0]
+            elif allowed[eos_ids].any():
+                return backend_tokenizer.decode(tokens)
+            else:
+                token = next((t for t in closing if allowed[t]), None) or int(allowed.nonzero()[0])
             assert matcher.accept(token), matcher.error
             tokens.append(token)
         raise AssertionError(f"no end after {max_tokens} tokens: {backend_tokenizer.decode(tokens)!r}")

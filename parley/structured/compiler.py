@@ -8,10 +8,11 @@ from collections import OrderedDict
 import llguidance
 import tokenizers
 
+from parley.structured.calls import CallGuard, TokenBytes
 from parley.structured.matcher import GrammarMatcher
 from parley.structured.numbers import number_bound_grammar
 from parley.structured.tokenizer import build_llg_tokenizer
-from parley.types import Grammar
+from parley.types import CallFormat, Grammar
 
 # JSON may have whitespace between tokens, but little at each place: with 32 characters SmolLM2
 # spent most of its tokens on newlines (131 tokens for a 4-item array), and with none it cannot
@@ -41,41 +42,49 @@ class GrammarCompiler:
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
-        self._token_bytes: list[bytes] | None = None  # built on first need
-        self._number_bound: llguidance.LLMatcher | None = None
+        self._token_bytes: TokenBytes | None = None  # built on first need
+        self._number_bounds: dict[CallFormat | None, llguidance.LLMatcher] = {}
 
     def validate(self, grammar: Grammar) -> None:
         """Raise `GrammarError` unless `grammar` compiles (and then keep it compiled)."""
         self._compiled(grammar)
 
-    def matcher(self, grammar: Grammar) -> GrammarMatcher:
-        """A fresh matcher at the start of `grammar`. Raises `GrammarError` like `validate`.
+    def matcher(self, grammar: Grammar, max_tokens: int | None = None) -> GrammarMatcher:
+        """A fresh matcher at the start of `grammar`, for an output of at most `max_tokens`.
+        Raises `GrammarError` like `validate`.
 
-        JSON grammars are held to Parley's number bound too: numbers carry at most the digits a
-        double holds (see `GrammarMatcher`). Regex and Lark grammars are followed as written."""
+        JSON grammars and tool-call grammars (`grammar.calls`) are held to Parley's bounds too:
+        numbers carry at most the digits a double holds, and tool calls neither repeat nor start
+        without room (see `GrammarMatcher`). Regex and Lark grammars are followed as written."""
         compiled = self._compiled(grammar).deep_copy()
-        if grammar.kind not in ("json", "json_object"):
+        if grammar.kind not in ("json", "json_object") and grammar.calls is None:
             return GrammarMatcher(compiled)
-        token_bytes, number_bound = self._bound()
-        return GrammarMatcher(compiled, token_bytes, number_bound.deep_copy())
+        token_bytes, number_bound = self._bound(grammar.calls)
+        calls = None if grammar.calls is None else CallGuard(grammar.calls, token_bytes, max_tokens)
+        return GrammarMatcher(compiled, token_bytes.of, number_bound.deep_copy(), calls)
 
-    def _bound(self) -> tuple[list[bytes], llguidance.LLMatcher]:
-        """Each token's bytes and the number bound's matcher, built on first need."""
+    def _bound(self, calls: CallFormat | None) -> tuple[TokenBytes, llguidance.LLMatcher]:
+        """Each token's bytes, and the number bound's matcher for JSON output (`calls` None) or
+        for the output of tool-call grammars writing `calls`; built on first need."""
         with self._lock:
-            if self._number_bound is None:
+            if self._token_bytes is None:
+                tokenizer = self._tokenizer
+                self._token_bytes = TokenBytes(
+                    [  # special tokens (EOS, padding ids) write no text
+                        b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i])
+                        for i in range(tokenizer.vocab_size)
+                    ],
+                    tokenizer.eos_tokens,
+                )
+            if calls not in self._number_bounds:
                 bound = llguidance.LLMatcher(
-                    self._tokenizer, llguidance.LLMatcher.grammar_from_lark(number_bound_grammar()),
+                    self._tokenizer, llguidance.LLMatcher.grammar_from_lark(number_bound_grammar(calls)),
                     log_level=0, limits=_LIMITS,
                 )
                 if bound.is_error():  # a fixed grammar of Parley's own: a bug, not a request's fault
                     raise RuntimeError(f"the number bound does not compile: {bound.get_error()}")
-                tokenizer = self._tokenizer
-                self._token_bytes = [  # special tokens (EOS, padding ids) write no text
-                    b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i])
-                    for i in range(tokenizer.vocab_size)
-                ]
-                self._number_bound = bound
-            return self._token_bytes, self._number_bound
+                self._number_bounds[calls] = bound
+            return self._token_bytes, self._number_bounds[calls]
 
     def _compiled(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A matcher left at the grammar's start, copied for each request. Copies share the lexer

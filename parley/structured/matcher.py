@@ -8,6 +8,7 @@ import llguidance
 import numpy as np
 import torch
 
+from parley.structured.calls import CallGuard
 
 # The output so far ends inside a number (or so it seems without knowing whether a string is
 # open): only then can the number bound take a token away.
@@ -21,7 +22,8 @@ class GrammarMatcher:
     digits of its numbers (see `numbers.py`): a token must be allowed by both. The bound never
     makes the grammar's own mask empty: where the grammar insists (a schema that needs more
     digits, separators of its own), it is followed alone, and the bound is dropped for the rest
-    of the output.
+    of the output. The output of a tool-call grammar is also followed by `calls`, which keeps its
+    calls from repeating and from starting without room (see `calls.py`).
     """
 
     def __init__(
@@ -29,10 +31,12 @@ class GrammarMatcher:
         matcher: llguidance.LLMatcher,
         token_bytes: list[bytes] | None = None,
         numbers: llguidance.LLMatcher | None = None,
+        calls: CallGuard | None = None,
     ):
         self._matcher = matcher
         self._token_bytes = token_bytes  # each token's bytes, when a bound follows the output
         self._numbers = numbers
+        self._calls = calls
         self._tail = b""  # the last few bytes of the output
         self._tokens: list[int] = []  # accepted so far, when a bound needs them back on rollback
         self._scratch: np.ndarray | None = None
@@ -60,6 +64,8 @@ class GrammarMatcher:
             np.bitwise_and(self._scratch, words, out=self._scratch)
             if self._scratch.any():
                 words[:] = self._scratch
+        if self._calls is not None:
+            self._calls.restrict(words, self._matcher)
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`. False: the token was not allowed (a bug upstream); the matcher
@@ -72,6 +78,8 @@ class GrammarMatcher:
         self._tail = (self._tail + self._token_bytes[token_id])[-3:]
         if self._numbers is not None and not self._numbers.consume_token(token_id):
             self._numbers = None  # the grammar insisted on what the bound refuses: follow it alone
+        if self._calls is not None:
+            self._calls.accept(self._token_bytes[token_id], self._matcher.is_accepting())
         return True
 
     def is_terminated(self) -> bool:
@@ -88,6 +96,8 @@ class GrammarMatcher:
         self._tail = b"".join(self._token_bytes[t] for t in self._tokens[-3:])[-3:]
         if self._numbers is not None and not self._numbers.rollback(num_tokens):
             self._numbers = None
+        if self._calls is not None:
+            self._calls.rollback(num_tokens)
 
     @property
     def error(self) -> str:

@@ -13,6 +13,10 @@ pass untouched, so the schema's own constraints all still hold.
 
 from __future__ import annotations
 
+import json
+
+from parley.types import CallFormat
+
 MANTISSA_DIGITS = 17  # enough to tell any two doubles apart
 EXPONENT_DIGITS = 3  # doubles reach 1.8e308
 
@@ -30,6 +34,17 @@ JSON_TEXT: (NUMBER? NOT_NUMBER)* NUMBER?
 """
 
 
-def number_bound_grammar() -> str:
-    """The lexical grammar (Lark) for JSON output."""
-    return "start: JSON_TEXT\n" + _TERMINALS
+def number_bound_grammar(calls: CallFormat | None = None) -> str:
+    """The lexical grammar (Lark) for JSON output, or for the output of a tool-call grammar: free
+    text without `calls.start`, then calls, whose JSON is bounded."""
+    if calls is None:
+        return "start: JSON_TEXT\n" + _TERMINALS
+    start, end = json.dumps(calls.start), json.dumps(calls.end)
+    return (
+        "start: OUTPUT\n"
+        "OUTPUT: FREE_TEXT (CALL_START CALLS)?\n"
+        f"FREE_TEXT: ANY & ~(ANY {start} ANY)\n"
+        "ANY: /(?s:.*)/\n"
+        f"CALL_START: {start}\n"
+        f"CALLS: (NUMBER? (NOT_NUMBER | {start} | {end}))* NUMBER?\n" + _TERMINALS
+    )

@@ -15,9 +15,12 @@ import json
 import secrets
 from typing import Any
 
+from parley.types import CallFormat
+
 CALL_START = "<tool_call>"
 CALL_END = "</tool_call>"
 CALL_SEPARATOR = "\n"
+CALL_FORMAT = CallFormat(CALL_START, CALL_END, CALL_SEPARATOR)  # tells the engine where calls are
 
 # llguidance JSON options ("x-guidance"): exactly "," and ":" between items, no whitespace, so the
 # model cannot wander off into whitespace.

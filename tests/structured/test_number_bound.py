@@ -8,50 +8,12 @@ import re
 import jsonschema
 import pytest
 
-from parley.structured import allocate_bitmask, bitmask_to_bool
 from parley.types import Grammar
 
 NUMBER = {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}
 INTEGER = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 # a JSON number, its mantissa digits and its exponent digits
 NUMBER_RE = re.compile(r"-?(?P<int>[0-9]+)(\.(?P<frac>[0-9]+))?([eE][+-]?(?P<exp>[0-9]+))?")
-
-
-@pytest.fixture(scope="module")
-def digit_lover(backend_tokenizer, eos_ids, compiler):
-    """digit_lover(grammar, prefix, wants) -> text: a "model" that always picks an allowed token
-    made only of the characters in `wants` (digits by default) when there is one, else EOS when
-    allowed, else a closing token ('"', '}', ']'), else the first allowed token. Without a bound
-    it writes digits until max_tokens."""
-    vocab = compiler.vocab_size
-    texts = [backend_tokenizer.decode([t]) for t in range(backend_tokenizer.get_vocab_size())]
-
-    def run(grammar: Grammar, prefix: str = "", wants: str = "0123456789", max_tokens: int = 300) -> str:
-        wanted = sorted((t for t, text in enumerate(texts) if text and set(text) <= set(wants)),
-                        key=lambda t: texts[t].startswith("0"))  # a leading 0 would end a number
-        closing = [t for t, text in enumerate(texts) if text and set(text) <= set('"}]')]
-        matcher = compiler.matcher(grammar)
-        tokens = backend_tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
-        for token in tokens:
-            assert matcher.accept(token), matcher.error
-        bitmask = allocate_bitmask(1, vocab)
-        for _ in range(max_tokens):
-            if matcher.is_terminated():
-                return backend_tokenizer.decode(tokens)
-            matcher.fill_bitmask(bitmask, 0)
-            allowed = bitmask_to_bool(bitmask, vocab)[0]
-            choices = [t for t in wanted if allowed[t]]
-            if choices:
-                token = choices[0]
-            elif allowed[eos_ids].any():
-                return backend_tokenizer.decode(tokens)
-            else:
-                token = next((t for t in closing if allowed[t]), None) or int(allowed.nonzero()[0])
-            assert matcher.accept(token), matcher.error
-            tokens.append(token)
-        raise AssertionError(f"no end after {max_tokens} tokens: {backend_tokenizer.decode(tokens)!r}")
-
-    return run
 
 
 def numbers_in(value) -> list[str]:
