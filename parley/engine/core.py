@@ -374,7 +374,7 @@ class EngineCore:
         top = [self._token(i, lp) for i, lp in zip(top_ids, top_logprobs)]
         state.top_tokens.append(top)
         if state.matcher is not None and not state.matcher.accept(token_id):
-            raise GenerationError(f"token {token_id} rejected by the grammar")
+            raise GenerationError(f"token {token_id} rejected by the grammar: {state.matcher.error}")
         text = state.detokenizer.add(token_id)
 
         if req.waiting_siblings and seq is req.sequences[0]:

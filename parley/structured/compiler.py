@@ -9,9 +9,11 @@ import llguidance
 import tokenizers
 
 from parley.structured.calls import CallGuard, TokenBytes
+from parley.structured.compile_worker import LIMITS, on_deep_stack
 from parley.structured.matcher import GrammarMatcher
 from parley.structured.numbers import number_bound_grammar
-from parley.structured.tokenizer import build_llg_tokenizer
+from parley.structured.sandbox import GrammarSandbox, GrammarTooCostly
+from parley.structured.tokenizer import build_llg_tokenizer, byte_level_decoder_json
 from parley.types import CallFormat, Grammar
 
 # JSON may have whitespace between tokens, but little at each place: with 32 characters SmolLM2
@@ -19,8 +21,7 @@ from parley.types import CallFormat, Grammar
 # write the newline it likes before "}" and spins out digits instead. A schema's "x-guidance"
 # overrides it.
 _JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,4}"}
-# Short errors: llguidance otherwise appends its parser state and the whole grammar.
-_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+_LIMITS = llguidance.LLParserLimits(**LIMITS)  # the same in the sandbox's worker
 
 
 class GrammarError(ValueError):
@@ -36,9 +37,12 @@ class GrammarCompiler:
         eos_token_ids: list[int],
         vocab_size: int,
         cache_size: int = 256,
+        sandbox: GrammarSandbox | None = None,
     ):
         self.vocab_size = vocab_size
         self._tokenizer = build_llg_tokenizer(tokenizer_backend, eos_token_ids, vocab_size)
+        self._sandbox = sandbox or GrammarSandbox(
+            byte_level_decoder_json(tokenizer_backend), vocab_size, list(eos_token_ids))
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
@@ -46,8 +50,13 @@ class GrammarCompiler:
         self._number_bounds: dict[CallFormat | None, llguidance.LLMatcher] = {}
 
     def validate(self, grammar: Grammar) -> None:
-        """Raise `GrammarError` unless `grammar` compiles (and then keep it compiled)."""
+        """Raise `GrammarError` unless `grammar` compiles (and then keep it compiled), within the
+        sandbox's bounds of time and memory (see `sandbox.py`)."""
         self._compiled(grammar)
+
+    def close(self) -> None:
+        """Stop the sandbox's worker process."""
+        self._sandbox.close()
 
     def matcher(self, grammar: Grammar, max_tokens: int | None = None) -> GrammarMatcher:
         """A fresh matcher at the start of `grammar`, for an output of at most `max_tokens`.
@@ -95,10 +104,18 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         # Compiled outside the lock: a large grammar takes up to a second (the GIL is released).
-        compiled = llguidance.LLMatcher(
-            self._tokenizer, _to_llguidance(grammar), log_level=0, limits=_LIMITS
+        # First in the sandbox, which refuses what costs too much (or would crash this process).
+        text = _to_llguidance(grammar)
+        try:
+            error = self._sandbox.check(text)
+        except GrammarTooCostly as e:
+            raise GrammarError(f"invalid {grammar.kind} grammar: {e}") from None
+        if error:
+            raise GrammarError(f"invalid {grammar.kind} grammar: {error}")
+        compiled = on_deep_stack(
+            lambda: llguidance.LLMatcher(self._tokenizer, text, log_level=0, limits=_LIMITS)
         )
-        if compiled.is_error():
+        if compiled.is_error():  # the sandbox compiled it: not expected
             raise GrammarError(f"invalid {grammar.kind} grammar: {compiled.get_error()}")
         with self._lock:
             self._cache[key] = compiled

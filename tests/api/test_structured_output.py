@@ -260,6 +260,29 @@ def test_unsupported_keyword_is_a_422_naming_it(oai):
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "response_format"
 
 
+def test_a_schema_too_costly_to_compile_is_a_422(oai, http):
+    """800 bytes whose compilation would run for hours (an intersection of 30 unanchored patterns)
+    are refused once the compile deadline passes, and the server goes on serving."""
+    schema = {"type": "string", "allOf": [{"pattern": f"[a-z]*{chr(97 + i % 26)}{i}"} for i in range(30)]}
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        oai.chat.completions.create(model="m", messages=prompt("x"), max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert "too costly to compile" in e.value.message and e.value.body["param"] == "response_format"
+    assert http.get("/health").status_code == 200
+
+
+def test_a_deep_schema_does_not_crash_the_server(http):
+    """A chain of 5,000 $refs (330 KB) overflowed the stack llguidance compiled it on: the server died.
+    It compiles now; parsing it then passes llguidance's limit of 2,000 items in a row of the parse
+    (5,000 nested choices), which ends the request with a 424 that says so."""
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "null"}]} for i in range(5000)}
+    schema = {"$defs": {**defs, "d5000": {"type": "integer"}}, "$ref": "#/$defs/d0"}
+    r = http.post("/v1/chat/completions", json={"messages": prompt("x"), "max_tokens": 5, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}})
+    assert r.status_code == 424 and "max is 2000" in r.json()["error"]["message"], r.text
+    assert http.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize("response_format, param", [
     ({"type": "yaml"}, "response_format.type"),
     ("xml", "response_format.type"),
