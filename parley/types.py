@@ -43,13 +43,28 @@ class StoppingCriteria:
     extra_eos_token_ids: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class CallFormat:
+    """How a tool-call grammar writes its calls: `start` + the call's JSON + `end`, one after the
+    other joined by `separator`, after any free text (which never holds `start`)."""
+
+    start: str
+    end: str
+    separator: str
+
+
 @dataclass
 class Grammar:
     """A constraint on the output. kind: "json" (value = JSON Schema text), "regex", "lark",
-    or "json_object" (any JSON object, value unused)."""
+    or "json_object" (any JSON object, value unused).
+
+    `calls` marks a tool-call grammar (a "lark" one): the engine then also bounds the numbers in
+    its calls as in JSON answers, keeps each call from repeating an earlier one, and begins no call
+    the tokens left are unlikely to hold."""
 
     kind: str
     value: str = ""
+    calls: CallFormat | None = None
 
 
 @dataclass

@@ -34,16 +34,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, command: list[str], log_path: Path):
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = command + ["--hostname", "127.0.0.1", "--port", str(self.port)]
         self.log_path = log_path
+        self.env = env or {}  # on top of this process's environment
         self.health_statuses: list[int] = []  # what /health answered while starting
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + READY_TIMEOUT_S

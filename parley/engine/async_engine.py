@@ -185,6 +185,8 @@ class AsyncEngine:
             self._started.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self.grammar_compiler is not None:
+            self.grammar_compiler.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Events of all `request.n` sequences, interleaved; one FinalEvent per sequence, then the end."""

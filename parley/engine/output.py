@@ -93,7 +93,7 @@ class OutputProcessor:
         state.top_tokens.append(top)
         answers = state.thinking is None or state.thinking.advance(token_id)
         if answers and state.matcher is not None and not state.matcher.accept(token_id):
-            raise GenerationError(f"token {token_id} rejected by the grammar")
+            raise GenerationError(f"token {token_id} rejected by the grammar: {state.matcher.error}")
         text = state.detokenizer.add(token_id)
 
         if req.waiting_siblings and seq is req.sequences[0]:

@@ -85,7 +85,7 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
         _check(grammar_compiler is not None, "grammar", "Input validation error: `grammar`: grammars are not supported by this engine")
         try:
             grammar_compiler.validate(request.grammar)
-            matchers = [grammar_compiler.matcher(request.grammar) for _ in range(n)]
+            matchers = [grammar_compiler.matcher(request.grammar, max_new) for _ in range(n)]
         except ValueError as exc:
             raise ValidationError(f"Input validation error: `grammar`: {exc}", "grammar") from exc
     draft_ids = tokenizer.encode(request.draft_text, add_special_tokens=False) if request.draft_text else []

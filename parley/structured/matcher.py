@@ -2,31 +2,85 @@
 
 from __future__ import annotations
 
+import re
+
 import llguidance
+import numpy as np
 import torch
+
+from parley.structured.calls import CallGuard
+
+# The output so far ends inside a number (or so it seems without knowing whether a string is
+# open): only then can the number bound take a token away.
+_IN_NUMBER = re.compile(rb"[0-9]([.eE]|[eE][+-])?\Z")
 
 
 class GrammarMatcher:
-    """Follows one generated sequence through a compiled grammar. Made by `GrammarCompiler.matcher`."""
+    """Follows one generated sequence through a compiled grammar. Made by `GrammarCompiler.matcher`.
 
-    def __init__(self, matcher: llguidance.LLMatcher):
+    Besides the grammar, a JSON output is held to `numbers`, a lexical grammar that bounds the
+    digits of its numbers (see `numbers.py`): a token must be allowed by both. The bound never
+    makes the grammar's own mask empty: where the grammar insists (a schema that needs more
+    digits, separators of its own), it is followed alone, and the bound is dropped for the rest
+    of the output. The output of a tool-call grammar is also followed by `calls`, which keeps its
+    calls from repeating and from starting without room (see `calls.py`).
+    """
+
+    def __init__(
+        self,
+        matcher: llguidance.LLMatcher,
+        token_bytes: list[bytes] | None = None,
+        numbers: llguidance.LLMatcher | None = None,
+        calls: CallGuard | None = None,
+    ):
         self._matcher = matcher
+        self._token_bytes = token_bytes  # each token's bytes, when a bound follows the output
+        self._numbers = numbers
+        self._calls = calls
+        self._tail = b""  # the last few bytes of the output
+        self._tokens: list[int] = []  # accepted so far, when a bound needs them back on rollback
+        self._scratch: np.ndarray | None = None
 
     @property
     def llg_matcher(self) -> llguidance.LLMatcher:
-        """The llguidance matcher, for batched llguidance calls."""
+        """The llguidance matcher of the grammar alone."""
         return self._matcher
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` (bit set = allowed); once the grammar
         is complete or broken, only EOS is allowed."""
-        row_bytes = check_bitmask(bitmask)
-        self._matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
+        check_bitmask(bitmask)
+        self.fill_row(bitmask.numpy()[row])
+
+    def fill_row(self, row: np.ndarray) -> None:
+        """Write the allowed next tokens into one bitmask row (a contiguous int32 array). No torch
+        op runs here (see `fill_bitmasks`)."""
+        self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        words = row.view(np.uint32)
+        if self._numbers is not None and _IN_NUMBER.search(self._tail):
+            if self._scratch is None:
+                self._scratch = np.empty_like(words)
+            self._numbers.unsafe_compute_mask_ptr(self._scratch.ctypes.data, self._scratch.nbytes)
+            np.bitwise_and(self._scratch, words, out=self._scratch)
+            if self._scratch.any():
+                words[:] = self._scratch
+        if self._calls is not None:
+            self._calls.restrict(words, self._matcher)
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`. False: the token was not allowed (a bug upstream); the matcher
         then stays broken and `error` says why."""
-        return self._matcher.consume_token(token_id)
+        if not self._matcher.consume_token(token_id):
+            return False
+        if self._token_bytes is None:
+            return True
+        self._tokens.append(token_id)
+        self._tail = (self._tail + self._token_bytes[token_id])[-3:]
+        if self._numbers is not None and not self._numbers.consume_token(token_id):
+            self._numbers = None  # the grammar insisted on what the bound refuses: follow it alone
+        if self._calls is not None:
+            self._calls.accept(self._token_bytes[token_id], self._matcher.is_accepting())
+        return True
 
     def is_terminated(self) -> bool:
         """The grammar is complete (or broken): nothing but EOS may follow, generation must stop."""
@@ -36,6 +90,14 @@ class GrammarMatcher:
         """Forget the last `num_tokens` accepted tokens (rejected speculative tokens)."""
         if not self._matcher.rollback(num_tokens):
             raise ValueError(f"cannot roll back {num_tokens} tokens: {self._matcher.get_error()}")
+        if self._token_bytes is None or num_tokens == 0:
+            return
+        del self._tokens[len(self._tokens) - num_tokens :]
+        self._tail = b"".join(self._token_bytes[t] for t in self._tokens[-3:])[-3:]
+        if self._numbers is not None and not self._numbers.rollback(num_tokens):
+            self._numbers = None
+        if self._calls is not None:
+            self._calls.rollback(num_tokens)
 
     @property
     def error(self) -> str:

@@ -14,11 +14,11 @@ def build_llg_tokenizer(
     """Wrap `backend` for llguidance; ids past the tokenizer's own vocabulary (padding up to the
     logits width `vocab_size`) become special tokens that no grammar allows."""
     return llguidance.LLTokenizer(
-        _byte_level_decoder_json(backend), n_vocab=vocab_size, eos_token=list(eos_token_ids)
+        byte_level_decoder_json(backend), n_vocab=vocab_size, eos_token=list(eos_token_ids)
     )
 
 
-def _byte_level_decoder_json(backend: tokenizers.Tokenizer) -> str:
+def byte_level_decoder_json(backend: tokenizers.Tokenizer) -> str:
     """The tokenizer as JSON, its decoder reduced to plain ByteLevel when it contains one.
 
     llguidance reads token bytes the ByteLevel way only when the decoder *is* ByteLevel; a Sequence

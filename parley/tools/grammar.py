@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from parley.tools.format import CALL_END, CALL_SEPARATOR, CALL_START, JSON_STYLE
+from parley.tools.format import CALL_END, CALL_FORMAT, CALL_SEPARATOR, CALL_START, JSON_STYLE
 from parley.tools.validation import ToolChoice, function_name, strict_schema, validate_tools
 from parley.types import Grammar
 
@@ -40,7 +40,7 @@ def tool_call_grammar(
         f"call_body: call_json {_lark_str(CALL_END)}",
         f"call_json: %json {json.dumps(_call_schema(functions))}",
     ]
-    return Grammar(kind="lark", value="\n".join(rules) + "\n")
+    return Grammar(kind="lark", value="\n".join(rules) + "\n", calls=CALL_FORMAT)
 
 
 def _call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -235,11 +235,52 @@ def test_max_tokens_cut_gives_a_valid_prefix(oai):
     assert whole.message.content.startswith(cut.message.content) and cut.message.content
 
 
+DIGIT_TOKENS = range(32, 42)  # "0" to "9" in SmolLM2's vocabulary
+NUMBERS = {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "integer"}},
+           "required": ["x", "y"], "additionalProperties": False}
+
+
+def test_numbers_end_even_when_the_model_wants_digits(oai):
+    """A model pushed to write nothing but digits (logit_bias) still ends its numbers at 17 digits
+    before the exponent and 3 in it: the answer ends whole well before max_tokens."""
+    r = oai.chat.completions.create(model="m", messages=prompt("two numbers"), max_tokens=100, temperature=1.0,
+                                    seed=3, logit_bias={str(t): 100 for t in DIGIT_TOKENS},
+                                    response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": NUMBERS}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert set(json.loads(choice.message.content)) == {"x", "y"}
+    for mantissa, exponent in re.findall(r"([0-9.]+)(?:[eE][+-]?([0-9]+))?", choice.message.content):
+        assert len(mantissa.replace(".", "")) <= 17 and len(exponent) <= 3, choice.message.content
+
+
 def test_unsupported_keyword_is_a_422_naming_it(oai):
     with pytest.raises(openai.UnprocessableEntityError) as e:
         oai.chat.completions.create(model="m", messages=prompt("x"), max_tokens=5, response_format={
             "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}})
     assert "uniqueItems" in e.value.message and e.value.body["param"] == "response_format"
+
+
+def test_a_schema_too_costly_to_compile_is_a_422(oai, http):
+    """800 bytes whose compilation would run for hours (an intersection of 30 unanchored patterns)
+    are refused once the compile deadline passes, and the server goes on serving."""
+    schema = {"type": "string", "allOf": [{"pattern": f"[a-z]*{chr(97 + i % 26)}{i}"} for i in range(30)]}
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        oai.chat.completions.create(model="m", messages=prompt("x"), max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert "too costly to compile" in e.value.message and e.value.body["param"] == "response_format"
+    assert http.get("/health").status_code == 200
+
+
+def test_a_deep_schema_does_not_crash_the_server(http):
+    """A chain of 5,000 $refs (330 KB) overflowed the stack llguidance compiled it on: the server died.
+    It compiles now; parsing it then passes llguidance's limit of 2,000 items in a row of the parse
+    (5,000 nested choices), which ends the request with a 424 that says so."""
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "null"}]} for i in range(5000)}
+    schema = {"$defs": {**defs, "d5000": {"type": "integer"}}, "$ref": "#/$defs/d0"}
+    r = http.post("/v1/chat/completions", json={"messages": prompt("x"), "max_tokens": 5, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}})
+    assert r.status_code == 424 and "max is 2000" in r.json()["error"]["message"], r.text
+    assert http.get("/health").status_code == 200
 
 
 @pytest.mark.parametrize("response_format, param", [

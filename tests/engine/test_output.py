@@ -50,6 +50,8 @@ class RecordingScheduler:
 class Matcher:
     """Accepts only the given text, then is terminated."""
 
+    error = "expected the given text"
+
     def __init__(self, text: str):
         self.text, self.pos = text, 0
 

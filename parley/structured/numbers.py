@@ -1,0 +1,50 @@
+"""Numbers in JSON output carry at most the digits a double holds.
+
+llguidance's JSON grammars let a number run on for as many digits as the model likes (its JSON
+options have no digit limit, and a schema's `minimum`/`maximum` bound a float's integer part but
+not its fraction, nor allow an exponent). So JSON outputs are also held to a second, lexical
+grammar: any text in which every number outside a string has at most `MANTISSA_DIGITS` digits
+before its exponent and at most `EXPONENT_DIGITS` in it, e.g. 1.2345678901234567e-308. A token
+must be allowed by both grammars (see `GrammarMatcher`).
+
+The lexical grammar knows nothing of the schema: strings, punctuation, literals and whitespace
+pass untouched, so the schema's own constraints all still hold.
+"""
+
+from __future__ import annotations
+
+import json
+
+from parley.types import CallFormat
+
+MANTISSA_DIGITS = 17  # enough to tell any two doubles apart
+EXPONENT_DIGITS = 3  # doubles reach 1.8e308
+
+# One Lark terminal (a single lexeme: cheap to follow). Between numbers only what JSON has there:
+# whitespace, punctuation, literals and strings; none of it continues a number, so no long digit
+# run can pass as two numbers, nor an exponent as a number of its own. (A grammar with other text
+# there, e.g. a schema's own "x-guidance" separators, loses the bound: see `GrammarMatcher`.)
+_TERMINALS = rf"""
+NUMBER: "-"? MANTISSA EXPONENT?
+MANTISSA: /(0|[1-9][0-9]*)(\.[0-9]+)?/ & /([0-9]\.?){{1,{MANTISSA_DIGITS}}}/
+EXPONENT: /[eE][+-]?[0-9]{{1,{EXPONENT_DIGITS}}}/
+STRING: /"([^"\\]|\\(?s:.))*"/
+NOT_NUMBER: /[ \t\n\r{{}}\[\],:]/ | "true" | "false" | "null" | STRING
+JSON_TEXT: (NUMBER? NOT_NUMBER)* NUMBER?
+"""
+
+
+def number_bound_grammar(calls: CallFormat | None = None) -> str:
+    """The lexical grammar (Lark) for JSON output, or for the output of a tool-call grammar: free
+    text without `calls.start`, then calls, whose JSON is bounded."""
+    if calls is None:
+        return "start: JSON_TEXT\n" + _TERMINALS
+    start, end = json.dumps(calls.start), json.dumps(calls.end)
+    return (
+        "start: OUTPUT\n"
+        "OUTPUT: FREE_TEXT (CALL_START CALLS)?\n"
+        f"FREE_TEXT: ANY & ~(ANY {start} ANY)\n"
+        "ANY: /(?s:.*)/\n"
+        f"CALL_START: {start}\n"
+        f"CALLS: (NUMBER? (NOT_NUMBER | {start} | {end}))* NUMBER?\n" + _TERMINALS
+    )
