@@ -15,7 +15,7 @@ from parley.tools.validation import ToolChoice
 
 DEFAULT_TOOL_PROMPT = (
     "You can call the functions defined below. To call one, write "
-    f'{CALL_START}{{"name":"<function name>","arguments":{{<arguments as JSON>}}}}{CALL_END}'
+    f'{CALL_START}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{CALL_END}'
     " with arguments that follow the function's parameter schema. Put each call on its own line"
     " after any text, and write nothing after the last call. Answer in plain text when no function"
     " is needed. Functions:"

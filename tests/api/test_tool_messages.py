@@ -31,8 +31,8 @@ def test_tools_and_history_as_text():
     assert kwargs == {}
     system, _, assistant, result = messages
     assert system["content"].startswith("Be brief.\n\n") and json.dumps(TOOLS[0]["function"]) in system["content"]
-    assert assistant == {"role": "assistant", "content": 'Let me check.<tool_call>{"name":"get_weather",'
-                                                         '"arguments":{"city":"Paris"}}</tool_call>'}
+    assert assistant == {"role": "assistant", "content": 'Let me check.<tool_call>{"name": "get_weather", '
+                                                         '"arguments": {"city": "Paris"}}</tool_call>'}
     assert result == {"role": "user", "content": 'The get_weather function returned: {"temp_c": 21}'}
 
 

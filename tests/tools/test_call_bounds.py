@@ -30,6 +30,7 @@ def after(compiler, backend_tokenizer):
     mask of a required-calls grammar once `text` is written."""
 
     def run(tools, text, max_tokens=None):
+        text = text.replace('":', '": ').replace(',"', ', "')  # written compactly here, spaced as the format is
         matcher = compiler.matcher(tool_call_grammar(tools, "required"), max_tokens)
         tokens = backend_tokenizer.encode(text, add_special_tokens=False).ids
         for token in tokens:

@@ -19,7 +19,7 @@ def test_prompt_explains_the_format_and_lists_each_function():
     prompt = tool_system_prompt(TOOLS)
     instructions, *definitions = prompt.split("\n")
     assert instructions == DEFAULT_TOOL_PROMPT
-    assert '<tool_call>{"name":"' in instructions
+    assert '<tool_call>{"name": ' in instructions
     assert [json.loads(line) for line in definitions] == [tool["function"] for tool in TOOLS]
 
 

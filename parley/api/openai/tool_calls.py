@@ -33,7 +33,7 @@ from parley.tools import (
     tool_system_prompt,
     validate_tools,
 )
-from parley.tools.format import CALL_SEPARATOR, call_text
+from parley.tools.format import CALL_END, CALL_SEPARATOR, CALL_START
 from parley.tools.validation import TOOL_CHOICE_MODES
 from parley.types import FinalEvent, Grammar, ToolCall
 
@@ -118,7 +118,8 @@ def _call_text(call: dict) -> str:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
             pass  # shown as the client sent it
-    return call_text(function.get("name"), arguments)
+    call = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+    return CALL_START + call + CALL_END
 
 
 def _with_system_text(messages: list[dict], text: str) -> list[dict]:
