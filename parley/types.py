@@ -73,7 +73,7 @@ class Reasoning:
 
     The engine follows where each sequence stands: a grammar constrains the answer only; past
     `budget` tokens of thinking, `close_ids` (ending with `end_id`) are forced so the model answers;
-    `max_answer_tokens` caps the tokens after the thinking (SiliconFlow's max_tokens)."""
+    `max_answer_tokens` caps the tokens after the thinking (an answer budget apart from the thinking's)."""
 
     start_id: int
     end_id: int

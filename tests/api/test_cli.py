@@ -50,6 +50,15 @@ def test_served_model_names(monkeypatch):
     assert parse("--served-model-name", "z")[1].served_model_names == ("z",)
 
 
+def test_reasoning_format_flag(monkeypatch):
+    assert parse()[1].reasoning_format == "auto"
+    assert parse("--reasoning-format", "none")[1].reasoning_format == "none"
+    monkeypatch.setenv("REASONING_FORMAT", "none")
+    assert parse()[1].reasoning_format == "none"
+    with pytest.raises(SystemExit):
+        parse("--reasoning-format", "deepseek")
+
+
 def test_unknown_fields_flag(monkeypatch):
     assert parse()[1].unknown_fields == "refuse"
     assert parse("--unknown-fields", "ignore")[1].unknown_fields == "ignore"

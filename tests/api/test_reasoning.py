@@ -8,6 +8,7 @@ opens the thinking, so everything it writes is thinking until the budget forces 
 from __future__ import annotations
 
 import json
+import sys
 
 import anthropic
 import httpx
@@ -15,7 +16,8 @@ import openai
 import pytest
 
 from parley.tokenization.reasoning import THINKING, split_reasoning
-from server import CLIENT_TIMEOUT_S, sse_events
+from server import CLIENT_TIMEOUT_S, ServerProcess, sse_events
+from tiny_model import make_tiny_model
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -186,3 +188,18 @@ def test_a_model_that_does_not_think_refuses_to_be_made_to(fake_server):
                                                                  "thinking": {"type": "adaptive"}},
                          timeout=CLIENT_TIMEOUT_S)
     assert refused.status_code == 400 and "thinking.type" in refused.text
+
+
+def test_reasoning_format_none_leaves_the_thinking_in_the_content(tmp_path_factory):
+    model = make_tiny_model(tmp_path_factory.mktemp("raw_thinker"), seed=3, thinking=True)
+    proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
+                          "--num-threads", "1", "--max-batch-total-tokens", "4096", "--reasoning-format", "none"],
+                         tmp_path_factory.mktemp("raw_thinker_server") / "server.log").start()
+    try:
+        with httpx.Client(base_url=proc.url, timeout=CLIENT_TIMEOUT_S) as raw:
+            message = chat(raw, max_tokens=20, thinking_budget=6)["choices"][0]["message"]
+            assert "</think>" in message["content"] and "reasoning_content" not in message
+            parsed = chat(raw, max_tokens=20, thinking_budget=6, parse_reasoning=True)["choices"][0]["message"]
+            assert (parsed["reasoning_content"], parsed["content"]) == split_reasoning(message["content"], THINKING)
+    finally:
+        proc.stop()
