@@ -1,8 +1,8 @@
 """How many generation requests are in flight at the edge; past the limit, 429 at once.
 
 TGI's `--max-concurrent-requests` semantics: the check happens before any work, so an overloaded
-server answers immediately instead of queueing without bound. GenerationRoute checks before it
-reads the body; EngineCall takes the slot. Each 429 says when to come back (Retry-After, seconds):
+server answers immediately instead of queueing without bound. GenerationRoute takes the slot before
+it reads the body; the request's EngineCall releases it when the answer ends. Each 429 says when to come back (Retry-After, seconds):
 slots free at about `in_flight / hold` a second, `hold` being how long recent requests held theirs.
 """
 

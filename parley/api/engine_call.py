@@ -1,6 +1,6 @@
 """One HTTP request's use of the engine, opened and closed exactly once.
 
-It holds an admission slot, drives one engine iterator per GenerationRequest (a /v1/completions
+It holds the admission slot its route took (GenerationRoute), drives one engine iterator per GenerationRequest (a /v1/completions
 call with a list of prompts makes several) through pump tasks into one queue, watches the client
 for a disconnect while no response is being streamed, and writes the request's metrics. Closing it
 cancels the pumps, which closes the engine iterators: the engine aborts those requests and frees
@@ -39,14 +39,15 @@ class EngineCall:
         self._early: list[tuple[int, object]] = []  # what start() read ahead
         self._open = len(requests)
         self._finals: list[list[FinalEvent]] = [[] for _ in requests]
-        self._admitted_at: float | None = None
+        # the slot the route took is ours to release now
+        self._admitted_at: float | None = http.state.admitted_at
+        http.state.admitted_at = None
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Admits the request and waits for every engine request's first event, so validation and
-        overload errors (raised before any event) surface here, as HTTP statuses."""
-        self._admitted_at = self._admission.acquire()
+        """Waits for every engine request's first event, so validation and overload errors (raised
+        before any event) surface here, as HTTP statuses."""
         self._watcher = asyncio.create_task(self._watch_disconnect())
         self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self._requests)]
         waiting = set(range(len(self._requests)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request, Response
@@ -101,8 +102,14 @@ class GenerationRoute(StrictJSONRoute):
         async def run(request: Request) -> Response:
             server = server_of(request)
             request.state.record = record = server.metrics.record_request(self.path, request.headers)
+            request.state.admitted_at = None
             try:
-                server.admission.check()  # before the body is read: an overloaded server answers at once
+                # The slot is taken before the body is read: an overloaded server answers at once.
+                request.state.admitted_at = server.admission.acquire()
+                # Then the requests that arrived with this one take their slot or their 429 before
+                # this one's body is handled: in a burst of 300 at once, a 429 waited for every
+                # admitted request's template and tokenizer (p99 258 -> see BENCHMARKS.md).
+                await asyncio.sleep(0)
                 return await handler(request)
             except ClientDisconnected:
                 record.cancelled()
@@ -113,6 +120,9 @@ class GenerationRoute(StrictJSONRoute):
             except Exception as exc:
                 record.failed(as_api_error(exc).error_type)
                 raise
+            finally:
+                if request.state.admitted_at is not None:  # no EngineCall took the slot over
+                    server.admission.release(request.state.admitted_at)
 
         return run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 
 import httpx
@@ -73,6 +75,27 @@ def test_second_request_beyond_max_concurrent_requests_is_429(strict):
             break
         time.sleep(0.1)
     assert ok.status_code == 200
+
+
+def test_a_request_holds_its_slot_from_its_headers_on(strict, strict_server):
+    """The slot is taken before the body is read, so in a burst the requests past the limit are
+    refused before any admitted one's body is parsed, rendered or tokenized (bench/overload.py)."""
+    body = json.dumps({"inputs": "Hi", "parameters": {"max_new_tokens": 1}}).encode()
+    head = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=CLIENT_TIMEOUT_S) as slow:
+        slow.sendall(head.encode() + body[:10])  # the rest of the body is still on its way
+        for _ in range(100):  # until the server has read the headers
+            r = strict.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}, headers=BEARER)
+            if r.status_code == 429:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 429 and "retry-after" in r.headers, r.text
+        slow.sendall(body[10:])
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
 
 def test_cors(strict):

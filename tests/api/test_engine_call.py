@@ -46,14 +46,14 @@ async def test_a_disconnect_drained_along_with_token_events_still_cancels_the_re
     # The client leaves while events keep coming, so the disconnect marker reaches the queue
     # behind events and is drained with them, not awaited alone.
     engine, outcome = EndlessEngine(), Outcome()
-    admission = SimpleNamespace(acquire=lambda: 0.0, release=lambda acquired_at: None)
+    admission = SimpleNamespace(release=lambda acquired_at: None)
     server = SimpleNamespace(ready_engine=lambda: engine, admission=admission)
 
     async def receive():
         await asyncio.sleep(0.01)
         return {"type": "http.disconnect"}
 
-    http = SimpleNamespace(state=SimpleNamespace(record=outcome), receive=receive)
+    http = SimpleNamespace(state=SimpleNamespace(record=outcome, admitted_at=0.0), receive=receive)
     call = EngineCall(server, http, [GenerationRequest("x")])
     await call.start()
     with pytest.raises(ClientDisconnected):
