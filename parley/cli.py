@@ -22,6 +22,8 @@ ENGINE_FLAGS = {
     "--device": (str, "torch device, e.g. cpu or cuda"),
     "--num-threads": (int, "torch threads for the engine (default: all cores)"),
     "--max-concurrent-requests": (int, "requests in flight before answering 429"),
+    "--max-queued-tokens": (int, "prompt tokens waiting for prefill before answering 429 (default 32768; a "
+                                 "request arriving to an empty queue is always taken)"),
     "--max-input-tokens": (int, "longest prompt, in tokens"),
     "--max-total-tokens": (int, "longest prompt + output, in tokens"),
     "--max-batch-prefill-tokens": (int, "prompt tokens per engine step"),

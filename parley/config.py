@@ -121,6 +121,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: all cores
     block_size: int = 16
     max_concurrent_requests: int = 128
+    # prompt tokens accepted and not yet prefilled before answering 429: ~16 s of prefill at the
+    # ~2,000 tok/s of a 2-core machine (SmolLM2-135M), so no one waits minutes for a first token
+    max_queued_tokens: int = 32768
     max_input_tokens: int | None = None  # None: derived from the model's context
     max_total_tokens: int | None = None
     max_batch_prefill_tokens: int = 512
@@ -147,6 +150,7 @@ class EngineConfig:
             device=_env("DEVICE", cls.device),
             num_threads=_env("NUM_THREADS", None, int),
             max_concurrent_requests=_env("MAX_CONCURRENT_REQUESTS", cls.max_concurrent_requests, int),
+            max_queued_tokens=_env("MAX_QUEUED_TOKENS", cls.max_queued_tokens, int),
             max_input_tokens=_env("MAX_INPUT_TOKENS", None, int),
             max_total_tokens=_env("MAX_TOTAL_TOKENS", None, int),
             max_batch_prefill_tokens=_env("MAX_BATCH_PREFILL_TOKENS", cls.max_batch_prefill_tokens, int),

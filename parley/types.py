@@ -162,7 +162,11 @@ class ValidationError(ParleyError):
 
 
 class OverloadedError(ParleyError):
-    """Too many requests at once (429)."""
+    """Too many requests at once (429); `retry_after`: seconds until it is likely not, if known."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestTimeoutError(ParleyError):

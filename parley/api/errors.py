@@ -106,7 +106,7 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     for kind, (status, error_type) in _ENGINE_ERRORS.items():
         if isinstance(exc, kind):
-            return ApiError(status, str(exc), error_type, getattr(exc, "field", None))
+            return ApiError(status, str(exc), error_type, getattr(exc, "field", None), getattr(exc, "retry_after", None))
     if isinstance(exc, ParleyError):
         return ApiError(424, str(exc), "generation")
     return ApiError(500, f"Internal server error: {type(exc).__name__}: {exc}", "incomplete_generation")

@@ -25,6 +25,7 @@ from parley.adapters.batch import LoRABatcher
 from parley.adapters.lora import load_lora
 from parley.adapters.registry import LoRARegistry
 from parley.config import EngineConfig, ModelConfig
+from parley.engine.backlog import PromptBacklog
 from parley.engine.block_manager import BlockManager
 from parley.engine.core import EngineCore
 from parley.engine.request import PreparedRequest, Sink
@@ -98,6 +99,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._in_flight = 0
+        self.backlog = PromptBacklog(config.max_queued_tokens)
 
     @classmethod
     def load(cls, config: EngineConfig) -> "AsyncEngine":
@@ -195,6 +197,8 @@ class AsyncEngine:
         prepared = await self._prepare(request)
         if self._in_flight >= self.config.max_concurrent_requests:
             raise OverloadedError("Model is overloaded")
+        queued = len(prepared.prompt_ids)
+        self.backlog.admit(queued)  # OverloadedError past --max-queued-tokens
         if adapter is not None:
             prepared.lora_id, prepared.cache_salt = adapter.lora_id, adapter.cache_salt
             self._adapter_requests[adapter.name] += 1
@@ -206,6 +210,9 @@ class AsyncEngine:
         try:
             while remaining:
                 item = await events.get()
+                if queued:  # the first event: the prompt is prefilled (or the request failed)
+                    self.backlog.drained(queued, prefilled=not isinstance(item, BaseException))
+                    queued = 0
                 if isinstance(item, BaseException):
                     remaining = 0  # the engine already dropped the request
                     raise item
@@ -215,6 +222,8 @@ class AsyncEngine:
                     yield event
         finally:
             self._in_flight -= 1
+            if queued:  # left before its prompt was prefilled
+                self.backlog.drained(queued, prefilled=False)
             if remaining:
                 self.core.abort(request.request_id)
 

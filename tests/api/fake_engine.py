@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 
 from parley.config import EngineConfig
-from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, Token, TokenEvent,
-                          ValidationError)
+from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, OverloadedError, Token,
+                          TokenEvent, ValidationError)
 
 OUTPUT = "The quick brown fox jumps over the lazy dog. "
 BOS, EOS, OFFSET = 0, 1, 2  # byte b is token b + OFFSET
@@ -154,6 +154,8 @@ class FakeEngine:
                  for i in range(r.n)]
         seqs = [_Sequence(i, seed, r, self.tokenizer) for i, seed in enumerate(seeds)]
         fail = re.search(r"FAIL_AFTER_(\d+)", r.prompt) if isinstance(r.prompt, str) else None
+        if isinstance(r.prompt, str) and "QUEUE_FULL" in r.prompt:  # as the real engine's PromptBacklog
+            raise OverloadedError("Model is overloaded: prompt tokens waiting past --max-queued-tokens", retry_after=7)
         self._running += r.n
         try:
             await asyncio.sleep(self.STEP_S)  # prefill

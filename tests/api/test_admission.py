@@ -3,6 +3,7 @@ waiting), and the health of the engine it admits to."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from parley.api import admission as admission_module
@@ -49,3 +50,17 @@ def test_an_engine_whose_loop_stopped_is_unhealthy():
     with pytest.raises(ApiError) as unhealthy:
         state.ready_engine()  # what /health and every generation route ask first
     assert unhealthy.value.status == 503 and "boom" in unhealthy.value.message
+
+
+@pytest.mark.parametrize("path, body, shape", [
+    ("/generate", {"inputs": "QUEUE_FULL"}, lambda b: b == {"error": b["error"], "error_type": "overloaded"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "QUEUE_FULL"}]},
+     lambda b: b["error"]["type"] == "overloaded"),
+    ("/v1/messages", {"model": "fake-model", "max_tokens": 5, "messages": [{"role": "user", "content": "QUEUE_FULL"}]},
+     lambda b: b["type"] == "error" and b["error"]["type"] == "rate_limit_error"),
+])
+def test_the_engines_queued_tokens_bound_is_a_429_with_its_retry_after_in_each_dialect(fake_server, path, body, shape):
+    # the fake engine refuses "QUEUE_FULL" as the real one's PromptBacklog does (tests/engine/test_backlog.py)
+    r = httpx.post(fake_server.url + path, json=body, timeout=60)
+    assert r.status_code == 429 and r.headers["retry-after"] == "7", r.text
+    assert shape(r.json()) and "--max-queued-tokens" in r.text
