@@ -51,7 +51,7 @@ def probe(base: str, count: int) -> None:
     print(json.dumps({"latencies": latencies, "statuses": statuses, "retry_after": retry_after}))
 
 
-async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tuple[int, float, str | None]:
+async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tuple[int, float, str | None, int]:
     """One request over a raw socket: connected first, sent when `go` is set, timed to the status
     line. A raw client costs microseconds per request, so 300 of them measure the server, not the
     client (httpx's async client spent ~1.5 ms of CPU on each, which queued the burst's last ones)."""
@@ -63,10 +63,11 @@ async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tu
     latency = time.perf_counter() - sent
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
     retry_after = re.search(r"^retry-after: *(\S+)", head, re.M)
-    while await reader.read(65536):  # Connection: close; the stream runs to its end
-        pass
+    chunks = 0
+    while data := await reader.read(65536):  # Connection: close; the stream runs to its end
+        chunks += data.count(b'"content":"')  # one per streamed token, near enough
     writer.close()
-    return int(status_line.split()[1]), latency, retry_after.group(1) if retry_after else None
+    return int(status_line.split()[1]), latency, retry_after.group(1) if retry_after else None, chunks
 
 
 async def burst(base: str, requests: int, max_tokens: int, probes: int) -> None:
@@ -78,16 +79,19 @@ async def burst(base: str, requests: int, max_tokens: int, probes: int) -> None:
     tasks = [asyncio.create_task(one_raw(host, int(port), payload, go)) for _ in range(requests)]
     await asyncio.sleep(1.0)  # every connection open
     go.set()
+    started = time.perf_counter()
     await asyncio.sleep(2.0)  # the burst is in and the engine saturated
     prober = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--probe", base, "--probes", str(probes), stdout=asyncio.subprocess.PIPE)
     out, _ = await prober.communicate()
     results = await asyncio.gather(*tasks)
-    refused = [latency for status, latency, _ in results if status == 429]
-    print(f"{requests} requests at once: {sum(s == 200 for s, _, _ in results)} answered 200, {len(refused)} 429, "
-          f"{sum(s not in (200, 429) for s, _, _ in results)} other")
+    elapsed = time.perf_counter() - started
+    refused = [latency for status, latency, _, _ in results if status == 429]
+    print(f"{requests} requests at once: {sum(r[0] == 200 for r in results)} answered 200, {len(refused)} 429, "
+          f"{sum(r[0] not in (200, 429) for r in results)} other; the admitted streams got "
+          f"{sum(r[3] for r in results) / elapsed:.1f} tok/s in all")
     if refused:
-        with_header = sum(1 for s, _, h in results if s == 429 and h)
+        with_header = sum(1 for s, _, h, _ in results if s == 429 and h)
         print(f"burst 429 latency ms: {percentiles(refused)}; Retry-After on {with_header} of {len(refused)}")
     probed = json.loads(out)
     refused = [lat for lat, s in zip(probed["latencies"], probed["statuses"]) if s == 429]
