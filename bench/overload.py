@@ -51,7 +51,7 @@ def probe(base: str, count: int) -> None:
     print(json.dumps({"latencies": latencies, "statuses": statuses, "retry_after": retry_after}))
 
 
-async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tuple[int, float, str | None, int]:
+async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tuple[int, float, str | None, int, float]:
     """One request over a raw socket: connected first, sent when `go` is set, timed to the status
     line. A raw client costs microseconds per request, so 300 of them measure the server, not the
     client (httpx's async client spent ~1.5 ms of CPU on each, which queued the burst's last ones)."""
@@ -67,7 +67,7 @@ async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tu
     while data := await reader.read(65536):  # Connection: close; the stream runs to its end
         chunks += data.count(b'"content":"')  # one per streamed token, near enough
     writer.close()
-    return int(status_line.split()[1]), latency, retry_after.group(1) if retry_after else None, chunks
+    return int(status_line.split()[1]), latency, retry_after.group(1) if retry_after else None, chunks, time.perf_counter()
 
 
 async def burst(base: str, requests: int, max_tokens: int, probes: int) -> None:
@@ -85,13 +85,13 @@ async def burst(base: str, requests: int, max_tokens: int, probes: int) -> None:
         sys.executable, __file__, "--probe", base, "--probes", str(probes), stdout=asyncio.subprocess.PIPE)
     out, _ = await prober.communicate()
     results = await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
-    refused = [latency for status, latency, _, _ in results if status == 429]
+    elapsed = max(r[4] for r in results) - started  # until the last admitted stream ended
+    refused = [r[1] for r in results if r[0] == 429]
     print(f"{requests} requests at once: {sum(r[0] == 200 for r in results)} answered 200, {len(refused)} 429, "
           f"{sum(r[0] not in (200, 429) for r in results)} other; the admitted streams got "
           f"{sum(r[3] for r in results) / elapsed:.1f} tok/s in all")
     if refused:
-        with_header = sum(1 for s, _, h, _ in results if s == 429 and h)
+        with_header = sum(1 for r in results if r[0] == 429 and r[2])
         print(f"burst 429 latency ms: {percentiles(refused)}; Retry-After on {with_header} of {len(refused)}")
     probed = json.loads(out)
     refused = [lat for lat, s in zip(probed["latencies"], probed["statuses"]) if s == 429]
