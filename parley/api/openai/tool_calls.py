@@ -83,8 +83,11 @@ _FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chat templa
 
 def call_format(engine) -> ToolFormat:
     """The format `engine`'s model writes tool calls in: its chat template's own, when the template
-    renders calls in one of `parley.tools.FORMATS`; else the default (found once per model)."""
-    template = engine.chat_template
+    reads `tools` (it gets them, see `template_inputs`) and renders calls in one of
+    `parley.tools.FORMATS`; else the default (found once per model)."""
+    template, source = engine.chat_template, engine.tokenizer.chat_template
+    if not (source and _MENTIONS_TOOLS.search(source)):
+        return DEFAULT_FORMAT
     if template not in _FORMATS:
         tokenizer = engine.tokenizer
 
