@@ -39,7 +39,7 @@ def tool_call_grammar(
         rules += [f"start: TEXT | {_lark_seq(lead, 'calls')}",
                   f"TEXT: /(?s:.*)/ & ~({_lark_str(calls.lead + '{')} /(?s:.*)/)"]
     else:  # lazy: the text ends at the first opening, after which only calls may follow
-        rules += [f"start: TEXT | text_then_lead calls",
+        rules += ["start: TEXT | text_then_lead calls",
                   f"text_then_lead[lazy]: TEXT {lead}",
                   "TEXT: /(?s:.*)/"]
     rules.append(f"call_json: %json {json.dumps(_call_schema(functions, fmt.arguments_key))}")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
 
 import jsonschema
 import pytest
 
-from family_templates import FAMILIES, LLAMA32, MISTRAL_V03, QWEN25
+from family_templates import FAMILIES, MISTRAL_V03
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.structured import allocate_bitmask, bitmask_to_bool
 from parley.tokenization.chat_template import ChatTemplate
@@ -58,6 +57,12 @@ def test_detected_formats_write_what_the_templates_write():
     mistral = detected("mistral-v0.3")
     assert mistral.calls.marker_token == MARKER_ID and mistral.calls.opening == " [" and mistral.id_length == 9
     assert MISTRAL_TEXT.calls.marker_token is None and MISTRAL_TEXT.calls.opening == "[TOOL_CALLS] ["
+
+
+def test_mistral_without_the_space_after_its_marker():
+    template = ChatTemplate(MISTRAL_V03.replace('"[TOOL_CALLS] ["', '"[TOOL_CALLS]["'), "<s>", "</s>")
+    fmt = detect_format(template, special_ids(["[TOOL_CALLS]"]))
+    assert fmt.name == "mistral" and fmt.calls.opening == "[" and fmt.calls.marker_token == MARKER_ID
 
 
 def test_templates_that_write_no_known_calls_get_none():
