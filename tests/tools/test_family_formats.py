@@ -274,3 +274,61 @@ def test_mistral_call_ids_are_what_its_template_accepts():
     ids = {MISTRAL.new_call_id() for _ in range(50)}
     assert len(ids) == 50 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids)
     assert dataclasses.replace(MISTRAL, id_length=None).new_call_id().startswith("call_")
+
+
+# -- Mistral's marker as its special token (a tiny vocabulary that has one) ---------------------------------------
+@pytest.fixture(scope="module")
+def marker_vocab():
+    """(tokenizer, GrammarCompiler, the Mistral format) for a tiny vocabulary with [TOOL_CALLS] special."""
+    from tokenizers import AddedToken
+
+    from parley.structured import GrammarCompiler
+    from tiny_model import _train_tokenizer
+
+    tokenizer = _train_tokenizer(400)
+    tokenizer.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True, normalized=False)])
+    marker = tokenizer.token_to_id("[TOOL_CALLS]")
+    eos = tokenizer.token_to_id("<|im_end|>")
+    fmt = detect_format(ChatTemplate(MISTRAL_V03, "<s>", "</s>"), lambda text: marker if text == "[TOOL_CALLS]" else None)
+    yield tokenizer, GrammarCompiler(tokenizer, [eos], tokenizer.get_vocab_size()), fmt
+
+
+def test_the_marker_token_opens_the_calls_and_numbers_stay_bounded_after_it(marker_vocab):
+    tokenizer, compiler, fmt = marker_vocab
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}}}]
+    matcher = compiler.matcher(tool_call_grammar(tools, "required", True, fmt), 200)
+    bitmask = allocate_bitmask(1, compiler.vocab_size)
+
+    def allowed():
+        matcher.fill_bitmask(bitmask, 0)
+        return bitmask_to_bool(bitmask, compiler.vocab_size)[0].nonzero().flatten().tolist()
+
+    assert allowed() == [fmt.calls.marker_token]  # a forced call begins with the special token
+    assert matcher.accept(fmt.calls.marker_token)
+    for token in tokenizer.encode(' [{"name": "add", "arguments": {"a": 1', add_special_tokens=False).ids:
+        assert matcher.accept(token), matcher.error
+    digits = [tokenizer.token_to_id(d) for d in "0123456789"]
+    for _ in range(16):  # 17 digits in all
+        assert set(digits) & set(allowed())
+        assert matcher.accept(tokenizer.token_to_id("2"))
+    assert not set(digits) & set(allowed())  # the number bound still holds after the special token
+
+
+def test_no_second_call_without_room_after_the_marker_token(marker_vocab):
+    tokenizer, compiler, fmt = marker_vocab
+    grammar = tool_call_grammar(WALK_TOOLS, "required", True, fmt)
+    text = ' [{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    ids = [fmt.calls.marker_token, *tokenizer.encode(text, add_special_tokens=False).ids]
+
+    def allowed_with(max_tokens):
+        matcher = compiler.matcher(grammar, max_tokens)
+        for token in ids:
+            assert matcher.accept(token), matcher.error
+        bitmask = allocate_bitmask(1, compiler.vocab_size)
+        matcher.fill_bitmask(bitmask, 0)
+        return {tokenizer.id_to_token(t) for t in bitmask_to_bool(bitmask, compiler.vocab_size)[0].nonzero().flatten().tolist()}
+
+    longest = len(ids)  # the first call after its marker (it writes no text), plus a token for ", "
+    assert any(t.startswith(",") for t in allowed_with(len(ids) + longest + 2))  # a call as long, "]", EOS
+    assert allowed_with(len(ids) + longest + 1) == {"]"}  # the list closes; then EOS
