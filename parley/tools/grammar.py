@@ -35,13 +35,13 @@ def tool_call_grammar(
     rules = [f"calls: {_lark_seq('call_json' + more_calls, _lark_str(calls.end + calls.closing))}"]
     if tool_choice != "auto":
         rules.append(f"start: {_lark_seq(lead, 'calls')}")
-    elif calls.whole:  # free text may not begin as the calls do
+    elif calls.whole:  # free text may not begin as the calls do (the parser skips whitespace first)
         rules += [f"start: TEXT | {_lark_seq(lead, 'calls')}",
-                  f"TEXT: /(?s:.*)/ & ~({_lark_str(calls.lead + '{')} /(?s:.*)/)"]
+                  f"TEXT: /(?s:.*)/ & ~(/[ \\t\\n\\r]*/ {_lark_str(calls.lead.strip() + '{')} /(?s:.*)/)"]
     else:  # lazy: the text ends at the first opening, after which only calls may follow
         rules += ["start: TEXT | text_then_lead calls",
                   f"text_then_lead[lazy]: TEXT {lead}",
-                  "TEXT: /(?s:.*)/"]
+                  f"TEXT: /(?s:.*)/ & ~(/(?s:.*)/ {_lark_str(calls.lead.strip())} /(?s:.*)/)"]  # as the parser sees it
     rules.append(f"call_json: %json {json.dumps(_call_schema(functions, fmt.arguments_key))}")
     return Grammar(kind="lark", value="\n".join(rules) + "\n", calls=calls)
 

@@ -13,6 +13,7 @@ import sys
 import jsonschema
 import pytest
 from openai import OpenAI
+from tokenizers import Tokenizer
 
 from family_templates import FAMILIES
 from server import CLIENT_TIMEOUT_S, ServerProcess
@@ -37,7 +38,7 @@ CALL_ID = {"qwen2.5": r"call_[0-9a-f]{24}", "llama3.2": r"call_[0-9a-f]{24}", "m
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
-    """(family name, an OpenAI client of a server on its tiny model)."""
+    """(family name, an OpenAI client of a server on its tiny model, the model's folder)."""
     arch, template, special, added, _ = FAMILIES[request.param]
     model = make_tiny_model(tmp_path_factory.mktemp(f"{arch}_tools"), arch, seed=11, chat_template=template,
                             special_tokens=tuple(special), added_tokens=tuple(added),
@@ -45,7 +46,8 @@ def family(request, tmp_path_factory):
     proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
                           "--num-threads", "1", "--max-batch-total-tokens", "4096", "--served-model-name", "m"],
                          tmp_path_factory.mktemp(f"{arch}_tools_server") / "server.log").start()
-    yield request.param, OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+    yield (request.param, OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S),
+           model)
     proc.stop()
 
 
@@ -64,7 +66,7 @@ def check_calls(name: str, calls: list[tuple[str, str, str]]) -> None:
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
 def test_a_forced_call_in_the_family_format_whole_and_streamed(family, choice):
-    name, client = family
+    name, client, _ = family
     whole = chat(client, tool_choice=choice, logprobs=True).choices[0]
     assert whole.finish_reason == "tool_calls" and whole.message.content is None
     written = "".join(t.token for t in whole.logprobs.content)
@@ -90,7 +92,7 @@ def test_a_forced_call_in_the_family_format_whole_and_streamed(family, choice):
 
 
 def test_the_calls_and_their_results_go_back_through_the_family_template(family):
-    name, client = family
+    name, client, _ = family
     answer = chat(client, tool_choice="required").choices[0].message
     calls = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
              for c in answer.tool_calls]
@@ -102,7 +104,46 @@ def test_the_calls_and_their_results_go_back_through_the_family_template(family)
 
 
 def test_the_prompt_holds_the_tools_as_the_family_template_writes_them(family):
-    _, client = family
+    _, client, _ = family
     without = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1).usage.prompt_tokens
     with_tools = chat(client, max_tokens=1).usage.prompt_tokens
     assert with_tools > without + 20  # the tools' names, descriptions and schemas
+
+
+# The token a family's call begins with, pushed up so that the random model calls in "auto".
+FIRST_TOKEN = {"qwen2.5": "<tool_call>", "llama3.2": "{", "mistral-v0.3": "[TOOL_CALLS]"}
+
+
+@pytest.mark.parametrize("nudged", [False, True], ids=["free", "nudged_to_call"])
+def test_auto_gives_text_or_valid_calls_in_the_family_format(family, nudged):
+    """In "auto" each answer is text, or calls that parse and validate (the special tokens of the
+    family's syntax included), streamed as whole. A random model writes text; with the first token
+    of a call favoured (logit_bias) it calls, beginning by itself."""
+    name, client, model = family
+    bias = {}
+    if nudged:
+        bias = {str(Tokenizer.from_file(f"{model}/tokenizer.json").token_to_id(FIRST_TOKEN[name])): 100}
+    called = 0
+    for seed in range(4):
+        whole = chat(client, tool_choice="auto", temperature=1.0, seed=seed, max_tokens=60,
+                     logit_bias=bias).choices[0]
+        calls = [(c.id, c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+        if calls:
+            called += 1
+            check_calls(name, calls)
+            assert whole.finish_reason in ("tool_calls", "length")
+        else:
+            assert whole.finish_reason in ("stop", "length") and whole.message.content is not None
+        text, streamed = "", {}
+        for chunk in chat(client, tool_choice="auto", temperature=1.0, seed=seed, max_tokens=60, logit_bias=bias,
+                          stream=True):
+            delta = chunk.choices[0].delta
+            text += delta.content or ""
+            for call in delta.tool_calls or []:
+                streamed.setdefault(call.index, [call.function.name, ""])[1] += call.function.arguments or ""
+        assert [tuple(streamed[i]) for i in sorted(streamed)][:len(calls)] == [c[1:] for c in calls]
+        if calls or whole.finish_reason == "stop":
+            assert text == (whole.message.content or "")
+        else:  # a call cut short by max_tokens: the whole answer keeps it as text, the stream announced it
+            assert (whole.message.content or "").startswith(text)
+    assert called or not nudged  # some answer made complete calls of its own accord

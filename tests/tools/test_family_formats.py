@@ -332,3 +332,15 @@ def test_no_second_call_without_room_after_the_marker_token(marker_vocab):
     longest = len(ids)  # the first call after its marker (it writes no text), plus a token for ", "
     assert any(t.startswith(",") for t in allowed_with(len(ids) + longest + 2))  # a call as long, "]", EOS
     assert allowed_with(len(ids) + longest + 1) == {"]"}  # the list closes; then EOS
+
+
+@pytest.mark.parametrize("fmt, text", [
+    (QWEN, "A <tool_call> that is no call"),  # the parser takes "<tool_call>" for the lead, newline or not
+    (DEFAULT_FORMAT, "A <tool_call> that is no call"),
+    (LLAMA3_JSON, ' {"a": 1} is JSON'),  # the parser skips the space and takes "{" for a call
+    (MISTRAL_TEXT, '\n[TOOL_CALLS] [{'),
+])
+def test_auto_free_text_never_looks_like_calls_to_the_parser(compiler, backend_tokenizer, fmt, text):
+    matcher = compiler.matcher(tool_call_grammar(WALK_TOOLS, "auto", True, fmt))
+    tokens = backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert not all(matcher.accept(token) for token in tokens)
