@@ -11,7 +11,7 @@ import re
 import jsonschema
 import pytest
 
-from family_templates import FAMILIES, MISTRAL_V03
+from family_templates import FAMILIES, MISTRAL_V03, QWEN3
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.structured import allocate_bitmask, bitmask_to_bool
 from parley.tokenization.chat_template import ChatTemplate
@@ -57,6 +57,15 @@ def test_detected_formats_write_what_the_templates_write():
     mistral = detected("mistral-v0.3")
     assert mistral.calls.marker_token == MARKER_ID and mistral.calls.opening == " [" and mistral.id_length == 9
     assert MISTRAL_TEXT.calls.marker_token is None and MISTRAL_TEXT.calls.opening == "[TOOL_CALLS] ["
+
+
+def test_qwen3_is_detected_and_renders_a_call_turn_without_content():
+    template = ChatTemplate(QWEN3, "<s>", "</s>")
+    assert detect_format(template, special_ids([])) == QWEN
+    plan = ToolPlan(TOOLS, "auto", True, None, QWEN)
+    messages, kwargs = template_inputs(HISTORY, plan, QWEN3)  # the assistant turn has no content: Qwen3
+    prompt = template.render(messages, **kwargs)             # concatenates it, so it must be text
+    assert RENDERED_CALL["qwen2.5"] in prompt and "The current weather in a city" in prompt
 
 
 def test_mistral_without_the_space_after_its_marker():
