@@ -45,12 +45,31 @@ class StoppingCriteria:
 
 @dataclass(frozen=True)
 class CallFormat:
-    """How a tool-call grammar writes its calls: `start` + the call's JSON + `end`, one after the
-    other joined by `separator`, after any free text (which never holds `start`)."""
+    """How a tool-call grammar writes its calls, as text: any free text, then `opening`, then the
+    calls, each `start` + a JSON object + `end`, joined by `separator`, then `closing`.
+
+    `whole`: calls, when made, are the whole output (Llama 3's JSON, Mistral's `[TOOL_CALLS]`),
+    and free text never begins as calls do (`opening` + `start` + "{"); otherwise free text never
+    holds `opening` + `start`. `marker_token`: a special token (it writes no text) the grammar puts
+    before `opening`."""
 
     start: str
     end: str
     separator: str
+    opening: str = ""
+    closing: str = ""
+    whole: bool = False
+    marker_token: int | None = None
+
+    @property
+    def lead(self) -> str:
+        """The text before the first call's JSON."""
+        return self.opening + self.start
+
+    @property
+    def between(self) -> str:
+        """The text from one call's JSON to the next one's."""
+        return self.end + self.separator + self.start
 
 
 @dataclass

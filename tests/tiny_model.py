@@ -114,14 +114,16 @@ def _hf_config(arch: str, vocab_size: int, tie: bool, overrides: dict):
 
 def make_tiny_model(
     path, arch: str = "llama", *, tie: bool = True, seed: int = 0, vocab_size: int | None = None,
-    thinking: bool = False, **overrides
+    thinking: bool = False, chat_template: str | None = None, special_tokens: tuple[str, ...] = (),
+    added_tokens: tuple[str, ...] = (), **overrides
 ) -> str:
     """Write a random `arch` (a key of FAMILIES) checkpoint + tokenizer to folder `path`; return it.
 
     The model's vocab equals the tokenizer's (~400 tokens) unless `vocab_size` pads it larger, as
     real checkpoints often do. `overrides` go to the HF config (e.g. rope_scaling). Every weight,
     norms and biases included, is random so that a wrongly loaded tensor changes the logits.
-    `thinking`: a model that thinks, with THINK_TOKENS and THINKING_TEMPLATE.
+    `thinking`: a model that thinks, with THINK_TOKENS and THINKING_TEMPLATE. `chat_template`: a
+    family's own template instead, with the `special_tokens` and (not special) `added_tokens` it writes.
     """
     from tokenizers import AddedToken
     from transformers import AutoModelForCausalLM
@@ -131,6 +133,8 @@ def make_tiny_model(
     tokenizer = _train_tokenizer(400)
     if thinking:
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
     n_tokens = tokenizer.get_vocab_size()
     if vocab_size is not None and vocab_size < n_tokens:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
@@ -152,7 +156,7 @@ def make_tiny_model(
         "eos_token": "<|im_end|>",
         "unk_token": "<|endoftext|>",
         "pad_token": "<|im_end|>",
-        "chat_template": THINKING_TEMPLATE if thinking else CHAT_TEMPLATE,
+        "chat_template": chat_template or (THINKING_TEMPLATE if thinking else CHAT_TEMPLATE),
         "model_max_length": config.max_position_embeddings,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

@@ -79,7 +79,7 @@ class GrammarMatcher:
         if self._numbers is not None and not self._numbers.consume_token(token_id):
             self._numbers = None  # the grammar insisted on what the bound refuses: follow it alone
         if self._calls is not None:
-            self._calls.accept(self._token_bytes[token_id], self._matcher.is_accepting())
+            self._calls.accept(self._token_bytes[token_id])
         return True
 
     def is_terminated(self) -> bool:

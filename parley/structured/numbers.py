@@ -36,15 +36,26 @@ JSON_TEXT: (NUMBER? NOT_NUMBER)* NUMBER?
 
 def number_bound_grammar(calls: CallFormat | None = None) -> str:
     """The lexical grammar (Lark) for JSON output, or for the output of a tool-call grammar: free
-    text without `calls.start`, then calls, whose JSON is bounded."""
+    text without the calls' lead (or, when calls are the whole output, not beginning as they do),
+    then calls, whose JSON is bounded."""
     if calls is None:
         return "start: JSON_TEXT\n" + _TERMINALS
-    start, end = json.dumps(calls.start), json.dumps(calls.end)
+    markers = sorted({m for m in (calls.opening, calls.start, calls.end, calls.separator, calls.closing) if m})
+    body = f"CALLS: (NUMBER? (NOT_NUMBER{''.join(' | ' + json.dumps(m) for m in markers)}))* NUMBER?\n"
+    if not calls.whole:
+        lead = json.dumps(calls.lead)
+        return (
+            "start: OUTPUT\n"
+            "OUTPUT: FREE_TEXT (CALL_START CALLS)?\n"
+            f"FREE_TEXT: ANY & ~(ANY {lead} ANY)\n"
+            "ANY: /(?s:.*)/\n"
+            f"CALL_START: {lead}\n" + body + _TERMINALS
+        )
+    head = json.dumps(calls.lead + "{")
+    token = "" if calls.marker_token is None else f"<[{calls.marker_token}]> "
     return (
-        "start: OUTPUT\n"
-        "OUTPUT: FREE_TEXT (CALL_START CALLS)?\n"
-        f"FREE_TEXT: ANY & ~(ANY {start} ANY)\n"
+        f"start: FREE_TEXT | {token}CALLS_TEXT\n"
+        f"FREE_TEXT: ANY & ~({head} ANY)\n"
         "ANY: /(?s:.*)/\n"
-        f"CALL_START: {start}\n"
-        f"CALLS: (NUMBER? (NOT_NUMBER | {start} | {end}))* NUMBER?\n" + _TERMINALS
+        f"CALLS_TEXT: {head} CALLS\n" + body + _TERMINALS
     )

@@ -81,12 +81,15 @@ class ChatTemplate:
 
 def _prepare(message: dict) -> dict:
     """A copy of the message in the shape templates expect: content as one string (the model is
-    text-only, so a chunk list is only text) and tool call arguments as objects, not JSON text
-    (templates `tojson` them)."""
+    text-only, so a chunk list is only text; an assistant turn that only calls tools has "", as
+    templates that split or concatenate it, like Qwen3's, need) and tool call arguments as
+    objects, not JSON text (templates `tojson` them)."""
     message = dict(message)
     content = message.get("content")
     if isinstance(content, list):
         message["content"] = "".join(_chunk_text(chunk) for chunk in content)
+    if content is None and message.get("tool_calls"):
+        message["content"] = ""
     if message.get("tool_calls"):
         message["tool_calls"] = [_parse_arguments(call) for call in message["tool_calls"]]
     return message

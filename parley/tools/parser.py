@@ -1,9 +1,11 @@
-"""Tool calls read back out of generated text (see `format.py`), whole or as it streams.
+"""Tool calls read back out of generated text in the model's format (`format.py`), whole or as it
+streams.
 
 A call's `arguments` is the JSON text the model wrote with the whitespace between tokens removed,
-so the streamed fragments concatenate to exactly the string the whole-text parse returns. A call
-cut short (e.g. by max_tokens) is dropped by the whole-text parse, but the stream may already
-have announced it.
+so the streamed fragments concatenate to exactly the string the whole-text parse returns (the
+whole-text parse is the stream parser fed at once). A call cut short (e.g. by max_tokens) is
+dropped by the whole-text parse, but the stream may already have announced it. The markers are
+matched without their surrounding whitespace, so any whitespace around them is allowed.
 """
 
 from __future__ import annotations
@@ -14,31 +16,18 @@ from dataclasses import dataclass
 
 from parley.tokenization.detokenizer import partial_suffix
 from parley.tokenization.reasoning import ReasoningSplitter
-from parley.tools.format import CALL_END, CALL_START, new_call_id
+from parley.tools.format import DEFAULT_FORMAT, ToolFormat
 from parley.types import FinalEvent, TokenEvent, ToolCall
 
 _DECODER = json.JSONDecoder()
 _JSON_WHITESPACE = " \t\n\r"
-# A compact call that names its function first, up to where the arguments object begins.
-_NAME_FIRST = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(text: str, fmt: ToolFormat = DEFAULT_FORMAT) -> tuple[str, list[ToolCall]]:
     """Split a whole output into its text content (before the first call) and its complete calls."""
-    start = text.find(CALL_START)
-    if start < 0:
-        return text, []
-    calls: list[ToolCall] = []
-    pos = start
-    while text.startswith(CALL_START, pos):
-        scanner = _CallScanner(len(calls))
-        pos += len(CALL_START)
-        pos = _skip_whitespace(text, pos + scanner.feed(text[pos:]))
-        if scanner.call is None or not text.startswith(CALL_END, pos):
-            break
-        calls.append(ToolCall(id=new_call_id(), name=scanner.call[0], arguments=scanner.call[1]))
-        pos = _skip_whitespace(text, pos + len(CALL_END))
-    return text[:start], calls
+    parser = ToolCallStreamParser(fmt)
+    events = parser.feed(text) + parser.finish()
+    return "".join(event.text for event in events if isinstance(event, ContentDelta)), parser.complete
 
 
 @dataclass
@@ -72,16 +61,25 @@ StreamEvent = ContentDelta | ReasoningDelta | ToolCallStart | ToolCallArgumentsD
 
 
 class ToolCallStreamParser:
-    """Turns streamed text deltas into content deltas and tool-call pieces.
+    """Turns streamed text deltas into content deltas and tool-call pieces, in format `fmt`.
 
     Call `feed` with each text delta and `finish` at the end; both return the events now known.
+    `complete` holds the calls written in full so far.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: ToolFormat = DEFAULT_FORMAT) -> None:
+        self._fmt = fmt
+        calls = fmt.calls
+        self._lead = calls.lead.strip()  # opens the calls (after a marker token, which shows no text)
+        self._end = calls.end.strip()
+        self._next = [m for m in (calls.separator.strip(), calls.start.strip()) if m]  # before another call
         self._pending = ""  # text received but not yet turned into events
-        self._state = "content"  # content -> call -> call_end -> between -> call ... | done
+        # whole formats start "undecided"; then content -> call -> end -> next -> call ... | done
+        self._state = "undecided" if calls.whole else "content"
+        self._step_in_next = 0
         self._call: _CallScanner | None = None
         self._calls = 0
+        self.complete: list[ToolCall] = []
 
     def feed(self, delta: str) -> list[StreamEvent]:
         self._pending += delta
@@ -93,60 +91,110 @@ class ToolCallStreamParser:
     def finish(self) -> list[StreamEvent]:
         """Flush text held back because it might have begun a call."""
         held, self._pending = self._pending, ""
-        return [ContentDelta(held)] if self._state == "content" and held else []
+        return [ContentDelta(held)] if self._state in ("content", "undecided", "text") and held else []
 
     def _step(self, events: list[StreamEvent]) -> bool:
         """Turn what it can of `_pending` into events; False when it must wait for more text."""
+        if self._state == "undecided":
+            return self._decide()
+        if self._state == "text":  # a whole format's answer that is no call: all content
+            if self._pending:
+                events.append(ContentDelta(self._pending))
+            self._pending = ""
+            return False
         if self._state == "content":
             return self._read_content(events)
         if self._state == "call":
-            used = self._call.feed(self._pending)
-            self._pending = self._pending[used:]
-            events.extend(self._call.take_events())
-            if self._call.done:
-                self._state = "call_end" if self._call.call else "done"
-            return self._call.done
-        if self._state == "call_end":
-            return self._expect(CALL_END, "between")
-        if self._state == "between":
-            return self._expect(CALL_START, "call")
+            return self._read_call(events)
+        if self._state == "end":
+            return self._read_end()
+        if self._state == "next":
+            return self._read_next()
         self._pending = ""  # done: the format allows nothing more
         return False
 
+    def _decide(self) -> bool:
+        """A whole format: the answer is calls when it begins as they do, else it is all content."""
+        head = self._lead + "{"
+        stripped = self._pending.lstrip(_JSON_WHITESPACE)
+        if stripped.startswith(head):
+            self._pending = stripped[len(self._lead):]
+            self._begin_call()
+            return True
+        if head.startswith(stripped):
+            return False
+        self._state = "text"
+        return True
+
     def _read_content(self, events: list[StreamEvent]) -> bool:
-        start = self._pending.find(CALL_START)
-        shown = start if start >= 0 else len(self._pending) - partial_suffix(self._pending, CALL_START)
+        start = self._pending.find(self._lead)
+        shown = start if start >= 0 else len(self._pending) - partial_suffix(self._pending, self._lead)
         if shown:
             events.append(ContentDelta(self._pending[:shown]))
         if start < 0:
             self._pending = self._pending[shown:]
             return False
-        self._pending = self._pending[start:]
-        return self._expect(CALL_START, "call")
+        self._pending = self._pending[start + len(self._lead):]
+        self._begin_call()
+        return True
 
-    def _expect(self, marker: str, next_state: str) -> bool:
-        """Move past whitespace and `marker` into `next_state`; anything else ends the calls."""
-        self._pending = self._pending.lstrip(_JSON_WHITESPACE)
-        if self._pending.startswith(marker):
-            self._pending = self._pending[len(marker) :]
-            self._state = next_state
-            if next_state == "call":
-                self._call = _CallScanner(self._calls)
-                self._calls += 1
-            return True
-        if not marker.startswith(self._pending):
+    def _begin_call(self) -> None:
+        self._state = "call"
+        self._call = _CallScanner(self._calls, self._fmt)
+        self._calls += 1
+
+    def _read_call(self, events: list[StreamEvent]) -> bool:
+        used = self._call.feed(self._pending)
+        self._pending = self._pending[used:]
+        events.extend(self._call.take_events())
+        if self._call.done:
+            self._state = "end" if self._call.call else "done"
+        return self._call.done
+
+    def _read_end(self) -> bool:
+        found = self._match(self._end)
+        if found:
+            self.complete.append(ToolCall(id=self._call.id, name=self._call.call[0], arguments=self._call.call[1]))
+            self._state = "next"
+        return found is not None
+
+    def _read_next(self) -> bool:
+        """Past the separator and start marker into the next call; anything else ends the calls."""
+        if not self._next:  # a format without them: one call
             self._state = "done"
             return True
+        found = self._match(self._next[self._step_in_next])
+        if found:
+            self._step_in_next += 1
+            if self._step_in_next == len(self._next):
+                self._step_in_next = 0
+                self._begin_call()
+        return found is not None
+
+    def _match(self, marker: str) -> bool | None:
+        """Move past whitespace and `marker`: True; None: wait for more text; False: it is something
+        else, which ends the calls."""
+        self._pending = self._pending.lstrip(_JSON_WHITESPACE)
+        if self._pending.startswith(marker):
+            self._pending = self._pending[len(marker):]
+            return True
+        if marker.startswith(self._pending):
+            return None
+        self._state = "done"
         return False
 
 
 class _CallScanner:
     """One call's JSON object read as it arrives; its arguments stream once its name is known."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, fmt: ToolFormat):
         self.index = index
+        self.id = fmt.new_call_id()
         self.done = False  # the object is over (or was no object)
         self.call: tuple[str, str] | None = None  # (name, arguments) once done, if it was a call
+        self._key = fmt.arguments_key
+        # A compact call that names its function first, up to where the arguments object begins.
+        self._name_first = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),' + re.escape(json.dumps(self._key)) + ":")
         self._json = _JsonCompactor()
         self._arguments_start: int | None = None  # in the compact text
         self._arguments_end: int | None = None
@@ -180,10 +228,10 @@ class _CallScanner:
 
     def _announce_if_arguments(self) -> None:
         """An object just opened inside the call: if it is the arguments, after the name, announce the call."""
-        match = _NAME_FIRST.fullmatch("".join(self._json.chars[:-1]))
+        match = self._name_first.fullmatch("".join(self._json.chars[:-1]))
         if match:
             self._arguments_start = len(self._json.chars) - 1
-            self._events.append(ToolCallStart(self.index, new_call_id(), json.loads(match.group(1))))
+            self._events.append(ToolCallStart(self.index, self.id, json.loads(match.group(1))))
 
     def _send_arguments(self) -> None:
         if self._arguments_start is None:
@@ -196,11 +244,11 @@ class _CallScanner:
 
     def _close(self) -> None:
         self.done = True
-        self.call = _call_from_json("".join(self._json.chars))
+        self.call = _call_from_json("".join(self._json.chars), self._key)
         if self._arguments_start is not None:
             self._send_arguments()
         elif self.call:  # the name came after the arguments: all is known only now
-            self._events.append(ToolCallStart(self.index, new_call_id(), self.call[0]))
+            self._events.append(ToolCallStart(self.index, self.id, self.call[0]))
             self._events.append(ToolCallArgumentsDelta(self.index, self.call[1]))
 
 
@@ -231,13 +279,13 @@ class _JsonCompactor:
         self.chars.append(char)
 
 
-def _call_from_json(compact: str) -> tuple[str, str] | None:
+def _call_from_json(compact: str, key: str) -> tuple[str, str] | None:
     """(name, arguments text) of a compact call object; None if it is not a call."""
     try:
         members = _members(compact)
     except (ValueError, IndexError):
         return None
-    name, arguments = members.get("name", ""), members.get("arguments", "")
+    name, arguments = members.get("name", ""), members.get(key, "")
     if not (name.startswith('"') and arguments.startswith("{")):
         return None
     return json.loads(name), arguments
@@ -261,19 +309,13 @@ def _members(compact: str) -> dict[str, str]:
     return members
 
 
-def _skip_whitespace(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in _JSON_WHITESPACE:
-        pos += 1
-    return pos
-
-
 class OutputEvents:
     """A streamed answer's text, token by token, as stream events: a thinking model's reasoning split
     off first (`phase`: where its prompt left it; None: no split), the rest parsed for tool calls
-    when the request offered tools, else all content."""
+    in the model's format `tools` when the request offered tools (None: all content)."""
 
-    def __init__(self, tools: bool, phase: str | None = None):
-        self._parser = ToolCallStreamParser() if tools else None
+    def __init__(self, tools: ToolFormat | None, phase: str | None = None):
+        self._parser = ToolCallStreamParser(tools) if tools else None
         self._splitter = ReasoningSplitter(phase) if phase else None
 
     def of(self, event: TokenEvent | FinalEvent) -> list[StreamEvent]:

@@ -1,4 +1,5 @@
-"""Tool definitions rendered as text for the system prompt, for chat templates that ignore tools.
+"""Tool definitions rendered as text for the system prompt, for chat templates that ignore tools
+(they get the default format, `format.DEFAULT_FORMAT`).
 
 The caller appends the returned text to the system message (or makes it the system message).
 Like TGI's `tool_prompt`, a request may replace the instructions; the definitions, one JSON
@@ -10,12 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from parley.tools.format import CALL_END, CALL_START
+from parley.tools.format import DEFAULT_FORMAT
 from parley.tools.validation import ToolChoice
 
+_CALLS = DEFAULT_FORMAT.calls
 DEFAULT_TOOL_PROMPT = (
     "You can call the functions defined below. To call one, write "
-    f'{CALL_START}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{CALL_END}'
+    f'{_CALLS.start}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{_CALLS.end}'
     " with arguments that follow the function's parameter schema. Put each call on its own line"
     " after any text, and write nothing after the last call. Answer in plain text when no function"
     " is needed. Functions:"

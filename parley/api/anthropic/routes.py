@@ -22,6 +22,7 @@ from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fiel
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
 from parley.api.openai.tool_calls import ToolPlan
+from parley.tools.format import ToolFormat
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
 from parley.tokenization.reasoning import split_reasoning
@@ -121,12 +122,12 @@ def _translated(body: CountTokensRequest, http: Request):
 
 async def messages(body: MessagesRequest, http: Request) -> Response:
     server, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat)
+    tools = ToolPlan.of(chat, engine)
     names = {"max_new_tokens": "max_tokens", "inputs": "messages", "stop": "stop_sequences",
              "grammar": "tools" if tools else "output_config.format"}
     with fields_named(names):
         request = convert.chat_request(chat, engine, tools)
-        shape = MessageShape(server.model_name, tools is not None,
+        shape = MessageShape(server.model_name, tools.format if tools else None,
                              reasoning.split_phase(request, chat, server.config.reasoning_format == "auto"))
         return await respond(
             http, [request], stream=bool(body.stream), to_json=lambda finals: shape.message(finals[0][0]),
@@ -150,7 +151,7 @@ count_router.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["
 class MessageShape:
     """The engine's events of one request -> Anthropic's message, or its stream events."""
 
-    def __init__(self, model: str, tools: bool, phase: str | None):
+    def __init__(self, model: str, tools: ToolFormat | None, phase: str | None):
         """`phase`: where a thinking model's answer starts, for its thinking block (None: no split)."""
         self.id, self.model, self.tools, self.phase = f"msg_{uuid.uuid4().hex}", model, tools, phase
 
@@ -160,7 +161,7 @@ class MessageShape:
 
     def message(self, final: FinalEvent) -> dict:
         thought, text = split_reasoning(final.text, self.phase) if self.phase else (None, final.text)
-        text, calls = parse_tool_calls(text) if self.tools else (text, [])
+        text, calls = parse_tool_calls(text, self.tools) if self.tools else (text, [])
         content = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
         content += [{"type": "text", "text": text}] if text else []
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": json.loads(c.arguments)} for c in calls]

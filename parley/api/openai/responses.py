@@ -68,7 +68,7 @@ class ChatShape:
     of the text is content. `tools`: the text may hold tool calls (tool_calls.py's ToolChatShape)."""
 
     response_object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
-    tools = False
+    tools = None  # ToolChatShape: the format the model writes tool calls in
 
     def __init__(self, tokenizer, logprobs: bool, phase: str | None = None, include_reasoning: bool = True):
         self.tokenizer = tokenizer

@@ -49,11 +49,11 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
     engine = server.ready_engine()
     dialects.normalize(body, http, enforce_known=server.config.unknown_fields == "refuse")
     dialects.check_model(http, body.model)
-    tools = ToolPlan.of(body)
+    tools = ToolPlan.of(body, engine)
     request = convert.chat_request(body, engine, tools)
     phase = reasoning.split_phase(request, body, server.config.reasoning_format == "auto")
-    shape = dialects.response_shape((ToolChatShape if tools else ChatShape)(
-        engine.tokenizer, bool(body.logprobs), phase, body.include_reasoning is not False), http)
+    args = (engine.tokenizer, bool(body.logprobs), phase, body.include_reasoning is not False)
+    shape = dialects.response_shape(ToolChatShape(tools.format, *args) if tools else ChatShape(*args), http)
     return await _respond(http, body, [request], shape,
                           {"grammar": "tools" if tools else "response_format", "inputs": "messages",
                            "top_n_tokens": "top_logprobs"})

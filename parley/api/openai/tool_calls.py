@@ -2,7 +2,8 @@
 
 The request side (`ToolPlan`) accepts every dialect's `tool_choice` (SDK-WIRE §1.4) and checks the
 tools with `parley.tools`. The model's calls are made well-formed by `tool_call_grammar` and read
-back by `parley.tools`' parsers into `message.tool_calls` / `delta.tool_calls` (SDK-WIRE §1.5).
+back by `parley.tools`' parsers into `message.tool_calls` / `delta.tool_calls` (SDK-WIRE §1.5),
+in the model's own call format (`call_format`: detected from its chat template, once per model).
 
 A chat template that mentions `tools` renders them (and the tool turns of the history) itself.
 For one that does not, like SmolLM2's, the tools are described in the system message, and the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ from parley.tools import (
     tool_system_prompt,
     validate_tools,
 )
-from parley.tools.format import CALL_END, CALL_SEPARATOR, CALL_START
+from parley.tools.format import DEFAULT_FORMAT, ToolFormat, detect_format
 from parley.tools.validation import TOOL_CHOICE_MODES
 from parley.types import FinalEvent, Grammar, ToolCall
 
@@ -49,10 +51,12 @@ class ToolPlan:
     choice: ToolChoice
     parallel: bool
     tool_prompt: str | None  # TGI: replaces the instructions before the tool definitions
+    format: ToolFormat = DEFAULT_FORMAT  # how the model writes calls
 
     @classmethod
-    def of(cls, body) -> ToolPlan | None:
-        """The plan for a chat body; None when it offers no tools or `tool_choice` is "none"."""
+    def of(cls, body, engine=None) -> ToolPlan | None:
+        """The plan for a chat body to `engine`'s model (None: the default format); None when it
+        offers no tools or `tool_choice` is "none"."""
         tools, choice = body.tools or [], _tool_choice(body.tool_choice)
         try:
             validate_tools(tools, choice)
@@ -67,10 +71,32 @@ class ToolPlan:
         require(response_grammar(body.response_format) is None,
                 "Input validation error: `response_format` and `tools` cannot be combined: drop one, or set "
                 '`tool_choice` to "none"', "response_format")
-        return cls(tools, choice, body.parallel_tool_calls is not False, body.tool_prompt)
+        fmt = DEFAULT_FORMAT if engine is None else call_format(engine)
+        return cls(tools, choice, body.parallel_tool_calls is not False, body.tool_prompt, fmt)
 
     def grammar(self) -> Grammar:
-        return tool_call_grammar(self.tools, self.choice, self.parallel)
+        return tool_call_grammar(self.tools, self.choice, self.parallel, self.format)
+
+
+_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chat template -> its format
+
+
+def call_format(engine) -> ToolFormat:
+    """The format `engine`'s model writes tool calls in: its chat template's own, when the template
+    reads `tools` (it gets them, see `template_inputs`) and renders calls in one of
+    `parley.tools.FORMATS`; else the default (found once per model)."""
+    template, source = engine.chat_template, engine.tokenizer.chat_template
+    if not (source and _MENTIONS_TOOLS.search(source)):
+        return DEFAULT_FORMAT
+    if template not in _FORMATS:
+        tokenizer = engine.tokenizer
+
+        def special_token_id(text: str) -> int | None:
+            token = tokenizer.backend.token_to_id(text)
+            return token if token in tokenizer.special_ids else None
+
+        _FORMATS[template] = detect_format(template, special_token_id) or DEFAULT_FORMAT
+    return _FORMATS[template]
 
 
 def _tool_choice(raw: str | dict | None) -> ToolChoice:
@@ -105,7 +131,7 @@ def _as_text_turn(message: dict, names: dict[str, str]) -> dict:
     calls = message.get("tool_calls")
     if not calls:
         return message
-    text = CALL_SEPARATOR.join(_call_text(call) for call in calls)
+    text = DEFAULT_FORMAT.calls.separator.join(_call_text(call) for call in calls)
     message = {k: v for k, v in message.items() if k != "tool_calls"}
     return {**message, "content": _wrap(message.get("content"), "", text)}
 
@@ -119,7 +145,7 @@ def _call_text(call: dict) -> str:
         except json.JSONDecodeError:
             pass  # shown as the client sent it
     call = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
-    return CALL_START + call + CALL_END
+    return DEFAULT_FORMAT.calls.start + call + DEFAULT_FORMAT.calls.end
 
 
 def _with_system_text(messages: list[dict], text: str) -> list[dict]:
@@ -141,15 +167,15 @@ class ToolChatShape(ChatShape):
     """Chat answers whose content may hold tool calls: they become `tool_calls`, and the choice's
     finish_reason "tool_calls" (unless max_tokens cut the output: "length")."""
 
-    tools = True
-
-    def __init__(self, tokenizer, logprobs: bool, phase: str | None = None, include_reasoning: bool = True):
+    def __init__(self, tools: ToolFormat, tokenizer, logprobs: bool, phase: str | None = None,
+                 include_reasoning: bool = True):
         super().__init__(tokenizer, logprobs, phase, include_reasoning)
+        self.tools = tools  # the format the model writes calls in
         self._called: set[int] = set()  # choices that announced a call while streaming
 
     def choice(self, index: int, final: FinalEvent) -> dict:
         choice = super().choice(index, final)
-        content, calls = parse_tool_calls(choice["message"]["content"])
+        content, calls = parse_tool_calls(choice["message"]["content"], self.tools)
         if calls:  # without a complete call, the content stays the whole text
             choice["message"].update(content=content or None, tool_calls=[_call_json(c) for c in calls])
             choice["finish_reason"] = _with_calls(choice["finish_reason"])

@@ -25,6 +25,7 @@ from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_un
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
 from parley.api.openai.tool_calls import ToolPlan
+from parley.tools.format import ToolFormat
 from parley.api.responses.schemas import (FunctionCallItem, FunctionCallOutputItem, MessageItem, ReasoningItem,
                                           ResponsesRequest)
 from parley.api.responses.store import CAPACITY, Stored
@@ -113,12 +114,12 @@ async def create(body: ResponsesRequest, http: Request) -> Response:
     new_messages = input_messages(body, history)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat = chat_body(body, system + history + new_messages)
-    tools = ToolPlan.of(chat)
+    tools = ToolPlan.of(chat, engine)
     names = {"max_new_tokens": "max_output_tokens", "inputs": "input", "grammar": "tools" if tools else "text.format"}
     with fields_named(names):
         request = convert.chat_request(chat, engine, tools)
         phase = reasoning.split_phase(request, chat, server.config.reasoning_format == "auto")
-        shape = ResponseShape(body, server.model_name, tools is not None, phase)
+        shape = ResponseShape(body, server.model_name, tools.format if tools else None, phase)
 
         def keep(response: dict) -> dict:
             if body.store is not False:
@@ -163,7 +164,7 @@ stored_router.add_api_route("/v1/responses/{response_id}/cancel", cancel, method
 class ResponseShape:
     """The engine's events of one request -> a Response, or its stream of typed events."""
 
-    def __init__(self, body: ResponsesRequest, model: str, tools: bool, phase: str | None):
+    def __init__(self, body: ResponsesRequest, model: str, tools: ToolFormat | None, phase: str | None):
         """`phase`: where a thinking model's answer starts, for its reasoning item (None: no split)."""
         self.id, self.created_at, self.model, self.tools, self.phase = _new_id("resp"), int(time.time()), model, tools, phase
         choice = body.tool_choice or "auto"
@@ -184,7 +185,7 @@ class ResponseShape:
 
     def response(self, final: FinalEvent) -> dict:
         thought, text = split_reasoning(final.text, self.phase) if self.phase else (None, final.text)
-        text, calls = parse_tool_calls(text) if self.tools else (text, [])
+        text, calls = parse_tool_calls(text, self.tools) if self.tools else (text, [])
         output = [_reasoning(_new_id("rs"), thought, "completed")] if thought else []
         output += [_message(_new_id("msg"), text, "completed")] if text else []
         output += [_call(_new_id("fc"), c.id, c.name, c.arguments, "completed") for c in calls]
