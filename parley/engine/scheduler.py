@@ -133,9 +133,8 @@ class Scheduler:
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """Count `num_tokens` more tokens of `seq` as computed (e.g. accepted draft tokens)."""
-        old = seq.num_computed_tokens
-        seq.num_computed_tokens = old + num_tokens
-        self.blocks.register_computed(seq, old)
+        seq.num_computed_tokens += num_tokens
+        self.blocks.register_computed(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence that ended or was aborted and free its blocks at once."""
