@@ -87,8 +87,8 @@ def paged_attention(
 ) -> torch.Tensor:  # [N, H, D]
     if window is not None and meta.window_meta is not None:
         meta = meta.window_meta
-    if window is None and softcap is None and use_kernel(q, k_cache):
-        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale)
+    if use_kernel(q, k_cache):
+        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale, window, softcap)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
     k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
