@@ -160,14 +160,16 @@ class BlockManager:
         if seq.needs_prompt_logprobs:
             return
         bs, hashes, h = self.block_size, [], seq.cache_salt
-        for start in range(0, len(seq) - bs, bs):
-            h = hash((h, tuple(seq.token_ids[start : start + bs])))
+        blocks = [tuple(seq.token_ids[start : start + bs]) for start in range(0, len(seq) - bs, bs)]
+        for tokens in blocks:
+            h = hash((h, tokens))
             hashes.append(h)
-        found = [[pool.lookup(h, tuple(seq.token_ids[i * bs : (i + 1) * bs])) for i, h in enumerate(hashes)]
-                 for pool in self.pools]
+        found = [[pool.lookup(h, tokens) for h, tokens in zip(hashes, blocks)] for pool in self.pools]
         hit = len(hashes)
+        if self.pools[0].window is None and None in found[0]:  # layers that see everything: every block
+            hit = found[0].index(None)
         while hit and not all(None not in ids[pool.first_needed(hit * bs, bs) : hit]
-                              for pool, ids in zip(self.pools, found)):
+                              for pool, ids in zip(self.pools, found) if pool.window is not None):
             hit -= 1
         for pool, ids, table in zip(self.pools, found, self._tables(seq)):
             first = pool.first_needed(hit * bs, bs)

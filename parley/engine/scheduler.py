@@ -6,6 +6,8 @@ Decoding sequences always get their token; prompt chunks share `max_batch_prefil
 long prompt is split over several steps and never stalls the others (chunked prefill).
 When blocks run out, the most recently admitted sequences are preempted: their blocks are freed
 and they go back to the front of the queue, to be recomputed (mostly from the prefix cache).
+Sliding-window layers' blocks behind the window are released as sequences advance, and their own
+pool, where they have one, is checked like the main one (parley/engine/block_manager.py).
 Pure Python, no torch.
 """
 
