@@ -143,7 +143,8 @@ class ModelRunner:
     def _block_ids(self, tables: list) -> torch.Tensor:
         """Block tables as a tensor, a released block (NULL_BLOCK, before a window) as block 0: the
         kernel does not read it, the torch path reads block 0's (finite) values under the window's mask."""
-        return self._tensor(tables).clamp_(min=0)
+        ids = self._tensor(tables)
+        return ids.clamp_(min=0) if self.layout.window is not None else ids
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

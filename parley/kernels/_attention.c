@@ -150,8 +150,8 @@ TARGET static inline __m512 exp_nonpositive(__m512 x) {
  * use, on the dpbf16 path. At long contexts a decode row streams its sequence's K/V from DRAM
  * (4,000 tokens of SmolLM2's 3 KV heads: 3 MB a layer, 92 MB a step), and the dpbf16 loops, whose
  * loads each feed a chain of dot products, kept too few of them in flight: one thread read ~6 GB/s
- * where a plain float32 sum streams ~12 GB/s. Measured on a Xeon (busy machine, CPU time of one
- * thread, alternated 3x, K/V rotated over 780 MB so they come from DRAM): 480-490 -> 390-400 us a
+ * where a plain float32 sum streams ~12 GB/s. Measured on a Xeon with bench/attention_context.py
+ * (busy machine, CPU time of one thread, alternated 3x, K/V from DRAM): 480-490 -> 390-400 us a
  * layer at 4,000 tokens, 123-128 -> 101-103 at 1,000, 33-36 -> 26-27 at 200; 128 tokens ahead was
  * no better, 256 worse. The AMX path's tile loads (1 KB each) already keep enough in flight: the
  * same prefetch there changed nothing (278-305 us either way, ~10 GB/s). */
