@@ -140,7 +140,7 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
+        return sum(len(p.blocks) - len(p.free) for p in self.pools)
 
     def _tables(self, seq: Sequence) -> tuple[list[int], ...]:
         """seq's table in each pool, in pool order."""
