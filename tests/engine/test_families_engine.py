@@ -14,6 +14,7 @@ from parley.types import FinalEvent, GenerationRequest, StoppingCriteria
 FAMILIES = {
     "llama": ("llama", {}),
     "mistral-window": ("mistral", {"sliding_window": 16}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
     "qwen3": ("qwen3", {}),
     "olmo2": ("olmo2", {}),
     "granite": ("granite", {}),
