@@ -26,7 +26,7 @@ from parley.adapters.lora import load_lora
 from parley.adapters.registry import LoRARegistry
 from parley.config import EngineConfig, ModelConfig
 from parley.engine.backlog import PromptBacklog
-from parley.engine.block_manager import BlockManager
+from parley.engine.block_manager import BlockManager, kv_layout
 from parley.engine.core import EngineCore
 from parley.engine.request import PreparedRequest, Sink
 from parley.engine.runner import ModelRunner
@@ -159,10 +159,12 @@ class AsyncEngine:
 
         sampler = Sampler(model_config.vocab_size, device, config.watermark_gamma, config.watermark_delta)
         adapters = LoRARegistry(base_name=served_model_id(config, path))
+        layout = kv_layout(model_config, num_blocks, config.block_size, config.max_batch_size,
+                           config.max_batch_prefill_tokens)
         runner = ModelRunner(model, model_config, sampler, num_blocks=num_blocks, block_size=config.block_size,
                              dtype=DTYPES[config.dtype], device=device,
-                             lora=LoRABatcher(adapters, model_config, device, DTYPES[config.dtype]))
-        scheduler = Scheduler(BlockManager(num_blocks, config.block_size), max_batch_size=config.max_batch_size,
+                             lora=LoRABatcher(adapters, model_config, device, DTYPES[config.dtype]), layout=layout)
+        scheduler = Scheduler(BlockManager(num_blocks, config.block_size, layout), max_batch_size=config.max_batch_size,
                               max_batch_prefill_tokens=config.max_batch_prefill_tokens)
         grammar_compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, model_config.vocab_size)
         core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters)

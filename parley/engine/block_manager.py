@@ -4,14 +4,60 @@ A block that has been filled by computation is registered under a hash chained f
 the blocks before it (and the sequence's cache salt), so a later sequence with the same prefix
 (an `n` sibling, a chat with the same system prompt) reuses it instead of recomputing it.
 Freed blocks keep their hash until they are handed out again, least recently freed first.
+
+Sliding windows (`KVLayout`): a layer that sees only its last `window` tokens never reads a block
+wholly before the window of the next token to compute, so such blocks are released as the sequence
+moves on (their table entries become NULL_BLOCK), as vLLM's SlidingWindowManager does. Where every
+layer slides (Mistral) that is the one table; where some layers slide and others see everything
+(Gemma 2/3, Qwen2 with max_window_layers), the sliding layers keep their own table in their own,
+smaller pool (the runner sizes their caches by it), and the others keep every block. A released
+block keeps its hash while it waits in the free list, so it may still serve a prefix hit; a prefix
+is reused only as far as every pool still holds the blocks the next token reads (for a sliding pool:
+those in its window), never further.
 Pure Python: the tensors live in the runner.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
+from parley.config import ModelConfig
 from parley.engine.sequence import Sequence
+
+NULL_BLOCK = -1  # a table entry whose block was released (before its layers' window); read as no block
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Which block tables a sequence holds. window None: every layer sees the whole context, one
+    table. window set, window_blocks None: every layer slides, one table whose blocks before the
+    window are released. Both set: the sliding layers have their own table, in a pool of
+    window_blocks blocks; the other layers the main one, keeping every block."""
+
+    window: int | None = None
+    window_blocks: int | None = None
+
+    @property
+    def split(self) -> bool:
+        """Whether the sliding layers hold their own table (seq.window_table)."""
+        return self.window_blocks is not None
+
+
+def kv_layout(config: ModelConfig, num_blocks: int, block_size: int, max_batch_size: int,
+              max_batch_prefill_tokens: int) -> KVLayout:
+    """The layout for `config`'s layers, with `num_blocks` blocks for the layers that see everything.
+    The sliding layers' own pool holds what the running sequences can read at once: per sequence the
+    blocks of one window (ceil((window - 1) / block_size) + 1: the window may straddle a block) plus
+    the block being written and one for draft tokens, and the step's prefill budget; no more than
+    `num_blocks`. Should it ever run short, the scheduler preempts as for the main pool."""
+    windows = {config.window(i) for i in range(config.num_layers)}
+    if len(windows) == 1:
+        return KVLayout(window=windows.pop())
+    (window,) = windows - {None}  # ModelConfig has one window for every sliding layer
+    per_sequence = -(-(window - 1) // block_size) + 3
+    needed = max_batch_size * per_sequence + -(-max_batch_prefill_tokens // block_size)
+    return KVLayout(window=window, window_blocks=min(num_blocks, needed))
 
 
 class Block:
@@ -24,92 +70,147 @@ class Block:
         self.token_ids: tuple[int, ...] = ()
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        self.block_size = block_size
+class BlockPool:
+    """One pool of blocks and the prefix cache over them; `window`: the layers it serves slide."""
+
+    def __init__(self, num_blocks: int, window: int | None):
+        self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
+    def lookup(self, h: int, tokens: tuple[int, ...]) -> int | None:
+        block_id = self.cached.get(h)
+        return block_id if block_id is not None and self.blocks[block_id].token_ids == tokens else None
 
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return len(self.blocks) - len(self.free)
-
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = seq.num_computed_tokens + num_new_tokens
-        return max(0, -(-total // self.block_size) - len(seq.block_table))
-
-    def allocate_cached_prefix(self, seq: Sequence) -> None:
-        """For a sequence with no blocks yet: take every full prompt block already in the cache and
-        count it as computed. The last prompt block is always recomputed so the sequence still
-        produces logits and never writes into a shared block."""
-        assert not seq.block_table and seq.num_computed_tokens == 0
-        if seq.needs_prompt_logprobs:
-            return
-        bs = self.block_size
-        h = seq.cache_salt
-        for start in range(0, len(seq) - bs, bs):
-            tokens = tuple(seq.token_ids[start : start + bs])
-            h = hash((h, tokens))
-            block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
-                break
-            self._take(block_id)
-            seq.block_table.append(block_id)
-            seq.num_computed_tokens += bs
-
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Give `seq` blocks for `num_new_tokens` more tokens; False (and nothing taken) if short."""
-        needed = self.blocks_needed(seq, num_new_tokens)
-        if needed > len(self.free):
-            return False
-        for _ in range(needed):
-            block_id = next(iter(self.free))
-            block = self.blocks[block_id]
-            if block.hash is not None:  # evict its cached contents
-                if self.cached.get(block.hash) == block_id:
-                    del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
-            self._take(block_id)
-            seq.block_table.append(block_id)
-        return True
-
-    def register_computed(self, seq: Sequence, old_computed: int) -> None:
-        """Hash the blocks that became full between `old_computed` and `seq.num_computed_tokens`."""
-        bs = self.block_size
-        first, last = old_computed // bs, seq.num_computed_tokens // bs
-        if first >= last:
-            return
-        h = self.blocks[seq.block_table[first - 1]].hash if first else seq.cache_salt
-        if h is None:  # an earlier block was never registered (prompt-logprob sequence)
-            return
-        for i in range(first, last):
-            block = self.blocks[seq.block_table[i]]
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = hash((h, tokens))
-            if block.hash is None:
-                block.hash, block.token_ids = h, tokens
-                self.cached.setdefault(h, block.block_id)
-
-    def free_sequence(self, seq: Sequence) -> None:
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-        seq.block_table = []
-        seq.num_computed_tokens = 0
-
-    def _take(self, block_id: int) -> None:
+    def take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free[block_id]
         block.ref_count += 1
+
+    def take_free(self) -> int:
+        """The least recently freed block, its cached contents forgotten."""
+        block_id = next(iter(self.free))
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        self.take(block_id)
+        return block_id
+
+    def release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
+    def register(self, block_id: int, h: int, tokens: tuple[int, ...]) -> None:
+        block = self.blocks[block_id]
+        if block.hash is None:
+            block.hash, block.token_ids = h, tokens
+            self.cached.setdefault(h, block_id)
+
+    def first_needed(self, num_computed: int, block_size: int) -> int:
+        """The first block the next token (at position `num_computed`) reads: its window's."""
+        return 0 if self.window is None else max(0, num_computed - self.window + 1) // block_size
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, layout: KVLayout = KVLayout()):
+        self.block_size = block_size
+        self.layout = layout
+        self.pools = [BlockPool(num_blocks, None if layout.split else layout.window)]
+        if layout.split:
+            self.pools.append(BlockPool(layout.window_blocks, layout.window))
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The main pool's blocks."""
+        return self.pools[0].blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(p.blocks) for p in self.pools)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(len(p.free) for p in self.pools)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return sum(len(p.blocks) - len(p.free) for p in self.pools)
+
+    def _tables(self, seq: Sequence) -> tuple[list[int], ...]:
+        """seq's table in each pool, in pool order."""
+        return (seq.block_table, seq.window_table) if self.layout.split else (seq.block_table,)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks each pool must hand `seq` for `num_new_tokens` more tokens."""
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def allocate_cached_prefix(self, seq: Sequence) -> None:
+        """For a sequence with no blocks yet: take the longest run of full prompt blocks whose K/V
+        every pool still holds where the next token reads it, and count it as computed. The last
+        prompt block is always recomputed so the sequence still produces logits and never writes
+        into a shared block."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if seq.needs_prompt_logprobs:
+            return
+        bs, hashes, h = self.block_size, [], seq.cache_salt
+        blocks = [tuple(seq.token_ids[start : start + bs]) for start in range(0, len(seq) - bs, bs)]
+        for tokens in blocks:
+            h = hash((h, tokens))
+            hashes.append(h)
+        found = [[pool.lookup(h, tokens) for h, tokens in zip(hashes, blocks)] for pool in self.pools]
+        hit = len(hashes)
+        if self.pools[0].window is None and None in found[0]:  # layers that see everything: every block
+            hit = found[0].index(None)
+        while hit and not all(None not in ids[pool.first_needed(hit * bs, bs) : hit]
+                              for pool, ids in zip(self.pools, found) if pool.window is not None):
+            hit -= 1
+        for pool, ids, table in zip(self.pools, found, self._tables(seq)):
+            first = pool.first_needed(hit * bs, bs)
+            for block_id in ids[first:hit]:
+                pool.take(block_id)
+            table.extend([NULL_BLOCK] * first + ids[first:hit])
+        seq.block_hashes = hashes[:hit]
+        seq.num_computed_tokens = hit * bs
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give `seq` blocks for `num_new_tokens` more tokens; False (and nothing taken) if short."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if any(needed > len(pool.free) for pool in self.pools):
+            return False
+        for pool, table in zip(self.pools, self._tables(seq)):
+            table.extend(pool.take_free() for _ in range(needed))
+        return True
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash the blocks that became full since the last call (up to `seq.num_computed_tokens`),
+        then release the sliding pools' blocks that no later token reads."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash((seq.block_hashes[-1] if i else seq.cache_salt, tokens))
+            seq.block_hashes.append(h)
+            for pool, table in zip(self.pools, self._tables(seq)):
+                pool.register(table[i], h, tokens)
+        for pool, table in zip(self.pools, self._tables(seq)):
+            # from the last block before the window back to the first already released
+            for i in reversed(range(pool.first_needed(seq.num_computed_tokens, bs))):
+                if table[i] == NULL_BLOCK:
+                    break
+                pool.release(table[i])
+                table[i] = NULL_BLOCK
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for pool, table in zip(self.pools, self._tables(seq)):
+            for block_id in reversed(table):
+                if block_id != NULL_BLOCK:
+                    pool.release(block_id)
+            table.clear()
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0

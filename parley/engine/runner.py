@@ -12,7 +12,9 @@ import torch
 
 from parley.adapters.batch import LoRABatcher
 from parley.config import ModelConfig
+from parley.engine.block_manager import KVLayout
 from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
+from parley.engine.sequence import Sequence
 from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape, table_width
 from parley.sampling.metadata import SamplingRow
 from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs
@@ -28,17 +30,19 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, sampler: Sampler, *,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 lora: LoRABatcher | None = None):
+                 lora: LoRABatcher | None = None, layout: KVLayout = KVLayout()):
         self.model = model
         self.sampler = sampler
         self.lora = lora
         self.block_size = block_size
         self.device = device
-        shape = kv_cache_shape(num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+        self.layout = layout
+        self.kv_caches = []
+        for i in range(config.num_layers):  # a split layout's sliding layers: their own, smaller pool
+            blocks = layout.window_blocks if layout.split and config.window(i) is not None else num_blocks
+            shape = kv_cache_shape(blocks, block_size, config.num_kv_heads, config.head_dim)
+            self.kv_caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                                   torch.zeros(shape, dtype=dtype, device=device)))
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -51,15 +55,12 @@ class ModelRunner:
         in schedule order. Sequences with draft tokens are verified greedily instead. `allowed` gives
         the rows' grammar mask [B, V] (True = allowed), asked for only after the forward: it may be
         computed meanwhile."""
-        input_ids, positions, slots = [], [], []
+        input_ids, positions = [], []
         token_loras = []  # the LoRA adapter of each token (0: base model)
         sample_index = []  # flat-batch index of each sampling sequence's last token
         verify_spans = []  # (scheduled sequence, flat index of its last real token)
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
-            table, bs = seq.block_table, self.block_size
-            for pos in range(start, start + s.num_new_tokens):
-                slots.append(table[pos // bs] * bs + pos % bs)
             input_ids.extend(seq.token_ids[start : start + s.num_new_tokens - len(s.spec_tokens)])
             if s.spec_tokens:
                 verify_spans.append((s, len(input_ids) - 1))
@@ -69,17 +70,10 @@ class ModelRunner:
             positions.extend(range(start, start + s.num_new_tokens))
             token_loras.extend([seq.lora_id] * s.num_new_tokens)
 
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
-        if sched.decodes:
-            meta.decode_block_tables, meta.decode_bias, meta.decode_context_lens = self._decode_tables(sched.decodes)
-        chunks, offset = [], len(sched.decodes)
-        for s in sched.prefills:
-            context = s.seq.num_computed_tokens + s.num_new_tokens
-            blocks = -(-context // self.block_size)
-            table = s.seq.block_table[:blocks] + [0] * (table_width(blocks, self.block_size) - blocks)
-            chunks.append(PrefillChunk(offset, s.num_new_tokens, context, self._tensor(table)))
-            offset += s.num_new_tokens
-        meta.prefill_chunks = tuple(chunks)
+        meta = self._attention_metadata(sched, lambda seq: seq.block_table)
+        if self.layout.split:
+            meta.window_meta = self._attention_metadata(sched, lambda seq: seq.window_table)
+        chunks = meta.prefill_chunks
 
         lora = self.lora.batch(token_loras) if self.lora is not None else None
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta, lora)
@@ -106,9 +100,29 @@ class ModelRunner:
         tokens = drafts[:accepted] + [best[accepted]]
         return tokens, logprobs[torch.arange(len(tokens)), self._tensor(tokens)].tolist()
 
-    def _decode_tables(self, decodes: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        widest = table_width(max(len(s.seq.block_table) for s in decodes), self.block_size)
-        tables = self._tensor([s.seq.block_table + [0] * (widest - len(s.seq.block_table)) for s in decodes])
+    def _attention_metadata(self, sched: SchedulerOutput, table_of: Callable[[Sequence], list[int]]) -> AttentionMetadata:
+        """Where the step's tokens write and read, by each sequence's table `table_of(seq)`."""
+        slots, bs = [], self.block_size
+        for s in sched.scheduled:
+            table, start = table_of(s.seq), s.seq.num_computed_tokens
+            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + s.num_new_tokens))
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
+        if sched.decodes:
+            meta.decode_block_tables, meta.decode_bias, meta.decode_context_lens = self._decode_tables(sched.decodes, table_of)
+        chunks, offset = [], len(sched.decodes)
+        for s in sched.prefills:
+            context = s.seq.num_computed_tokens + s.num_new_tokens
+            blocks = -(-context // bs)
+            table = table_of(s.seq)[:blocks] + [0] * (table_width(blocks, bs) - blocks)
+            chunks.append(PrefillChunk(offset, s.num_new_tokens, context, self._block_ids(table)))
+            offset += s.num_new_tokens
+        meta.prefill_chunks = tuple(chunks)
+        return meta
+
+    def _decode_tables(self, decodes: list[ScheduledSequence], table_of: Callable[[Sequence], list[int]]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        widest = table_width(max(len(table_of(s.seq)) for s in decodes), self.block_size)
+        tables = self._block_ids([table_of(s.seq) + [0] * (widest - len(table_of(s.seq))) for s in decodes])
         context_lens = self._tensor([len(s.seq) for s in decodes])
         key_pos = torch.arange(widest * self.block_size, device=self.device)
         visible = key_pos.unsqueeze(0) < context_lens.unsqueeze(1)  # [B, L]
@@ -125,6 +139,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[chunk.start : chunk.start + end - start])
         next_ids = self._tensor(seq.token_ids[start + 1 : end + 1])
         return prompt_logprobs(logits, next_ids)
+
+    def _block_ids(self, tables: list) -> torch.Tensor:
+        """Block tables as a tensor, a released block (NULL_BLOCK, before a window) as block 0: the
+        kernel does not read it, the torch path reads block 0's (finite) values under the window's mask."""
+        ids = self._tensor(tables)
+        return ids.clamp_(min=0) if self.layout.window is not None else ids
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -6,6 +6,8 @@ Decoding sequences always get their token; prompt chunks share `max_batch_prefil
 long prompt is split over several steps and never stalls the others (chunked prefill).
 When blocks run out, the most recently admitted sequences are preempted: their blocks are freed
 and they go back to the front of the queue, to be recomputed (mostly from the prefix cache).
+Sliding-window layers' blocks behind the window are released as sequences advance, and their own
+pool, where they have one, is checked like the main one (parley/engine/block_manager.py).
 Pure Python, no torch.
 """
 
@@ -133,9 +135,8 @@ class Scheduler:
 
     def advance(self, seq: Sequence, num_tokens: int) -> None:
         """Count `num_tokens` more tokens of `seq` as computed (e.g. accepted draft tokens)."""
-        old = seq.num_computed_tokens
-        seq.num_computed_tokens = old + num_tokens
-        self.blocks.register_computed(seq, old)
+        seq.num_computed_tokens += num_tokens
+        self.blocks.register_computed(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence that ended or was aborted and free its blocks at once."""

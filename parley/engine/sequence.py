@@ -27,7 +27,9 @@ class Sequence:
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.num_computed_tokens = 0
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # NULL_BLOCK where a sliding window released the block
+        self.window_table: list[int] = []  # the sliding layers' own, where other layers see everything
+        self.block_hashes: list[int] = []  # the prefix-cache hash of each full computed block
         self.status = SequenceStatus.WAITING
         self.cache_salt = cache_salt  # prefix-cache namespace (e.g. the LoRA adapter)
         self.lora_id = lora_id  # the LoRA adapter it runs with; 0: the base model

@@ -1,6 +1,6 @@
 /* Paged attention for a flat batch on x86 CPUs with AVX512-BF16: every query row (a decode token or
- * a token of a prompt chunk) attends to the first `keys` tokens of its sequence, read from the KV
- * cache's blocks where they lie.
+ * a token of a prompt chunk) attends to the first `keys` tokens of its sequence (a sliding layer's:
+ * only the last `window` of them), read from the KV cache's blocks where they lie.
  *
  * Why a kernel: done with torch ops, a layer's attention gathers every sequence's blocks into one
  * tensor (a copy of the whole context per layer and step), builds float32 scores and masks for the
@@ -13,7 +13,8 @@
  * the same bits alone, beside other rows, as a decode token or inside a prompt chunk of any size,
  * on any number of threads.
  *
- * Numerics: q.k is summed in fp32 over exact bf16 products (dpbf16), scaled in fp32; the softmax is
+ * Numerics: q.k is summed in fp32 over exact bf16 products (dpbf16), scaled in fp32 (and soft-capped
+ * in fp32 where the model caps scores: Gemma 2); the softmax is
  * float32 (a vector exp, ~1 ulp), its numerators rounded to bf16 as eager attention rounds its
  * probabilities; the weighted values are summed in fp32, divided by the float32 sum and rounded to
  * bf16 once. Eager attention in bf16 also rounds the scores to bf16; this does not.
@@ -55,6 +56,8 @@ typedef struct {
     int64_t k_stride, v_stride; /* elements between rows; a row's heads are contiguous */
     const int64_t *slots;       /* each new token's slot: block * block_size + offset */
     int amx;                    /* units run on AMX tiles (attend_unit_amx) */
+    int64_t window;             /* > 0: a row sees only its last `window` keys (itself included) */
+    float softcap;              /* > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2) */
 } Call;
 
 #define UNIT_ROWS 4  /* rows of one sequence attended together */
@@ -69,6 +72,25 @@ static int64_t unit_keys(const Call *c, Unit u) {
     int64_t longest = 0;
     for (int64_t r = 0; r < u.rows; r++) longest = c->keys[u.first + r] > longest ? c->keys[u.first + r] : longest;
     return longest;
+}
+
+/* The first key a row sees: its window's, else its sequence's first. */
+static inline int64_t first_key(const Call *c, int64_t row) {
+    const int64_t from = c->keys[row] - c->window;
+    return c->window > 0 && from > 0 ? from : 0;
+}
+
+/* Where a row's work starts: its first key's group of 16 (the keys before it in that group are
+ * masked). A group of 16 lies within one block (block_size is a multiple of 16), the block of the
+ * row's first key, which its sequence still holds (parley/engine/block_manager.py releases only
+ * blocks wholly before every pending token's window): the kernel never reads a released block. */
+static inline int64_t first_group(const Call *c, int64_t row) { return first_key(c, row) / 16 * 16; }
+
+/* The first group any of the unit's rows starts at. */
+static int64_t unit_first_group(const Call *c, Unit u) {
+    int64_t lowest = first_group(c, u.first);
+    for (int64_t r = 1; r < u.rows; r++) lowest = first_group(c, u.first + r) < lowest ? first_group(c, u.first + r) : lowest;
+    return lowest;
 }
 
 /* The kernel's cache layout, per KV head and block of `block_size` tokens (a multiple of 16):
@@ -124,6 +146,45 @@ TARGET static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* Software prefetch of the keys (values) of the 16 tokens from t, PREFETCH_TOKENS ahead of their
+ * use, on the dpbf16 path. At long contexts a decode row streams its sequence's K/V from DRAM
+ * (4,000 tokens of SmolLM2's 3 KV heads: 3 MB a layer, 92 MB a step), and the dpbf16 loops, whose
+ * loads each feed a chain of dot products, kept too few of them in flight: one thread read ~6 GB/s
+ * where a plain float32 sum streams ~12 GB/s. Measured on a Xeon with bench/attention_context.py
+ * (busy machine, CPU time of one thread, alternated 3x, K/V from DRAM): 480-490 -> 390-400 us a
+ * layer at 4,000 tokens, 123-128 -> 101-103 at 1,000, 33-36 -> 26-27 at 200; 128 tokens ahead was
+ * no better, 256 worse. The AMX path's tile loads (1 KB each) already keep enough in flight: the
+ * same prefetch there changed nothing (278-305 us either way, ~10 GB/s). */
+#define PREFETCH_TOKENS 64
+
+static inline void prefetch_keys(const Call *c, int64_t kv_head, const int64_t *table, int64_t t) {
+    const char *k = (const char *)key_block(c, kv_head, table, t);
+    for (int64_t p = 0; p < c->head_dim / 2; p++) _mm_prefetch(k + p * 4 * c->block_size, _MM_HINT_T0);
+}
+
+static inline void prefetch_values(const Call *c, int64_t kv_head, const int64_t *table, int64_t t) {
+    const char *v = (const char *)value_pair(c, kv_head, table, t);
+    for (int64_t i = 0; i < 16 * c->head_dim * 2; i += 64) _mm_prefetch(v + i, _MM_HINT_T0);
+}
+
+/* softcap * tanh(s / softcap) in float32, in transformers' order (divided, tanh, multiplied):
+ * tanh|x| = (1 - e) / (1 + e) with e = e^(-2|x|), the sign put back. Near 0, 1 - e loses bits to
+ * cancellation, ~2^-24 / |x| of tanh relative: an absolute error under softcap * 2^-23 in the score,
+ * far below the bf16 rounding of eager attention's scores. */
+TARGET static inline __m512 soft_cap(__m512 s, float softcap) {
+    const __m512 x = _mm512_div_ps(s, _mm512_set1_ps(softcap)), one = _mm512_set1_ps(1.0f);
+    const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.0f)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.0f));
+    return _mm512_mul_ps(_mm512_or_ps(t, sign), _mm512_set1_ps(softcap));
+}
+
+/* A group's scores times the scale, soft-capped where the model caps them. */
+TARGET static inline __m512 finish_scores(const Call *c, __m512 dots) {
+    const __m512 scores = _mm512_mul_ps(dots, _mm512_set1_ps(c->scale));
+    return c->softcap > 0 ? soft_cap(scores, c->softcap) : scores;
+}
+
 /* q_g . k_t * scale for the 16 tokens from t (one key group), for one row's `group` heads: four
  * sums over every fourth dimension pair (four chains of dpbf16, which one chain's latency would
  * otherwise bound), added as (0 + 1) + (2 + 3). */
@@ -138,26 +199,28 @@ TARGET static inline void score_group(const Call *c, const int32_t *q, const bf1
                 acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32(qg[p + j]),
                                           (__m512bh)_mm512_loadu_si512(k + (p + j) * pair_stride));
         const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_storeu_ps(scores + g * stride, _mm512_mul_ps(sum, _mm512_set1_ps(c->scale)));
+        _mm512_storeu_ps(scores + g * stride, finish_scores(c, sum));
     }
 }
 
-/* A row's scores [group][stride] -> softmax numerators rounded to bf16 (as eager attention rounds
- * its probabilities), in place, zero past `keys`; inverse[g] = 1 / their float32 sum. Lanes of 16
- * tokens, then in lane order. */
-TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int64_t keys, float *inverse) {
-    const int64_t full = keys / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (keys - full)) - 1);
+/* A row's scores [group][stride] of keys [first, keys) -> softmax numerators rounded to bf16 (as
+ * eager attention rounds its probabilities), in place from first's group of 16 on, zero before
+ * first and past `keys`; inverse[g] = 1 / their float32 sum. Lanes of 16 tokens, then in lane order. */
+TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int64_t first, int64_t keys, float *inverse) {
+    const int64_t start = first / 16 * 16, full = keys / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (keys - full)) - 1), head = (__mmask16)(0xFFFFu << (first - start));
     for (int64_t g = 0; g < group; g++) {
         float *s = scores + g * stride;
         bf16 *probs = (bf16 *)s;
         __m512 high = _mm512_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < full; t += 16) high = _mm512_max_ps(high, _mm512_loadu_ps(s + t));
-        high = _mm512_mask_max_ps(high, tail, high, _mm512_maskz_loadu_ps(tail, s + full));
+        for (int64_t t = start; t < keys; t += 16) {
+            const __mmask16 valid = (t < full ? (__mmask16)0xFFFF : tail) & (t == start ? head : (__mmask16)0xFFFF);
+            high = _mm512_mask_max_ps(high, valid, high, _mm512_maskz_loadu_ps(valid, s + t));
+        }
         const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(high));
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < keys; t += 16) { /* t's probabilities overwrite scores before t */
-            const __mmask16 valid = t < full ? (__mmask16)0xFFFF : tail;
+        for (int64_t t = start; t < keys; t += 16) { /* t's probabilities overwrite scores before t */
+            const __mmask16 valid = (t < full ? (__mmask16)0xFFFF : tail) & (t == start ? head : (__mmask16)0xFFFF);
             const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), top)));
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(probs + t), (__m256i)_mm512_cvtneps_pbh(e));
@@ -166,33 +229,56 @@ TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int
     }
 }
 
+/* weigh_values for heads g0 .. g0 + gn - 1, inlined where gn and vecs (head_dim / 16) are
+ * constants: then the sums and the loaded values stay in registers; compiled for any gn and vecs
+ * they went through the stack at every token pair (perf annotate: the spills of the loaded values
+ * were the loop's hottest instructions). The same operations in the same order: the same bits.
+ * Measured as the prefetch below (one thread, 4,000 tokens from DRAM, alternated 3x): 421-436 ->
+ * 395-405 us a layer. */
+TARGET static inline __attribute__((always_inline)) void weigh_heads(
+    const Call *c, int64_t kv_head, const int64_t *table, const bf16 *probs, int64_t stride, int64_t g0,
+    const int64_t gn, const int64_t vecs, int64_t from, int64_t to, int64_t keys, float *acc) {
+    const int64_t dim = 16 * vecs;
+    __m512 sums[4][MAX_HEAD_DIM / 16];
+    for (int64_t g = 0; g < gn; g++)
+        for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_loadu_ps(acc + (g0 + g) * dim + 16 * d);
+    for (int64_t t = from; t < to; t += 2) {
+        const bf16 *v = value_pair(c, kv_head, table, t);
+        if (g0 == 0 && t % 16 == 0 && t + PREFETCH_TOKENS < keys) prefetch_values(c, kv_head, table, t + PREFETCH_TOKENS);
+        /* past the last key: its probability is zero, and its value (whatever the slot holds) is
+           read as zero too, so that no stale inf or NaN gets in */
+        const __mmask32 take = t + 1 < keys ? 0xFFFFFFFFu : 0x55555555u;
+        __m512bh vv[MAX_HEAD_DIM / 16];
+        for (int64_t d = 0; d < vecs; d++) vv[d] = (__m512bh)_mm512_maskz_loadu_epi16(take, v + 32 * d);
+        for (int64_t g = 0; g < gn; g++) {
+            int32_t pair;
+            memcpy(&pair, probs + (g0 + g) * 2 * stride + t, sizeof pair);
+            const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
+            for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_dpbf16_ps(sums[g][d], p, vv[d]);
+        }
+    }
+    for (int64_t g = 0; g < gn; g++)
+        for (int64_t d = 0; d < vecs; d++) _mm512_storeu_ps(acc + (g0 + g) * dim + 16 * d, sums[g][d]);
+}
+
 /* acc[g][dim] += sum over tokens t in [from, to) of p_g[t] v_t, two tokens a dpbf16, heads taken
  * up to 4 at a time to share each value load. `probs`: bf16 [group][2 * stride]. */
 TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *table, const bf16 *probs,
                                 int64_t stride, int64_t group, int64_t from, int64_t to, int64_t keys, float *acc) {
-    const int64_t dim = c->head_dim, vecs = dim / 16;
+    const int64_t vecs = c->head_dim / 16;
+#define WEIGH(gn, vecs) weigh_heads(c, kv_head, table, probs, stride, g0, gn, vecs, from, to, keys, acc)
+#define WEIGH_ANY_GN(vecs) (gn == 4 ? WEIGH(4, vecs) : gn == 3 ? WEIGH(3, vecs) : gn == 2 ? WEIGH(2, vecs) : WEIGH(1, vecs))
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t gn = group - g0 < 4 ? group - g0 : 4;
-        __m512 sums[4][MAX_HEAD_DIM / 16];
-        for (int64_t g = 0; g < gn; g++)
-            for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_loadu_ps(acc + (g0 + g) * dim + 16 * d);
-        for (int64_t t = from; t < to; t += 2) {
-            const bf16 *v = value_pair(c, kv_head, table, t);
-            /* past the last key: its probability is zero, and its value (whatever the slot holds) is
-               read as zero too, so that no stale inf or NaN gets in */
-            const __mmask32 take = t + 1 < keys ? 0xFFFFFFFFu : 0x55555555u;
-            __m512bh vv[MAX_HEAD_DIM / 16];
-            for (int64_t d = 0; d < vecs; d++) vv[d] = (__m512bh)_mm512_maskz_loadu_epi16(take, v + 32 * d);
-            for (int64_t g = 0; g < gn; g++) {
-                int32_t pair;
-                memcpy(&pair, probs + (g0 + g) * 2 * stride + t, sizeof pair);
-                const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
-                for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_dpbf16_ps(sums[g][d], p, vv[d]);
-            }
-        }
-        for (int64_t g = 0; g < gn; g++)
-            for (int64_t d = 0; d < vecs; d++) _mm512_storeu_ps(acc + (g0 + g) * dim + 16 * d, sums[g][d]);
+        if (vecs == 4) /* head_dim 64 */
+            WEIGH_ANY_GN(4);
+        else if (vecs == 8) /* 128 */
+            WEIGH_ANY_GN(8);
+        else
+            WEIGH(gn, vecs);
     }
+#undef WEIGH_ANY_GN
+#undef WEIGH
 }
 
 /* The unit's rows' outputs: their weighted values `acc` [rows][group][head_dim] times 1 / each
@@ -220,24 +306,27 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
     const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
     const int64_t *table = c->tables + (int64_t)c->seq[u.first] * c->table_stride;
     float *acc = scratch + UNIT_ROWS * group * stride, inverse[UNIT_ROWS][MAX_GROUP];
-    const int64_t longest = unit_keys(c, u);
+    const int64_t longest = unit_keys(c, u), lowest = unit_first_group(c, u);
 
-    for (int64_t tile = 0; tile < longest; tile += KEY_TILE)
+    for (int64_t tile = lowest; tile < longest; tile += KEY_TILE)
         for (int64_t r = 0; r < u.rows; r++) {
-            const int64_t row = u.first + r, keys = c->keys[row];
+            const int64_t row = u.first + r, keys = c->keys[row], start = first_group(c, row);
             const int32_t *q = (const int32_t *)(c->q + row * c->q_stride + kv_head * group * dim);
-            for (int64_t t = tile; t < keys && t < tile + KEY_TILE; t += 16)
+            for (int64_t t = tile > start ? tile : start; t < keys && t < tile + KEY_TILE; t += 16) {
+                if (r == 0 && t + PREFETCH_TOKENS < longest) prefetch_keys(c, kv_head, table, t + PREFETCH_TOKENS);
                 score_group(c, q, key_block(c, kv_head, table, t), scratch + r * group * stride + t, stride, group);
+            }
         }
     for (int64_t r = 0; r < u.rows; r++)
-        softmax_row(scratch + r * group * stride, stride, group, c->keys[u.first + r], inverse[r]);
+        softmax_row(scratch + r * group * stride, stride, group, first_key(c, u.first + r), c->keys[u.first + r], inverse[r]);
     memset(acc, 0, sizeof(float) * (size_t)(u.rows * group * dim));
-    for (int64_t tile = 0; tile < longest; tile += KEY_TILE)
+    for (int64_t tile = lowest; tile < longest; tile += KEY_TILE)
         for (int64_t r = 0; r < u.rows; r++) {
-            const int64_t keys = c->keys[u.first + r];
-            if (tile < keys)
-                weigh_values(c, kv_head, table, (const bf16 *)(scratch + r * group * stride), stride, group, tile,
-                             keys < tile + KEY_TILE ? keys : tile + KEY_TILE, keys, acc + r * group * dim);
+            const int64_t keys = c->keys[u.first + r], start = first_group(c, u.first + r);
+            if (tile < keys && tile + KEY_TILE > start)
+                weigh_values(c, kv_head, table, (const bf16 *)(scratch + r * group * stride), stride, group,
+                             tile > start ? tile : start, keys < tile + KEY_TILE ? keys : tile + KEY_TILE, keys,
+                             acc + r * group * dim);
         }
     write_out(c, u, kv_head, acc, inverse);
 }
@@ -271,7 +360,7 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
     bf16 *q = (bf16 *)(acc + UNIT_ROWS * group * dim);
     float *tile = (float *)(q + 16 * dim);
     bf16 *last_values = (bf16 *)(tile + 256);
-    const int64_t longest = unit_keys(c, u);
+    const int64_t longest = unit_keys(c, u), lowest = unit_first_group(c, u);
     for (int64_t r = 0; r < u.rows; r++) {
         const int64_t row = u.first + r;
         memcpy(q + r * group * dim, c->q + row * c->q_stride + kv_head * group * dim, sizeof(bf16) * group * dim);
@@ -279,8 +368,7 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
     const int64_t groups_end = (longest + 15) / 16 * 16, pair_stride = 2 * c->block_size;
 
     tile_config(m, 1);
-    const __m512 scale = _mm512_set1_ps(c->scale);
-    for (int64_t t = 0; t < longest; t += 16) {
+    for (int64_t t = lowest; t < longest; t += 16) {
         const bf16 *k = key_block(c, kv_head, table, t);
         _tile_zero(0);
         for (int64_t d = 0; d < dim; d += 32) {
@@ -289,14 +377,18 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
             _tile_dpbf16ps(0, 1, 2);
         }
         _tile_stored(0, tile, 64);
-        for (int64_t i = 0; i < m; i++) _mm512_storeu_ps(scratch + i * stride + t, _mm512_mul_ps(_mm512_loadu_ps(tile + 16 * i), scale));
+        for (int64_t i = 0; i < m; i++) _mm512_storeu_ps(scratch + i * stride + t, finish_scores(c, _mm512_loadu_ps(tile + 16 * i)));
     }
     for (int64_t r = 0; r < u.rows; r++) {
-        const int64_t keys = c->keys[u.first + r];
-        softmax_row(scratch + r * group * stride, stride, group, keys, inverse[r]);
-        for (int64_t g = 0; g < group; g++) /* zero probabilities up to the unit's longest row */
-            for (int64_t t = (keys + 15) / 16 * 16; t < groups_end; t += 16)
-                _mm256_storeu_si256((__m256i *)((bf16 *)(scratch + (r * group + g) * stride) + t), _mm256_setzero_si256());
+        const int64_t keys = c->keys[u.first + r], start = first_group(c, u.first + r);
+        softmax_row(scratch + r * group * stride, stride, group, first_key(c, u.first + r), keys, inverse[r]);
+        /* zero probabilities from the unit's lowest start and up to its longest row: products of
+           zeros added to sums that start at zero, so the row keeps its bits beside any other rows */
+        for (int64_t g = 0; g < group; g++) {
+            bf16 *probs = (bf16 *)(scratch + (r * group + g) * stride);
+            for (int64_t t = lowest; t < start; t += 16) _mm256_storeu_si256((__m256i *)(probs + t), _mm256_setzero_si256());
+            for (int64_t t = (keys + 15) / 16 * 16; t < groups_end; t += 16) _mm256_storeu_si256((__m256i *)(probs + t), _mm256_setzero_si256());
+        }
     }
 
     tile_config(m, 0);
@@ -305,7 +397,7 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t t = 0; t < longest; t += 16) {
+        for (int64_t t = lowest; t < longest; t += 16) {
             const bf16 *v = value_pair(c, kv_head, table, t);
             if (t + 16 > longest) { /* the last block's slots past the keys: read as zeros, stale inf or NaN too */
                 memset(last_values, 0, sizeof(bf16) * 16 * dim);
@@ -351,13 +443,13 @@ static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scrat
 
 /* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
  *        num_blocks, block_size, tables, sequences, table_stride, seq, keys, scale,
- *        k_new, k_stride, v_new, v_stride, slots, amx): pointers as ints, strides in elements; the `rows`
+ *        k_new, k_stride, v_new, v_stride, slots, amx, window, softcap): pointers as ints, strides in elements; the `rows`
  * new tokens' keys and values are written first. The caller checks shapes
  * (parley/kernels/attention.py). */
 static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 25) {
-        PyErr_SetString(PyExc_TypeError, "attend takes 25 arguments");
+    if (nargs != 27) {
+        PyErr_SetString(PyExc_TypeError, "attend takes 27 arguments");
         return NULL;
     }
     const int threads = (int)PyLong_AsLong(args[0]);
@@ -372,11 +464,12 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .keys = PyLong_AsVoidPtr(args[17]), .scale = (float)PyFloat_AsDouble(args[18]),
               .k_new = PyLong_AsVoidPtr(args[19]), .k_stride = PyLong_AsLongLong(args[20]),
               .v_new = PyLong_AsVoidPtr(args[21]), .v_stride = PyLong_AsLongLong(args[22]),
-              .slots = PyLong_AsVoidPtr(args[23]), .amx = PyObject_IsTrue(args[24])};
+              .slots = PyLong_AsVoidPtr(args[23]), .amx = PyObject_IsTrue(args[24]),
+              .window = PyLong_AsLongLong(args[25]), .softcap = (float)PyFloat_AsDouble(args[26])};
     if (PyErr_Occurred()) return NULL;
     const int64_t group = c.heads / c.kv_heads;
     if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads ||
-        c.block_size % 16 || (c.amx && (group > 16 || !amx_supported()))) {
+        c.block_size % 16 || (c.amx && (group > 16 || !amx_supported())) || c.window < 0 || !(c.softcap >= 0)) {
         PyErr_SetString(PyExc_ValueError, "unsupported head layout");
         return NULL;
     }

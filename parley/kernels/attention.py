@@ -1,6 +1,6 @@
 """Paged attention over the KV cache's blocks in place, from _attention.c: one call per layer for a
 flat batch of decode tokens and prompt-chunk tokens, each row seeing its own sequence's first
-`keys` tokens. bfloat16 on CPUs with AVX512-BF16 (`available`); parley/models/attention.py keeps
+`keys` tokens (a sliding layer's: the last `window` of them), scores soft-capped where the model caps them. bfloat16 on CPUs with AVX512-BF16 (`available`); parley/models/attention.py keeps
 its torch path elsewhere.
 """
 
@@ -38,12 +38,14 @@ _amx: bool | None = None
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            slots: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor,
-           scale: float) -> torch.Tensor:
+           scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Write each row's k, v [N, KVH, D] into its slot (int64 [N]) of the caches, then attend: q
     [N, H, D] (rows may be strided, heads contiguous, as k and v); caches of [KVH, num_blocks,
     block_size, D] elements, in the kernel's own layout within each block (only this function reads
     or writes them); tables int64 [S, W] block ids; seq, keys int32 [N]: each row's table and how
-    many of its sequence's first tokens it sees (itself included). Returns [N, H, D]."""
+    many of its sequence's first tokens it sees (itself included); window: a sliding layer's, each
+    row then sees only the last `window` of those; softcap: scores -> softcap * tanh(scores /
+    softcap) (Gemma 2). Returns [N, H, D]."""
     rows, heads, head_dim = q.shape
     kv_heads, num_blocks, block_size = k_cache.shape[:3]
     if not (all(x.stride(2) == 1 and x.stride(1) == head_dim for x in (q, k, v))
@@ -56,5 +58,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     _attention.attend(torch.get_num_threads(), rows, heads, kv_heads, head_dim, q.data_ptr(), q.stride(0),
                       out.data_ptr(), heads * head_dim, k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
                       block_size, tables.data_ptr(), tables.shape[0], tables.stride(0), seq.data_ptr(), keys.data_ptr(), scale,
-                      k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), use_amx())
+                      k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), use_amx(),
+                      window or 0, float(softcap or 0.0))
     return out

@@ -65,6 +65,9 @@ class AttentionMetadata:
     kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # sliding window -> decode_bias with the keys before each decode token's window hidden too
     window_bias: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # the sliding layers' own tables and slots, where they hold their own (smaller) pool of blocks
+    # beside layers that see everything (parley/engine/block_manager.py's KVLayout)
+    window_meta: AttentionMetadata | None = None
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -82,8 +85,10 @@ def paged_attention(
     window: int | None = None,  # a sliding layer's: each token sees its last `window` positions, itself included
     softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)
 ) -> torch.Tensor:  # [N, H, D]
-    if window is None and softcap is None and use_kernel(q, k_cache):
-        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale)
+    if window is not None and meta.window_meta is not None:
+        meta = meta.window_meta
+    if use_kernel(q, k_cache):
+        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale, window, softcap)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
     k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))

@@ -7,12 +7,14 @@ import pytest
 import torch
 from tiny_model import make_tiny_model, start_tiny_engine
 
+from parley.engine.block_manager import NULL_BLOCK
 from parley.types import FinalEvent, GenerationRequest, StoppingCriteria
 
 # One tiny model per family; windows of 16 tokens, which the ~45-token prompts run far past.
 FAMILIES = {
     "llama": ("llama", {}),
     "mistral-window": ("mistral", {"sliding_window": 16}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
     "qwen3": ("qwen3", {}),
     "olmo2": ("olmo2", {}),
     "granite": ("granite", {}),
@@ -38,7 +40,8 @@ def family(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp(request.param), arch, **overrides)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     # 16-token prefill budget: the prompts are prefilled in chunks, beside other sequences' decodes
-    engine = start_tiny_engine(path, max_batch_prefill_tokens=16, block_size=16)
+    # 8 sequences at most: a split layout's sliding layers get a pool of 8 windows, not the whole cache
+    engine = start_tiny_engine(path, max_batch_prefill_tokens=16, block_size=16, max_batch_size=8)
     yield engine, reference
     engine.core.stop()
 
@@ -84,6 +87,14 @@ async def test_greedy_tokens_and_logprobs_match_alone_and_in_a_batch_sharing_a_p
         reused.append(seq.num_computed_tokens)
 
     monkeypatch.setattr(blocks, "allocate_cached_prefix", counted)
+    released = []  # blocks a finishing sequence had released as its window moved on
+    free = blocks.free_sequence
+
+    def counted_free(seq):
+        released.append((seq.block_table + seq.window_table).count(NULL_BLOCK))
+        free(seq)
+
+    monkeypatch.setattr(blocks, "free_sequence", counted_free)
     expected = [reference_greedy(reference, engine.tokenizer.encode(p)) for p in PROMPTS]
     assert all(len(engine.tokenizer.encode(p)) > 32 for p in PROMPTS)  # past the windows, in 3+ chunks
 
@@ -99,3 +110,5 @@ async def test_greedy_tokens_and_logprobs_match_alone_and_in_a_batch_sharing_a_p
     for final, want in zip(batch, expected + expected[::-1]):
         assert_matches(final, want)
     assert engine.stats().kv_blocks_used == 0
+    windowed = engine.model_config.sliding_window is not None
+    assert (min(released) > 0) == windowed, released  # every sequence ran past its window

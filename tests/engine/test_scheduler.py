@@ -2,7 +2,7 @@
 
 import pytest
 
-from parley.engine.block_manager import BlockManager
+from parley.engine.block_manager import NULL_BLOCK, BlockManager, KVLayout
 from parley.engine.scheduler import Scheduler
 from parley.engine.sequence import Sequence, SequenceStatus
 
@@ -146,3 +146,88 @@ def test_prefix_cache_hits_are_counted_once_per_sequence_at_its_first_admission(
     run_step(sched)  # new comes back, its first block found in the cache: not counted again
     assert new.status is SequenceStatus.RUNNING and new.num_computed_tokens == 9 and new.num_cached_tokens == 0
     assert (sched.num_prompt_tokens_admitted, sched.num_prompt_tokens_cached) == (34, 8)
+
+
+# Sliding windows: blocks of 4 tokens, a window of 6 (the next token reads the 5 before it), so a
+# sequence reads at most 2 blocks of its past and writes into a 3rd.
+
+def make_windowed(layout, num_blocks=16, max_batch_size=8, prefill=64):
+    return Scheduler(BlockManager(num_blocks, 4, layout), max_batch_size=max_batch_size,
+                     max_batch_prefill_tokens=prefill)
+
+
+def held(table):
+    return [b for b in table if b != NULL_BLOCK]
+
+
+def test_when_every_layer_slides_blocks_before_the_window_are_released():
+    # 6 blocks hold 24 tokens: a 60-token sequence fits only because it keeps just its window
+    sched = make_windowed(KVLayout(window=6), num_blocks=6)
+    seq = Sequence([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    sched.add(seq)
+    most = 0
+    while len(seq) < 60:
+        run_step(sched)
+        most = max(most, sched.blocks.num_used_blocks)
+        assert held(seq.block_table) == seq.block_table[-len(held(seq.block_table)):]  # released: a prefix
+    assert most <= 3 and len(seq.block_table) == 15
+    sched.finish(seq)
+    assert sched.blocks.num_used_blocks == 0
+
+
+def test_split_layout_keeps_every_block_for_full_layers_and_a_window_for_sliding_ones():
+    sched = make_windowed(KVLayout(window=6, window_blocks=4))
+    seq = Sequence([1, 2, 3])
+    sched.add(seq)
+    while len(seq) < 40:
+        run_step(sched)
+        assert len(held(seq.window_table)) <= 3
+    assert len(held(seq.block_table)) == 10 and len(seq.window_table) == 10
+    assert [len(p.blocks) - len(p.free) for p in sched.blocks.pools] == [10, 2]
+    sched.finish(seq)
+    assert sched.blocks.num_used_blocks == 0
+
+
+def test_window_pool_running_short_preempts_and_the_sequence_comes_back():
+    sched = make_windowed(KVLayout(window=6, window_blocks=4), prefill=64)
+    a, b = Sequence(list(range(1, 8))), Sequence(list(range(20, 27)))  # 7 tokens: 2 window blocks each
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    preempted = []
+    while len(a) < 30:
+        preempted += run_step(sched).preempted
+    assert preempted == [b]
+    sched.finish(a)
+    while len(b) < 30:
+        run_step(sched)
+    assert b.num_computed_tokens == 29
+
+
+def test_a_prefix_is_reused_only_as_far_as_the_window_blocks_are_still_cached():
+    sched = make_windowed(KVLayout(window=6))
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks + 1
+    first = Sequence(prompt)
+    sched.add(first)
+    run_step(sched)  # prefilled: blocks 0 and 1 hold nothing its next token reads, released (still cached)
+    assert first.block_table[:2] == [NULL_BLOCK, NULL_BLOCK]
+    sched.finish(first)
+
+    again = Sequence(prompt)
+    sched.add(again)
+    out = run_step(sched)
+    # the last prompt token reads blocks 1 and 2 only: block 0 need not be cached
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(again, 1)]
+    assert again.block_table[0] == NULL_BLOCK
+    block1 = sched.blocks.pools[0].cached[again.block_hashes[1]]
+    sched.finish(again)
+
+    pool = sched.blocks.pools[0]  # block 1 is the next free block to be handed out: its contents go
+    pool.free.move_to_end(block1, last=False)
+    pool.release(pool.take_free())
+    assert pool.blocks[block1].hash is None
+    third = Sequence(prompt)
+    sched.add(third)
+    out = run_step(sched)
+    # 12 cached tokens need blocks 1-2 and 8 need 0-1: block 1 is gone, so only block 0 is reused
+    assert [(s.seq, s.num_new_tokens) for s in out.prefills] == [(third, 9)]

@@ -31,7 +31,8 @@ class Cache:
         self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.out = [torch.full_like(q, float("nan")) for q in self.q]
 
-    def step(self, decodes: list[tuple[int, int]], prefills: list[tuple[int, int, int]]) -> None:
+    def step(self, decodes: list[tuple[int, int]], prefills: list[tuple[int, int, int]], window: int | None = None,
+             softcap: float | None = None) -> None:
         """decodes: (seq, position); prefills: (seq, start, length); as the runner lays them out."""
         spans = [(s, pos, 1) for s, pos in decodes] + list(prefills)
         slots = [self.tables[s][p // BLOCK] * BLOCK + p % BLOCK for s, start, n in spans for p in range(start, start + n)]
@@ -53,7 +54,7 @@ class Cache:
         meta.prefill_chunks = tuple(chunks)
         cat = lambda parts: torch.cat([parts[s][start : start + n] for s, start, n in spans])  # noqa: E731
         out = paged_attention(cat(self.q), cat(self.k), cat(self.v), self.k_cache, self.v_cache, meta,
-                              HEAD_DIM**-0.5)
+                              HEAD_DIM**-0.5, window, softcap)
         at = 0
         for s, start, n in spans:
             self.out[s][start : start + n] = out[at : at + n]
@@ -76,23 +77,26 @@ def dtype(request, monkeypatch):
     return dtype
 
 
-@pytest.mark.parametrize("length", [40, 112, 700, 1000, 1100])
-def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, length):
+@pytest.mark.parametrize(("length", "window", "softcap"), [(40, None, None), (112, None, None), (700, None, None),
+                                                      (1000, None, None), (1100, None, None), (112, 37, None),
+                                                      (1100, 100, 20.0), (700, None, 20.0)])
+def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, length, window, softcap):
     lengths = [length, 300, 90, 1300]  # the sequence under test, then neighbours: the last one makes
     # the decode batch span more than 1024 keys, where oneDNN's AVX-512 kernels once summed otherwise
     whole = Cache(lengths, dtype)
-    whole.step([], [(0, 0, length)])
+    whole.step([], [(0, 0, length)], window, softcap)
 
     split = Cache(lengths, dtype)  # chunks of several sizes beside other prompts, then decode rows
     cuts = sorted({0, 1, length // 3, length // 3 + 7, length - 6, length})
-    split.step([], [(1, 0, 300)])
+    split.step([], [(1, 0, 300)], window, softcap)
     for i, (start, end) in enumerate(zip(cuts, cuts[1:])):
         if end < length - 5:
-            split.step([(1, 299)] if i % 2 else [], [(0, start, end - start), (2, 0, 90)] if i == 1 else [(0, start, end - start)])
+            split.step([(1, 299)] if i % 2 else [], [(0, start, end - start), (2, 0, 90)] if i == 1 else [(0, start, end - start)],
+                       window, softcap)
     for pos in range(length - 6, length - 3):
-        split.step([(2, 89), (0, pos), (1, 299)], [])
+        split.step([(2, 89), (0, pos), (1, 299)], [], window, softcap)
     for pos in range(length - 3, length):
-        split.step([(3, 1299), (0, pos)], [])
+        split.step([(3, 1299), (0, pos)], [], window, softcap)
     if dtype == torch.bfloat16:
         assert torch.equal(split.out[0], whole.out[0])
     else:  # float32: MKL's sgemm rounds with the number of rows (README "Determinism")
@@ -100,17 +104,25 @@ def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, 
 
 
 @pytest.mark.parametrize("amx", [pytest.param(True, marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX")), False])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (37, None), (None, 5.0), (100, 5.0)])
 @pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
-def test_the_kernel_is_attention_within_bfloat16_rounding(amx, monkeypatch):
+def test_the_kernel_is_attention_within_bfloat16_rounding(amx, window, softcap, monkeypatch):
+    """A sliding window (HF's rule: the last `window` positions, itself included) and Gemma 2's soft
+    cap as transformers applies it (scores / cap, tanh, * cap, before the mask)."""
     monkeypatch.setattr(kernel, "_amx", amx)
     lengths = [1, 17, 300, 1300]
     cache = Cache(lengths, torch.bfloat16)
-    cache.step([], [(s, 0, n) for s, n in enumerate(lengths)])
+    cache.step([], [(s, 0, n) for s, n in enumerate(lengths)], window, softcap)
     for s, n in enumerate(lengths):
         q = cache.q[s].double().view(n, KV_HEADS, GROUP, HEAD_DIM)
         k, v = cache.k[s].double(), cache.v[s].double()  # [n, KVH, D]
         scores = torch.einsum("tkgd,skd->tkgs", q, k) * HEAD_DIM**-0.5
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1)[:, None, None, :], float("-inf"))
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
+        if window is not None:
+            hidden |= torch.ones(n, n, dtype=torch.bool).tril(-window)
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
         expected = torch.einsum("tkgs,skd->tkgd", torch.softmax(scores, dim=-1), v).reshape(n, -1, HEAD_DIM)
         # the probabilities are rounded to bf16 (at most 2^-9 of each) and weigh values of at most
         # max|v|; then one rounding of the output to bf16
@@ -132,6 +144,26 @@ def test_the_kernel_never_reads_what_lies_past_a_sequence(amx, monkeypatch):
         cache.step([(s, n - 1) for s, n in enumerate(lengths)], [])
     for s in range(len(lengths)):
         assert torch.equal(stale.out[s], clean.out[s])
+
+
+@pytest.mark.parametrize("amx", [pytest.param(True, marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX")), False])
+@pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
+def test_the_kernel_never_reads_the_blocks_before_a_window(amx, monkeypatch):
+    """The block manager releases a sliding layer's blocks wholly before the window of every token
+    still to compute, and they are handed to other sequences: whatever they then hold, inf and NaN
+    included, must not reach the output."""
+    monkeypatch.setattr(kernel, "_amx", amx)
+    window, lengths = 20, [75, 40]
+    clean, stale = Cache(lengths, torch.bfloat16), Cache(lengths, torch.bfloat16)
+    for cache in (clean, stale):
+        cache.step([], [(0, 0, 60), (1, 0, 40)], window)
+    for block in stale.tables[0][: (60 - window + 1) // BLOCK]:  # before the window of position 60 on
+        stale.k_cache[:, block] = float("nan")
+        stale.v_cache[:, block] = float("inf")
+    for cache in (clean, stale):
+        cache.step([(1, 39)], [(0, 60, 12)], window)  # four rows a unit: positions 60-63 read from 41 on
+        cache.step([(0, 72), (1, 39)], [(0, 73, 2)], window)
+    assert torch.equal(stale.out[0][60:], clean.out[0][60:]) and not stale.out[0][60:].isnan().any()
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
