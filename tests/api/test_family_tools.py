@@ -100,7 +100,7 @@ def test_the_calls_and_their_results_go_back_through_the_family_template(family)
              for c in answer.tool_calls]
     results = [{"role": "tool", "tool_call_id": c["id"], "content": '{"ok": true}'} for c in calls]
     history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": calls}, *results]
-    follow_up = chat(client, messages=history, tool_choice="none", max_tokens=5)
+    follow_up = chat(client, messages=history, tool_choice="none", max_tokens=5)  # Granite's renders only the results
     assert follow_up.choices[0].finish_reason in ("stop", "length")
     assert follow_up.usage.prompt_tokens > chat(client, tool_choice="none", max_tokens=1).usage.prompt_tokens
 
