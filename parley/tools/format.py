@@ -5,11 +5,14 @@ templates that know no tools) the prompt. One row per format a chat template may
     qwen                  text<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>\\n<tool_call>\\n...
     llama3_json           {"name": "f", "parameters": {...}}          (the whole answer; one call)
     mistral               [TOOL_CALLS] [{"name": "f", "arguments": {...}}, {...}]   (the whole answer)
+    granite               <|tool_call|>[{"name": "f", "arguments": {...}}, {...}]   (the whole answer)
 
 A model's format is detected from its own chat template (`detect_format`): the template renders a
 made-up assistant turn with calls, and the text it writes around them names the row. A template
-that writes none of these (or no calls at all, like SmolLM2's) gets the default, described to the
-model in the system prompt (`prompt.py`).
+that renders no calls of a row but tells the model, in the tool instructions it writes, to use a
+row's syntax (Granite 3.x: "respond with <|tool_call|> followed by a JSON list") gets that row.
+A template that does neither (like SmolLM2's) gets the default, described to the model in the
+system prompt (`prompt.py`).
 
 The JSON is written the way Python's `json.dumps` (and the templates' `tojson`) writes it.
 """
@@ -38,7 +41,8 @@ class ToolFormat:
     `signature`: what the template writes just before a call's JSON (after `marker`, if any);
     `marker`: a token that opens the calls, a special token in the model's vocabulary when it is
     one there; `parallel`: the template renders several calls in one turn; `id_length`: the
-    template accepts only call ids of exactly this many letters and digits (Mistral: 9)."""
+    template accepts only call ids of exactly this many letters and digits (Mistral: 9);
+    `described`: how the tool instructions of a template that renders no calls name the format."""
 
     name: str
     calls: CallFormat
@@ -47,6 +51,7 @@ class ToolFormat:
     marker: str = ""
     parallel: bool = True
     id_length: int | None = None
+    described: str = ""
 
     def new_call_id(self) -> str:
         if self.id_length:
@@ -61,8 +66,10 @@ LLAMA3_JSON = ToolFormat("llama3_json", CallFormat("", "", "", whole=True), "<|e
 MISTRAL = ToolFormat("mistral", CallFormat("", "", ", ", opening=" [", closing="]", whole=True), " [",
                      marker="[TOOL_CALLS]", id_length=9)
 MISTRAL_TIGHT = replace(MISTRAL, calls=replace(MISTRAL.calls, opening="["), signature="[")  # v7 templates
+GRANITE = ToolFormat("granite", MISTRAL_TIGHT.calls, "[", marker="<|tool_call|>",
+                     described="<|tool_call|> followed by a JSON list")  # its template renders no calls
 
-FORMATS = (QWEN, HERMES, LLAMA3_JSON, MISTRAL, MISTRAL_TIGHT)  # the most specific signature first
+FORMATS = (QWEN, HERMES, LLAMA3_JSON, MISTRAL, MISTRAL_TIGHT, GRANITE)  # the most specific signature first
 DEFAULT_FORMAT = HERMES
 
 # A made-up exchange a template renders to show how it writes calls.
@@ -77,8 +84,12 @@ def detect_format(template: ChatTemplate, special_token_id: Callable[[str], int 
     """The format `template` writes calls in, or None when it is none of the table's.
     `special_token_id(text)`: the id of a special token of the model's vocabulary, or None."""
     one = _render_calls(template, 1)
-    if one is None:
-        return None
+    fmt = _described_format(template) if one is None else _rendered_format(template, one)
+    return None if fmt is None else _with_marker(fmt, special_token_id)
+
+
+def _rendered_format(template: ChatTemplate, one: tuple[str, str, str]) -> ToolFormat | None:
+    """The row that writes calls as the template renders them (`one`: how it renders one call)."""
     before, json_key, _ = one
     two = _render_calls(template, 2)
     for fmt in FORMATS:
@@ -88,8 +99,18 @@ def detect_format(template: ChatTemplate, special_token_id: Callable[[str], int 
             continue
         if two is None and fmt.parallel:
             continue
-        return _with_marker(fmt, special_token_id)
+        return fmt
     return None
+
+
+def _described_format(template: ChatTemplate) -> ToolFormat | None:
+    """The row named by the tool instructions of a template that renders no calls (they are all
+    there is to go on then)."""
+    try:
+        text = template.render([{"role": "user", "content": "probe"}], tools=_PROBE_TOOLS)
+    except ChatTemplateError:
+        return None
+    return next((fmt for fmt in FORMATS if fmt.described and fmt.described in text), None)
 
 
 def _with_marker(fmt: ToolFormat, special_token_id: Callable[[str], int | None]) -> ToolFormat:
@@ -106,7 +127,7 @@ def _with_marker(fmt: ToolFormat, special_token_id: Callable[[str], int | None])
 def _render_calls(template: ChatTemplate, n: int) -> tuple[str, str, str] | None:
     """(the text before the first call's JSON, the JSON's key for the arguments, the text between
     the first and second calls' JSON) as the template renders an assistant turn with `n` calls;
-    None if it cannot."""
+    None if it cannot, or renders no calls."""
     calls = [{"id": _PROBE_IDS[i], "type": "function",
               "function": {"name": _PROBE_NAMES[i], "arguments": json.dumps({"a": i + 1})}} for i in range(n)]
     messages = [{"role": "user", "content": "probe"}, {"role": "assistant", "tool_calls": calls},
@@ -115,7 +136,7 @@ def _render_calls(template: ChatTemplate, n: int) -> tuple[str, str, str] | None
         text = template.render(messages, tools=_PROBE_TOOLS, add_generation_prompt=False)
     except ChatTemplateError:
         return None
-    spans = [_call_span(text, name) for name in _PROBE_NAMES[:n]]
+    spans = [_call_span(text, name, {"a": i + 1}) for i, name in enumerate(_PROBE_NAMES[:n])]
     if None in spans:
         return None
     (start, end, key), *rest = spans
@@ -123,9 +144,9 @@ def _render_calls(template: ChatTemplate, n: int) -> tuple[str, str, str] | None
     return text[:start], key, between
 
 
-def _call_span(text: str, name: str) -> tuple[int, int, str] | None:
-    """(start, end, arguments key) of the JSON object in `text` that calls `name`, after the
-    tools' own definitions."""
+def _call_span(text: str, name: str, arguments: dict) -> tuple[int, int, str] | None:
+    """(start, end, arguments key) of the JSON object in `text` that calls `name` with `arguments`
+    (not the tool's own definition, whose "parameters" are a schema)."""
     decoder = json.JSONDecoder()
     at = text.rfind(json.dumps(name))
     brace = text.rfind("{", 0, at)
@@ -135,7 +156,7 @@ def _call_span(text: str, name: str) -> tuple[int, int, str] | None:
         except ValueError:
             value, end = None, -1
         if isinstance(value, dict) and value.get("name") == name and end > at:
-            keys = [k for k in ("arguments", "parameters") if isinstance(value.get(k), dict)]
+            keys = [k for k in ("arguments", "parameters") if value.get(k) == arguments]
             return (brace, end, keys[0]) if keys else None
         brace = text.rfind("{", 0, brace)
     return None

@@ -32,8 +32,10 @@ TOOLS = [{"type": "function", "function": {"name": name, "description": f"Tool {
          for name, schema in PARAMETERS.items()]
 MESSAGES = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
 # What the family's answer begins with, in its tokens' text (special tokens included).
-SYNTAX = {"qwen2.5": "<tool_call>\n{\"name\": \"", "llama3.2": "{\"name\": \"", "mistral-v0.3": "[TOOL_CALLS] [{\"name\": \""}
-CALL_ID = {"qwen2.5": r"call_[0-9a-f]{24}", "llama3.2": r"call_[0-9a-f]{24}", "mistral-v0.3": r"[A-Za-z0-9]{9}"}
+SYNTAX = {"qwen2.5": "<tool_call>\n{\"name\": \"", "llama3.2": "{\"name\": \"", "mistral-v0.3": "[TOOL_CALLS] [{\"name\": \"",
+          "granite-3.1": "<|tool_call|>[{\"name\": \""}
+CALL_ID = {"qwen2.5": r"call_[0-9a-f]{24}", "llama3.2": r"call_[0-9a-f]{24}", "mistral-v0.3": r"[A-Za-z0-9]{9}",
+           "granite-3.1": r"call_[0-9a-f]{24}"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -98,7 +100,7 @@ def test_the_calls_and_their_results_go_back_through_the_family_template(family)
              for c in answer.tool_calls]
     results = [{"role": "tool", "tool_call_id": c["id"], "content": '{"ok": true}'} for c in calls]
     history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": calls}, *results]
-    follow_up = chat(client, messages=history, tool_choice="none", max_tokens=5)
+    follow_up = chat(client, messages=history, tool_choice="none", max_tokens=5)  # Granite's renders only the results
     assert follow_up.choices[0].finish_reason in ("stop", "length")
     assert follow_up.usage.prompt_tokens > chat(client, tool_choice="none", max_tokens=1).usage.prompt_tokens
 
@@ -111,7 +113,7 @@ def test_the_prompt_holds_the_tools_as_the_family_template_writes_them(family):
 
 
 # The token a family's call begins with, pushed up so that the random model calls in "auto".
-FIRST_TOKEN = {"qwen2.5": "<tool_call>", "llama3.2": "{", "mistral-v0.3": "[TOOL_CALLS]"}
+FIRST_TOKEN = {"qwen2.5": "<tool_call>", "llama3.2": "{", "mistral-v0.3": "[TOOL_CALLS]", "granite-3.1": "<|tool_call|>"}
 
 
 @pytest.mark.parametrize("nudged", [False, True], ids=["free", "nudged_to_call"])

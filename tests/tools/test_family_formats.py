@@ -11,7 +11,7 @@ import re
 import jsonschema
 import pytest
 
-from family_templates import FAMILIES, MISTRAL_V03, QWEN3
+from family_templates import FAMILIES, GRANITE31, MISTRAL_V03, PHI4_MINI, QWEN3
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.structured import allocate_bitmask, bitmask_to_bool
 from parley.tokenization.chat_template import ChatTemplate
@@ -25,10 +25,10 @@ from parley.tools import (
     parse_tool_calls,
     tool_call_grammar,
 )
-from parley.tools.format import LLAMA3_JSON, MISTRAL, QWEN
+from parley.tools.format import GRANITE, LLAMA3_JSON, MISTRAL, QWEN
 from tiny_model import CHAT_TEMPLATE
 
-MARKER_ID = 5  # [TOOL_CALLS]'s id in Mistral's v3 vocabulary
+MARKER_ID = 5  # [TOOL_CALLS]'s id in Mistral's v3 vocabulary (stands for <|tool_call|>'s in Granite's too)
 
 
 def special_ids(tokens):
@@ -42,6 +42,8 @@ def detected(family: str, special: bool = True):
 
 # A Mistral model whose [TOOL_CALLS] is text, not a special token (as with SmolLM2's vocabulary below).
 MISTRAL_TEXT = detected("mistral-v0.3", special=False)
+GRANITE_SPECIAL = detected("granite-3.1")  # <|tool_call|> a special token, as in Granite's vocabulary
+GRANITE_TEXT = detected("granite-3.1", special=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,6 +59,21 @@ def test_detected_formats_write_what_the_templates_write():
     mistral = detected("mistral-v0.3")
     assert mistral.calls.marker_token == MARKER_ID and mistral.calls.opening == " [" and mistral.id_length == 9
     assert MISTRAL_TEXT.calls.marker_token is None and MISTRAL_TEXT.calls.opening == "[TOOL_CALLS] ["
+    granite = detected("granite-3.1")
+    assert granite.calls.marker_token == MARKER_ID and granite.calls.opening == "[" and granite.calls.closing == "]"
+    assert granite.calls.whole and granite.parallel and granite.id_length is None
+    assert GRANITE_TEXT.calls.marker_token is None and GRANITE_TEXT.calls.opening == "<|tool_call|>["
+
+
+def test_granite_is_detected_by_its_instructions_as_its_template_renders_no_calls():
+    template = ChatTemplate(GRANITE31, "<s>", "</s>")
+    plan = ToolPlan(TOOLS, "auto", True, None, GRANITE_SPECIAL)
+    messages, kwargs = template_inputs(HISTORY, plan, GRANITE31)
+    prompt = template.render(messages, **kwargs)
+    assert '"Paris"' not in prompt  # the history's call is not rendered: only the instructions name the format
+    assert "respond with <|tool_call|> followed by a JSON list of tools used" in prompt
+    silent = GRANITE31.replace("respond with <|tool_call|> followed by a JSON list", "respond")
+    assert detect_format(ChatTemplate(silent, "<s>", "</s>"), special_ids([])) is None  # nothing else names it
 
 
 def test_qwen3_is_detected_and_renders_a_call_turn_without_content():
@@ -78,6 +95,8 @@ def test_templates_that_write_no_known_calls_get_none():
     assert detect_format(ChatTemplate(CHAT_TEMPLATE, "<s>", "</s>"), special_ids([])) is None  # SmolLM2's
     tool_aware = "{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m['role'] }}{% endfor %}"
     assert detect_format(ChatTemplate(tool_aware, "<s>", "</s>"), special_ids([])) is None
+    # Phi-4-mini's renders no calls and names no syntax (it takes the tools in the system message's "tools" key)
+    assert detect_format(ChatTemplate(PHI4_MINI, "<s>", "</s>"), special_ids(["<|tool_call|>"])) is None
 
 
 # -- the family's template renders the tools and the tool turns --------------------------------------------------
@@ -91,6 +110,8 @@ RENDERED_CALL = {
     "qwen2.5": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
     "llama3.2": '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Paris"}}',
     "mistral-v0.3": '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcDEF123"}]',
+    # Granite's template renders only the content of each turn: the call turn is empty, the result follows.
+    "granite-3.1": "<|start_of_role|>assistant<|end_of_role|><|end_of_text|>\n<|start_of_role|>tool<|end_of_role|>",
 }
 
 
@@ -136,9 +157,23 @@ OUTPUTS = {  # format -> [(model output, (content, calls))]
          '{"city": "Paris", "days": [1, 2]}}]', ("", [NOW, PARIS])),
         ("[TOOL_CALLS is not a call", ("[TOOL_CALLS is not a call", [])),
     ],
+    GRANITE_SPECIAL: [  # <|tool_call|> is a special token: the text has only the list
+        ('[{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}, {"name": "now", "arguments": {}}]',
+         ("", [PARIS, NOW])),
+        ('\n[{"name": "now", "arguments": {}}]', ("", [NOW])),
+        ('[{"name": "now", "arguments": {}}, {"name": "now", "arguments": ', ("", [NOW])),  # the second cut short
+        ("[1, 2] is a list.", ("[1, 2] is a list.", [])),
+    ],
+    GRANITE_TEXT: [
+        ('<|tool_call|>[{"name": "now", "arguments": {}}, {"name": "get_weather", "arguments": '
+         '{"city": "Paris", "days": [1, 2]}}]', ("", [NOW, PARIS])),
+        (' <|tool_call|>[{"arguments": {}, "name": "now"}]', ("", [NOW])),
+        ("<|tool_call|> is Granite's marker", ("<|tool_call|> is Granite's marker", [])),
+        ('Sure: <|tool_call|>[{"name": "now", "arguments": {}}]', ('Sure: <|tool_call|>[{"name": "now", "arguments": {}}]', [])),
+    ],
 }
 CASES = [(fmt, text, expected) for fmt, cases in OUTPUTS.items() for text, expected in cases]
-CASE_IDS = [f"{fmt.name}{'_text' if fmt is MISTRAL_TEXT else ''}-{i}" for i, (fmt, _, _) in enumerate(CASES)]
+CASE_IDS = [f"{fmt.name}{'_text' if fmt in (MISTRAL_TEXT, GRANITE_TEXT) else ''}-{i}" for i, (fmt, _, _) in enumerate(CASES)]
 
 
 def streamed(fmt, pieces):
@@ -181,7 +216,7 @@ WALK_TOOLS = [
     {"type": "function", "function": {"name": "now"}},
 ]
 SCHEMAS = {"get_weather": WALK_TOOLS[0]["function"]["parameters"], "now": {"type": "object", "maxProperties": 0}}
-WALK_FORMATS = [QWEN, LLAMA3_JSON, MISTRAL_TEXT]
+WALK_FORMATS = [QWEN, LLAMA3_JSON, MISTRAL_TEXT, GRANITE_TEXT]
 
 
 def valid(calls):
@@ -236,7 +271,8 @@ def allowed_after(compiler, backend_tokenizer, grammar, text, max_tokens=None):
 
 
 NOW_CALL = {QWEN: '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
-            MISTRAL_TEXT: '[TOOL_CALLS] [{"name": "now", "arguments": {}}'}
+            MISTRAL_TEXT: '[TOOL_CALLS] [{"name": "now", "arguments": {}}',
+            GRANITE_TEXT: '<|tool_call|>[{"name": "now", "arguments": {}}'}
 EOS = {"<|im_end|>", "<|endoftext|>"}
 
 
@@ -262,7 +298,7 @@ def test_no_call_is_begun_without_room_in_any_format(compiler, backend_tokenizer
     assert roomy - tight and tight <= EOS | {"]"} and tight
 
 
-@pytest.mark.parametrize("fmt", [QWEN, LLAMA3_JSON, MISTRAL_TEXT], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", WALK_FORMATS, ids=lambda f: f.name)
 def test_numbers_in_arguments_are_bounded_in_every_format(digit_lover, fmt):
     tools = [{"type": "function", "function": {"name": "add", "parameters": {
         "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
@@ -348,6 +384,7 @@ def test_no_second_call_without_room_after_the_marker_token(marker_vocab):
     (DEFAULT_FORMAT, "A <tool_call> that is no call"),
     (LLAMA3_JSON, ' {"a": 1} is JSON'),  # the parser skips the space and takes "{" for a call
     (MISTRAL_TEXT, '\n[TOOL_CALLS] [{'),
+    (GRANITE_TEXT, ' <|tool_call|>[{'),
 ])
 def test_auto_free_text_never_looks_like_calls_to_the_parser(compiler, backend_tokenizer, fmt, text):
     matcher = compiler.matcher(tool_call_grammar(WALK_TOOLS, "auto", True, fmt))
