@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 
@@ -41,6 +42,16 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
+
+
+@functools.lru_cache(maxsize=8)
+def reads_tools(source: str | None) -> bool:
+    """Whether a template reads the `tools` variable that `render` passes. Not whether it mentions
+    tools: Phi-4-mini's reads a system message's own `tools` key and would drop ours unseen."""
+    if not source:
+        return False
+    env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    return "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
 
 
 class ChatTemplate:

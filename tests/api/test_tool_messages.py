@@ -47,3 +47,14 @@ def test_text_chunks_stay_chunks():
     messages, _ = template_inputs([{"role": "system", "content": chunks}, *HISTORY[:1]], PLAN, None)
     rendered = ChatTemplate(None, None, None).render(messages)
     assert "Be brief.\n\nYou can call" in rendered
+
+
+def test_a_template_that_only_mentions_tools_gets_them_as_text():
+    # Phi-4-mini's reads a system message's own "tools" key, never the `tools` variable: passed as a
+    # variable they were dropped unseen, so they are written into the system message as for SmolLM2
+    from family_templates import PHI4_MINI
+
+    messages, kwargs = template_inputs(HISTORY[:1], PLAN, PHI4_MINI)
+    assert kwargs == {} and "get_weather" in messages[0]["content"]
+    rendered = ChatTemplate(PHI4_MINI, "<s>", "</s>").render(messages, **kwargs)
+    assert "get_weather" in rendered

@@ -5,7 +5,7 @@ tools with `parley.tools`. The model's calls are made well-formed by `tool_call_
 back by `parley.tools`' parsers into `message.tool_calls` / `delta.tool_calls` (SDK-WIRE §1.5),
 in the model's own call format (`call_format`: detected from its chat template, once per model).
 
-A chat template that mentions `tools` renders them (and the tool turns of the history) itself.
+A chat template that reads the `tools` variable renders them (and the tool turns of the history) itself.
 For one that does not, like SmolLM2's, the tools are described in the system message, and the
 history is written as text: an assistant's calls as `<tool_call>{...}</tool_call>` lines after its
 text (the format the model is asked to use), and each tool result as a user turn, "The get_weather
@@ -16,7 +16,6 @@ put this way, while it only echoes one wrapped in Hermes' `<tool_response>` tags
 from __future__ import annotations
 
 import json
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from parley.api.errors import require, validation_error
 from parley.api.openai.responses import ChatShape
 from parley.api.openai.response_format import response_grammar
+from parley.tokenization.chat_template import reads_tools
 from parley.tools import (
     StreamEvent,
     ToolCallArgumentsDelta,
@@ -39,7 +39,6 @@ from parley.tools.format import DEFAULT_FORMAT, ToolFormat, detect_format
 from parley.tools.validation import TOOL_CHOICE_MODES
 from parley.types import FinalEvent, Grammar, ToolCall
 
-_MENTIONS_TOOLS = re.compile(r"\btools\b")
 
 
 # -- the request ----------------------------------------------------------------------------------
@@ -86,7 +85,7 @@ def call_format(engine) -> ToolFormat:
     reads `tools` (it gets them, see `template_inputs`) and renders calls in one of
     `parley.tools.FORMATS`; else the default (found once per model)."""
     template, source = engine.chat_template, engine.tokenizer.chat_template
-    if not (source and _MENTIONS_TOOLS.search(source)):
+    if not reads_tools(source):
         return DEFAULT_FORMAT
     if template not in _FORMATS:
         tokenizer = engine.tokenizer
@@ -112,7 +111,7 @@ def _tool_choice(raw: str | dict | None) -> ToolChoice:
 def template_inputs(messages: list[dict], plan: ToolPlan | None,
                     template_source: str | None) -> tuple[list[dict], dict[str, Any]]:
     """The messages and extra render arguments for the chat template (see the module docstring)."""
-    if template_source and _MENTIONS_TOOLS.search(template_source):
+    if reads_tools(template_source):
         return messages, ({"tools": plan.tools} if plan else {})
     names = {call.get("id"): (call.get("function") or {}).get("name")
              for m in messages for call in m.get("tool_calls") or []}
