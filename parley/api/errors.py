@@ -75,9 +75,17 @@ def unknown_fields(body: BaseModel, prefix: str = "") -> list[str]:
     names = [prefix + name for name, value in (body.model_extra or {}).items() if value is not None]
     for name in type(body).model_fields:
         value = getattr(body, name)
-        if isinstance(value, BaseModel) and value.model_config.get("extra") == "allow":
-            names += unknown_fields(value, f"{prefix}{name}.")
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if _keeps_unknown(item):
+                names += unknown_fields(item, f"{prefix}{name}." if i is None else f"{prefix}{name}.{i}.")
     return names
+
+
+def _keeps_unknown(value) -> bool:
+    """A model that keeps unknown fields only to have them refused (not one that passes them on)."""
+    return isinstance(value, BaseModel) and value.model_config.get("extra") == "allow" \
+        and not getattr(value, "passes_extras", False)
 
 
 def refuse_unknown_fields(body: BaseModel, status: int, enforce: bool) -> None:

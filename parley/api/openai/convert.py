@@ -107,6 +107,11 @@ def _template_message(message: dict) -> dict:
         message["role"] = "system"
     if "reasoning" in message:  # templates read reasoning_content
         message.setdefault("reasoning_content", message.pop("reasoning"))
+    refusal = message.pop("refusal", None)
+    if refusal and not message.get("content"):  # what that answer said
+        message["content"] = refusal
+    message.pop("annotations", None)  # empty (the schema allows no other)
+    message.pop("prefix", None)  # false (the schema allows no other)
     return message
 
 

@@ -7,9 +7,9 @@ random_seed, Friendli's seed lists, Azure's extra parameters...) and map them in
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # a u64 as TGI's; torch's generators take 64 bits
@@ -20,15 +20,22 @@ class StreamOptions(BaseModel):
 
 
 class ContentPart(BaseModel):
-    """A chunk of a message's content; the chat template decides which types the model takes."""
+    """A chunk of a message's content; the chat template decides which types the model takes (it
+    gets every field, so none is unknown)."""
 
     model_config = ConfigDict(extra="allow")
+    passes_extras: ClassVar[bool] = True  # errors.unknown_fields does not look inside
     type: str
     text: str | None = None
     image_url: dict | None = None
 
 
 class ChatMessage(BaseModel):
+    """One turn. Fields no schema here declares are kept only to be refused by name (as the body's
+    are: `messages.N.NAME`), since SDKs echo an earlier answer's fields back (OpenAI's `audio`,
+    `annotations`...) and a dropped one would change the conversation unseen."""
+
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -37,6 +44,26 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = Field(None, description="an earlier answer's reasoning, handed to the chat "
                                           "template (Qwen3's shows it in the latest turn only)")
     reasoning: str | None = Field(None, description="Friendli's (and vLLM's) other name for reasoning_content")
+    refusal: str | None = Field(None, description="OpenAI: what an earlier answer said instead of content; the "
+                                "template sees it as that turn's content")
+    annotations: list[dict] | None = Field(None, description="OpenAI echoes an answer's citations: only an empty list")
+    prefix: bool | None = Field(None, description="Mistral: only false (continuing an assistant message is not "
+                                "supported yet)")
+
+    @field_validator("annotations")
+    @classmethod
+    def _no_annotations(cls, value):
+        if value:
+            raise ValueError("an answer's citations cannot be given to the model; send an empty list or none")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_prefix(cls, value):
+        if value:
+            raise ValueError("true (continue this assistant message) is not supported; end the conversation with "
+                             "the user's turn, or send the text so far to /v1/completions")
+        return value
 
 
 class SamplingFields(BaseModel):
