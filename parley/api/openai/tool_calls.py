@@ -166,9 +166,9 @@ class ToolChatShape(ChatShape):
     """Chat answers whose content may hold tool calls: they become `tool_calls`, and the choice's
     finish_reason "tool_calls" (unless max_tokens cut the output: "length")."""
 
-    def __init__(self, tools: ToolFormat, tokenizer, logprobs: bool, phase: str | None = None,
+    def __init__(self, tools: ToolFormat, token_bytes, logprobs: bool, phase: str | None = None,
                  include_reasoning: bool = True):
-        super().__init__(tokenizer, logprobs, phase, include_reasoning)
+        super().__init__(token_bytes, logprobs, phase, include_reasoning)
         self.tools = tools  # the format the model writes calls in
         self._called: set[int] = set()  # choices that announced a call while streaming
 
