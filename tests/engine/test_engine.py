@@ -188,13 +188,13 @@ async def test_preemption_under_a_tiny_block_budget_keeps_outputs_exact(model_di
 
 async def test_limits_are_validation_errors_naming_the_field(engine):
     cases = [
-        (GenerationRequest("x" * 2000), "inputs"),
+        (GenerationRequest("x" * 2000), "prompt"),
         (GenerationRequest("hi", stopping=StoppingCriteria(max_new_tokens=1000)), "max_new_tokens"),
-        (GenerationRequest("hi", stopping=StoppingCriteria(stop_sequences=list("abcde"))), "stop"),
+        (GenerationRequest("hi", stopping=StoppingCriteria(stop_sequences=list("abcde"))), "stop_sequences"),
         (GenerationRequest("hi", sampling=SamplingParams(do_sample=True, temperature=0)), "temperature"),
         (GenerationRequest("hi", sampling=SamplingParams(top_p=1.5)), "top_p"),
         (GenerationRequest("hi", sampling=SamplingParams(top_n_tokens=50)), "top_n_tokens"),
-        (GenerationRequest(""), "inputs"),
+        (GenerationRequest(""), "prompt"),
     ]
     for request, field in cases:
         with pytest.raises(ValidationError) as info:
