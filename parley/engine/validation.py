@@ -103,9 +103,9 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
 def _seeds(request: GenerationRequest, n: int) -> list[int | None]:
     """One seed per sequence (None: greedy). A list of seeds, even one a greedy request ignores,
     gives one per sequence: a list of any other length is a mistake, not a wish."""
-    seeds = request.seeds or []
-    _check(len(seeds) <= 1 or len(seeds) == n, "seeds",
-           f"Input validation error: a `seeds` list needs one seed per sequence (`n` = {n}). Given: {len(seeds)} seeds")
+    seeds = request.seeds
+    _check(seeds is None or len(seeds) in (1, n), "seeds",
+           f"Input validation error: a `seeds` list needs one seed per sequence (`n` = {n}). Given: {len(seeds or ())} seeds")
     if not request.sampling.do_sample:
         return [None] * n
     if not seeds:

@@ -55,6 +55,7 @@ def test_a_valid_request_is_tokenized_and_seeded():
     ({"n": 3}, "n"),
     ({"sampling": SamplingParams(do_sample=True), "n": 2, "seeds": [1, 2, 3]}, "seeds"),
     ({"n": 2, "seeds": [1, 2, 3]}, "seeds"),  # greedy ignores the seeds, but not a list of the wrong length
+    ({"sampling": SamplingParams(do_sample=True), "seeds": []}, "seeds"),
     ({"sampling": SamplingParams(do_sample=True), "seeds": [2**64]}, "seeds"),
     ({"truncate": 0}, "truncate"),
     ({"grammar": Grammar("regex", "a+")}, "grammar"),  # no grammar compiler given
