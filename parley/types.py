@@ -221,7 +221,8 @@ class AdapterInfo:
 @runtime_checkable
 class Engine(Protocol):
     """The engine as the HTTP layer sees it. A prompt is rendered and tokenized once, here, and
-    handed to `generate` as token ids; every limit on a request is the engine's to check."""
+    handed to `generate` as token ids; the engine's limits (prompt and output length, n, seeds,
+    stop sequences...) are checked in `generate` only, the dialects' own rules at the edge."""
 
     info: EngineInfo
     failure: str | None  # why the engine loop stopped, if it did
