@@ -111,7 +111,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
     n: int = 1  # independent sequences generated for the prompt (OpenAI n, TGI best_of)
-    seeds: list[int] | None = None  # one per sequence; None: random seeds, reported back
+    seeds: int | list[int] | None = None  # one seed (sequence i gets seed + i) or one per sequence; None: random, reported back
     add_special_tokens: bool = True  # False for prompts rendered by a chat template
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
     decoder_input_details: bool = False  # report the prompt tokens with their logprobs

@@ -141,11 +141,6 @@ class FieldMapping:
     convert: Callable[[Any], Any] = lambda value: value
 
 
-def _seed_list(seed: int | list[int]) -> list[int]:
-    """One seed: choice i gets seed + i. A list: one seed per choice."""
-    return [seed] if isinstance(seed, int) else list(seed)
-
-
 def _prediction_text(prediction: Prediction) -> str | None:
     return prediction.text() or None
 
@@ -162,8 +157,8 @@ FIELDS: tuple[FieldMapping, ...] = (
     FieldMapping("max_completion_tokens", "stopping.max_new_tokens",      "openai (newer spelling)"),
     FieldMapping("min_tokens",            "stopping.min_new_tokens",      "mistral, friendli"),
     FieldMapping("eos_token",             "stopping.extra_eos_token_ids", "friendli",             list),
-    FieldMapping("seed",                  "seeds",                        "all (friendli: list)", _seed_list),
-    FieldMapping("random_seed",           "seeds",                        "mistral",              _seed_list),
+    FieldMapping("seed",                  "seeds",                        "all (friendli: list)"),
+    FieldMapping("random_seed",           "seeds",                        "mistral"),
     FieldMapping("top_k",                 "sampling.top_k",               "mistral, friendli, siliconflow"),
     FieldMapping("repetition_penalty",    "sampling.repetition_penalty",  "mistral, friendli, tgi"),
     FieldMapping("prediction",            "draft_text",                   "mistral, openai",      _prediction_text),

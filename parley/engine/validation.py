@@ -104,14 +104,15 @@ def _seeds(request: GenerationRequest, n: int) -> list[int | None]:
     """One seed per sequence (None: greedy). A list of seeds, even one a greedy request ignores,
     gives one per sequence: a list of any other length is a mistake, not a wish."""
     seeds = request.seeds
-    _check(seeds is None or len(seeds) in (1, n), "seeds",
-           f"Input validation error: a `seeds` list needs one seed per sequence (`n` = {n}). Given: {len(seeds or ())} seeds")
+    if isinstance(seeds, list):
+        _check(len(seeds) == n, "seeds", "Input validation error: a `seeds` list needs one seed per sequence "
+               f"(`n` = {n}). Given: {len(seeds)} seeds")
     if not request.sampling.do_sample:
         return [None] * n
-    if not seeds:
+    if seeds is None:
         return [random.getrandbits(63) for _ in range(n)]
-    _check(all(0 <= s < 2**64 for s in seeds), "seeds",
+    _check(all(0 <= s < 2**64 for s in ([seeds] if isinstance(seeds, int) else seeds)), "seeds",
            "Input validation error: `seeds` must be a non-negative 64-bit integer")
-    if len(seeds) == 1:
-        return [(seeds[0] + i) % 2**64 for i in range(n)]  # sequence 0 keeps the given seed exactly
+    if isinstance(seeds, int):
+        return [(seeds + i) % 2**64 for i in range(n)]  # sequence 0 keeps the given seed exactly
     return list(seeds)

@@ -28,9 +28,9 @@ def http(path: str = "/v1/chat/completions", **headers: str) -> Request:
 
 
 @pytest.mark.parametrize("fields, read, expected", [
-    ({"seed": 3}, "seeds", [3]),
+    ({"seed": 3}, "seeds", 3),  # choice i: seed + i
     ({"seed": [3, 4]}, "seeds", [3, 4]),  # Friendli
-    ({"random_seed": 3}, "seeds", [3]),  # Mistral
+    ({"random_seed": 3}, "seeds", 3),  # Mistral
     ({"max_tokens": 5}, "stopping.max_new_tokens", 5),
     ({"max_new_tokens": 5}, "stopping.max_new_tokens", 5),
     ({"max_tokens": 9, "max_completion_tokens": 5}, "stopping.max_new_tokens", 5),  # the newer name wins

@@ -125,7 +125,7 @@ async def test_decoder_input_details_match_reference(engine, reference):
 def sampled(prompt, seed, n=1, **params):
     return GenerationRequest(prompt, sampling=SamplingParams(do_sample=True, temperature=1.5, **params),
                              stopping=StoppingCriteria(max_new_tokens=16, min_new_tokens=16), n=n,
-                             seeds=[seed] if seed is not None else None)
+                             seeds=seed)
 
 
 async def test_same_seed_same_tokens_alone_or_in_a_busy_batch(engine):
@@ -220,7 +220,7 @@ async def test_grammar_constrains_every_sequence(engine):
                               stopping=StoppingCriteria(max_new_tokens=20))
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
               "required": ["ok", "n"], "additionalProperties": False}
-    as_json = GenerationRequest("JSON:", grammar=Grammar("json", json.dumps(schema)), n=3, seeds=[5],
+    as_json = GenerationRequest("JSON:", grammar=Grammar("json", json.dumps(schema)), n=3, seeds=5,
                                 sampling=SamplingParams(do_sample=True, temperature=2.0),
                                 stopping=StoppingCriteria(max_new_tokens=40))
     (regex_final, _), (json_final, _) = await asyncio.gather(collect(engine, regex), collect(engine, as_json))

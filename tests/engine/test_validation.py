@@ -26,7 +26,7 @@ def prepared(**kw):
 
 
 def test_a_valid_request_is_tokenized_and_seeded():
-    p = prepared(sampling=SamplingParams(do_sample=True), n=2, seeds=[7])
+    p = prepared(sampling=SamplingParams(do_sample=True), n=2, seeds=7)
     assert p.prompt_ids == [1, 3, 3, 3] and p.seeds == [7, 8]
     assert prepared(truncate=2).prompt_ids == [3, 3]
     assert prepared().seeds == [None]  # greedy: no generator
@@ -57,6 +57,8 @@ def test_a_valid_request_is_tokenized_and_seeded():
     ({"n": 2, "seeds": [1, 2, 3]}, "seeds"),  # greedy ignores the seeds, but not a list of the wrong length
     ({"sampling": SamplingParams(do_sample=True), "seeds": []}, "seeds"),
     ({"sampling": SamplingParams(do_sample=True), "seeds": [2**64]}, "seeds"),
+    ({"sampling": SamplingParams(do_sample=True), "seeds": 2**64}, "seeds"),
+    ({"sampling": SamplingParams(do_sample=True), "n": 2, "seeds": [7]}, "seeds"),  # a list is one seed per sequence
     ({"truncate": 0}, "truncate"),
     ({"grammar": Grammar("regex", "a+")}, "grammar"),  # no grammar compiler given
 ])

@@ -38,7 +38,7 @@ async def generation_request(body: GenerateRequest, engine: Engine, *, stream: b
         ),
         stopping=StoppingCriteria(max_new_tokens=max_new_tokens, stop_sequences=p.stop or []),
         n=best_of,
-        seeds=None if p.seed is None else [p.seed],
+        seeds=p.seed,
         truncate=p.truncate,
         decoder_input_details=bool(p.decoder_input_details),
         grammar=grammar,
