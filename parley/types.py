@@ -191,6 +191,7 @@ class EngineInfo:
     chat_template: str | None  # the template's source; None: the default (ChatML)
     template_variables: frozenset[str]  # the variables the chat template reads
     reasoning: Reasoning | None  # the model's thinking markers (phase and budget unset); None: it does not think
+    tool_format: object  # how the model writes tool calls: a parley.tools.ToolFormat (types imports no higher layer)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from parley.structured import GrammarCompiler
 from parley.tokenization.chat_template import ChatTemplate
 from parley.tokenization.reasoning import find_reasoning
 from parley.tokenization.tokenizer import load_tokenizer
+from parley.tools.format import model_format
 from parley.types import AdapterInfo, EngineInfo, EngineStats, FinalEvent, GenerationRequest, TokenEvent
 
 log = logging.getLogger("parley.engine")
@@ -73,7 +74,8 @@ class AsyncEngine:
             config.max_total_tokens, config.max_batch_total_tokens, config.max_batch_size,
             config.max_concurrent_requests, config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens,
             config.waiting_served_ratio, config.max_waiting_tokens, tokenizer.chat_template,
-            frozenset(chat_template.variables), find_reasoning(tokenizer))
+            frozenset(chat_template.variables), find_reasoning(tokenizer),
+            model_format(chat_template, tokenizer.chat_template, self._special_token_id))
         self.adapters: LoRARegistry = core.adapters
         self._adapter_requests: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
@@ -170,6 +172,10 @@ class AsyncEngine:
             self._thread = None
         if self.grammar_compiler is not None:
             self.grammar_compiler.close()
+
+    def _special_token_id(self, text: str) -> int | None:
+        token = self.tokenizer.backend.token_to_id(text)
+        return token if token in self.tokenizer.special_ids else None
 
     # -- prompts ------------------------------------------------------------------------------
     def render(self, messages: list[dict], **variables) -> str:

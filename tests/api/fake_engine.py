@@ -19,6 +19,7 @@ import re
 import time
 
 from parley.config import EngineConfig
+from parley.tools.format import DEFAULT_FORMAT
 from parley.types import (EngineInfo, EngineStats, FinalEvent, FinishReason, GenerationError, GenerationRequest,
                           OverloadedError, Token, TokenEvent, ValidationError)
 
@@ -63,7 +64,7 @@ class FakeEngine:
             c.model_id or "fake-model", "torch.float32", "cpu", c.max_input_tokens, c.max_total_tokens,
             c.max_batch_total_tokens, c.max_batch_size, c.max_concurrent_requests, c.max_best_of, c.max_stop_sequences,
             c.max_top_n_tokens, c.waiting_served_ratio, c.max_waiting_tokens, chat_template=None,
-            template_variables=frozenset(), reasoning=None)
+            template_variables=frozenset(), reasoning=None, tool_format=DEFAULT_FORMAT)
         self._blocks: dict[str, int] = {}
         self._running = 0
         self._generated = 0

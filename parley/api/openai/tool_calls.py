@@ -16,7 +16,6 @@ put this way, while it only echoes one wrapped in Hermes' `<tool_response>` tags
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +34,9 @@ from parley.tools import (
     tool_system_prompt,
     validate_tools,
 )
-from parley.tools.format import DEFAULT_FORMAT, ToolFormat, detect_format
+from parley.tools.format import DEFAULT_FORMAT, ToolFormat
 from parley.tools.validation import TOOL_CHOICE_MODES
-from parley.types import FinalEvent, Grammar, ToolCall
+from parley.types import Engine, FinalEvent, Grammar, ToolCall
 
 
 
@@ -53,7 +52,7 @@ class ToolPlan:
     format: ToolFormat = DEFAULT_FORMAT  # how the model writes calls
 
     @classmethod
-    def of(cls, body, engine=None) -> ToolPlan | None:
+    def of(cls, body, engine: Engine | None = None) -> ToolPlan | None:
         """The plan for a chat body to `engine`'s model (None: the default format); None when it
         offers no tools or `tool_choice` is "none"."""
         tools, choice = body.tools or [], _tool_choice(body.tool_choice)
@@ -70,32 +69,11 @@ class ToolPlan:
         require(response_grammar(body.response_format) is None,
                 "Input validation error: `response_format` and `tools` cannot be combined: drop one, or set "
                 '`tool_choice` to "none"', "response_format")
-        fmt = DEFAULT_FORMAT if engine is None else call_format(engine)
+        fmt = DEFAULT_FORMAT if engine is None else engine.info.tool_format
         return cls(tools, choice, body.parallel_tool_calls is not False, body.tool_prompt, fmt)
 
     def grammar(self) -> Grammar:
         return tool_call_grammar(self.tools, self.choice, self.parallel, self.format)
-
-
-_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chat template -> its format
-
-
-def call_format(engine) -> ToolFormat:
-    """The format `engine`'s model writes tool calls in: its chat template's own, when the template
-    reads `tools` (it gets them, see `template_inputs`) and renders calls in one of
-    `parley.tools.FORMATS`; else the default (found once per model)."""
-    template, source = engine.chat_template, engine.tokenizer.chat_template
-    if not reads_tools(source):
-        return DEFAULT_FORMAT
-    if template not in _FORMATS:
-        tokenizer = engine.tokenizer
-
-        def special_token_id(text: str) -> int | None:
-            token = tokenizer.backend.token_to_id(text)
-            return token if token in tokenizer.special_ids else None
-
-        _FORMATS[template] = detect_format(template, special_token_id) or DEFAULT_FORMAT
-    return _FORMATS[template]
 
 
 def _tool_choice(raw: str | dict | None) -> ToolChoice:
