@@ -3,7 +3,7 @@
 The request side (`ToolPlan`) accepts every dialect's `tool_choice` (SDK-WIRE §1.4) and checks the
 tools with `parley.tools`. The model's calls are made well-formed by `tool_call_grammar` and read
 back by `parley.tools`' parsers into `message.tool_calls` / `delta.tool_calls` (SDK-WIRE §1.5),
-in the model's own call format (`call_format`: detected from its chat template, once per model).
+in the model's own call format (`EngineInfo.tool_format`: found from its chat template by the engine, at load).
 
 A chat template that reads the `tools` variable renders them (and the tool turns of the history) itself.
 For one that does not, like SmolLM2's, the tools are described in the system message, and the
