@@ -1,14 +1,17 @@
 """Leaf values passed between layers: what a request asks for and what the engine answers.
 
 Stdlib only. Every API dialect is translated into a `GenerationRequest`; the engine answers with
-`TokenEvent`s and one `FinalEvent` per generated sequence.
+`TokenEvent`s and one `FinalEvent` per generated sequence. `Engine` is all the HTTP layer may ask
+of an engine (engine/async_engine.py's, or the API tests' fake).
 """
 
 from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 
 class FinishReason(str, enum.Enum):
@@ -108,7 +111,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
     n: int = 1  # independent sequences generated for the prompt (OpenAI n, TGI best_of)
-    seeds: list[int] | None = None  # one per sequence; None: random seeds, reported back
+    seeds: int | list[int] | None = None  # one seed (sequence i gets seed + i) or one per sequence; None: random, reported back
     add_special_tokens: bool = True  # False for prompts rendered by a chat template
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
     decoder_input_details: bool = False  # report the prompt tokens with their logprobs
@@ -168,6 +171,102 @@ class ToolCall:
     arguments: str
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine serves and the limits it was started with (resolved: no None left)."""
+
+    model_id: str
+    dtype: str
+    device: str
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    waiting_served_ratio: float
+    max_waiting_tokens: int
+    chat_template: str | None  # the template's source; None: the default (ChatML)
+    template_variables: frozenset[str]  # the variables the chat template reads
+    reasoning: Reasoning | None  # the model's thinking markers (phase and budget unset); None: it does not think
+    tool_format: object  # how the model writes tool calls: a parley.tools.ToolFormat (types imports no higher layer)
+
+
+@dataclass
+class EngineStats:
+    kv_blocks_used: int
+    kv_blocks_total: int
+    waiting: int
+    running: int
+    adapter_requests: dict[str, int] = field(default_factory=dict)  # adapter name -> requests so far
+    generated_tokens: int = 0  # tokens generated since the start, every request's
+    prefix_cache_queried_tokens: int = 0  # prompt tokens of every sequence admitted, looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # ... and found there
+    requests_waiting: int = 0  # requests none of whose sequences runs yet (`waiting` counts sequences)
+    requests_running: int = 0  # requests with a sequence in the running batch
+    adapters_loaded: int = 0  # LoRA adapters served now
+    running_adapters: tuple[str, ...] = ()  # LoRA adapters of the sequences running now
+    waiting_adapters: tuple[str, ...] = ()  # ... and of those waiting
+    max_adapters_per_batch: int = 0  # how many adapters one step can run: one per sequence of the batch
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The engine as the HTTP layer sees it. A prompt is rendered and tokenized once, here, and
+    handed to `generate` as token ids; the engine's limits (prompt and output length, n, seeds,
+    stop sequences...) are checked in `generate` only, the dialects' own rules at the edge."""
+
+    info: EngineInfo
+    failure: str | None  # why the engine loop stopped, if it did
+
+    def render(self, messages: list[dict], **variables) -> str:
+        """The chat template applied to `messages` (with the generation prompt); ValueError when
+        the template refuses them."""
+
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`text`'s token ids; ValidationError about `prompt` when it is empty."""
+
+    def tokenize_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int, int]]:
+        """(id, start, stop) per token: the characters of `text` each stands for."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Events of all `request.n` sequences; ValidationError before any event. Closing the
+        iterator early aborts the request and frees its KV blocks."""
+
+    def stats(self) -> EngineStats:
+        ...
+
+    def has_adapter(self, name: str | None) -> bool:
+        ...
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        ...
+
+    async def unload_adapter(self, name: str) -> int:
+        ...
+
+    def start(self) -> None:
+        ...
+
+    async def shutdown(self) -> None:
+        ...
+
+
 class ParleyError(Exception):
     """Base of the errors the engine raises to the API layer."""
 
@@ -189,7 +288,7 @@ class OverloadedError(ParleyError):
 
 
 class RequestTimeoutError(ParleyError):
-    """The request outlived its timeout (429, per Friendli's timeout_microseconds)."""
+    """The request outlived its `timeout_s` (429)."""
 
 
 class GenerationError(ParleyError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -20,14 +20,12 @@ from parley.api.openai import routes as openai_routes
 from parley.api.state import VERSION, ServerState
 from parley.api.tgi import routes as tgi_routes
 from parley.config import EngineConfig, ServerConfig
-
-if TYPE_CHECKING:
-    from parley.engine.async_engine import AsyncEngine
+from parley.types import Engine
 
 log = logging.getLogger("parley.api")
 
 
-def create_app(config: ServerConfig, engine_config: EngineConfig, load_engine: Callable[[], "AsyncEngine"],
+def create_app(config: ServerConfig, engine_config: EngineConfig, load_engine: Callable[[], Engine],
                on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """`load_engine` is called in a worker thread once the server runs; if it raises,
     `on_load_failure` is told (the CLI stops the server) and /health stays 503."""

@@ -7,6 +7,10 @@ differently, or that only vendors send, map through `FIELDS`, the one table of w
 internal field. What is not a field mapping is a small per-vendor rule in `normalize`. The engine
 never learns which dialect a request came through.
 
+Each route is bound to its dialect once, when it is registered (`speaking`): `OPENAI`, `FRIENDLI`,
+`SILICONFLOW`, `TGI` or `ANTHROPIC`. Its errors take that dialect's form (errors.py), and the chat
+rules below follow it; nothing reads the dialect off the URL again.
+
 Which rules apply where:
 - Mistral's and Friendli's own fields (random_seed, safe_prompt, prediction, eos_token, seed lists,
   timeout_microseconds...) have names no other dialect gives another meaning, so every chat route
@@ -35,23 +39,45 @@ Which rules apply where:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from pydantic import ValidationError as SchemaError
 
-from parley.api.errors import ApiError, refuse_unknown_fields, require, validation_error
+from parley.api.errors import (ANTHROPIC_ERRORS, OPENAI_ERRORS, TGI_ERRORS, ApiError, ErrorForm, refuse_unknown_fields,
+                               require, validation_error)
 from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
 from parley.api.state import server_of
 from parley.types import FinalEvent, FinishReason, GenerationRequest
 
-FRIENDLI_PREFIX = "/dedicated/"
-SILICONFLOW_PREFIX = "/siliconflow/"
-SILICONFLOW_CHAT_PATH = SILICONFLOW_PREFIX + "v1/chat/completions"
+
+# -- the dialect of each route --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    errors: ErrorForm
+
+
+TGI, ANTHROPIC = Dialect("tgi", TGI_ERRORS), Dialect("anthropic", ANTHROPIC_ERRORS)
+OPENAI, FRIENDLI, SILICONFLOW = (Dialect(name, OPENAI_ERRORS) for name in ("openai", "friendli", "siliconflow"))
+
+
+@functools.cache
+def speaking(route_class: type[APIRoute], dialect: Dialect) -> type[APIRoute]:
+    """`route_class` for the routes that speak `dialect` (a router's `route_class`, or a route's
+    `route_class_override`): its instances carry the dialect, which `dialect_of` and the error
+    handlers read from the matched route."""
+    return type(f"{route_class.__name__}[{dialect.name}]", (route_class,), {"dialect": dialect})
+
+
+def dialect_of(http: Request) -> Dialect:
+    return http.scope["route"].dialect
 
 # Mistral's guardrail prompt, prepended when a request sets `safe_prompt`.
 SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
@@ -115,11 +141,6 @@ class FieldMapping:
     convert: Callable[[Any], Any] = lambda value: value
 
 
-def _seed_list(seed: int | list[int]) -> list[int]:
-    """One seed: choice i gets seed + i. A list: one seed per choice."""
-    return [seed] if isinstance(seed, int) else list(seed)
-
-
 def _prediction_text(prediction: Prediction) -> str | None:
     return prediction.text() or None
 
@@ -136,14 +157,33 @@ FIELDS: tuple[FieldMapping, ...] = (
     FieldMapping("max_completion_tokens", "stopping.max_new_tokens",      "openai (newer spelling)"),
     FieldMapping("min_tokens",            "stopping.min_new_tokens",      "mistral, friendli"),
     FieldMapping("eos_token",             "stopping.extra_eos_token_ids", "friendli",             list),
-    FieldMapping("seed",                  "seeds",                        "all (friendli: list)", _seed_list),
-    FieldMapping("random_seed",           "seeds",                        "mistral",              _seed_list),
+    FieldMapping("seed",                  "seeds",                        "all (friendli: list)"),
+    FieldMapping("random_seed",           "seeds",                        "mistral"),
     FieldMapping("top_k",                 "sampling.top_k",               "mistral, friendli, siliconflow"),
     FieldMapping("repetition_penalty",    "sampling.repetition_penalty",  "mistral, friendli, tgi"),
     FieldMapping("prediction",            "draft_text",                   "mistral, openai",      _prediction_text),
     FieldMapping("timeout_microseconds",  "timeout_s",                    "friendli",             _microseconds_to_s),
     FieldMapping("adapter_id",            "adapter_id",                   "tgi; friendli's model suffix"),
 )
+
+
+# What the engine's errors call a field (its GenerationRequest name, engine/validation.py) where every
+# chat body spells it alike; the fields vendors spell their own way are named through FIELDS.
+CHAT_NAMES = {"prompt": "messages", "stop_sequences": "stop", "top_n_tokens": "top_logprobs", "grammar": "response_format"}
+
+
+def engine_names(body: BaseModel, translated: dict[str, str] | None = None, *, tools: bool = False,
+                 **route_names: str) -> dict[str, str]:
+    """The engine's field names -> `body`'s, for the engine's errors (errors.fields_named): through
+    FIELDS, the wire field `body` gave (when it gave none, the first row's); CHAT_NAMES (a grammar
+    is the `tools`' when there are tools); then the route's own. `translated`: for a chat body made
+    from another API's request, its `wire_names` (`translated_chat_body`), which take the names on
+    to that API's."""
+    names = {**CHAT_NAMES, "grammar": "tools"} if tools else dict(CHAT_NAMES)
+    for row in FIELDS:
+        names.setdefault(row.internal.rpartition(".")[2], wire_name(body, row.internal) or row.wire)
+    names.update(route_names)
+    return {engine_name: (translated or {}).get(name, name) for engine_name, name in names.items()}
 
 
 def wire_name(body: BaseModel, internal: str) -> str | None:
@@ -168,17 +208,16 @@ def apply(body: BaseModel, request: GenerationRequest) -> set[str]:
 
 # -- per-vendor rules -----------------------------------------------------------------------------
 def normalize(body: ChatBody, http: Request, enforce_known: bool = True) -> None:
-    """Applies, in place, the rules of the dialect `http` speaks (module docstring).
+    """Applies, in place, the rules of the dialect `http`'s route speaks (module docstring).
     `enforce_known`: unknown fields are refused unless a header says otherwise (--unknown-fields)."""
     _check_extra_parameters(body, http.headers.get("extra-parameters"), enforce_known)
-    _check_seed_list(body)
     if body.safe_prompt:
         body.messages = _with_safety_prompt(body.messages)
-    path = http.url.path
-    if path.startswith(FRIENDLI_PREFIX):
+    dialect = dialect_of(http)
+    if dialect is FRIENDLI:
         _, _, adapter = (body.model or "").partition(":")
         body.adapter_id = adapter or body.adapter_id
-    elif path.startswith(SILICONFLOW_PREFIX):
+    elif dialect is SILICONFLOW:
         _check_siliconflow_limits(body)
 
 
@@ -192,7 +231,7 @@ def check_model(http: Request, model: str | None) -> None:
     Served: the --served-model-name names (default the model's id), a LoRA adapter's name (which
     selects it), TGI's clients' names, no name at all (Azure's may leave it out) and on Friendli's
     routes any "ENDPOINT_ID[:ADAPTER]" (the URL picks the endpoint; `normalize` takes the adapter)."""
-    if model is None or model in TGI_CLIENT_MODELS or http.url.path.startswith(FRIENDLI_PREFIX):
+    if model is None or model in TGI_CLIENT_MODELS or dialect_of(http) is FRIENDLI:
         return
     server = server_of(http)
     if model in server.model_names or server.ready_engine().has_adapter(model):
@@ -223,12 +262,12 @@ def check_api_version(http: Request) -> None:
 
 
 def response_shape(shape, http: Request):
-    """`shape` (a ChatShape or CompletionShape) as the dialect `http` speaks it: SiliconFlow's
-    finish reasons, Friendli's seeds."""
-    path = http.url.path
-    if path.startswith(SILICONFLOW_PREFIX):
+    """`shape` (a ChatShape or CompletionShape) as the dialect of `http`'s route speaks it:
+    SiliconFlow's finish reasons, Friendli's seeds."""
+    dialect = dialect_of(http)
+    if dialect is SILICONFLOW:
         return EosFinishReasons(shape)
-    if path.startswith(FRIENDLI_PREFIX):
+    if dialect is FRIENDLI:
         return FriendliChoices(shape)
     return shape
 
@@ -251,13 +290,6 @@ def _check_extra_parameters(body: ChatBody, header: str | None, enforce_known: b
         names = ", ".join(f"`{name}`" for name in unknown)
         raise validation_error(f"Input validation error: unknown parameters {names} (header `extra-parameters: "
                                "error` refuses parameters this server does not know)", unknown[0])
-
-
-def _check_seed_list(body: ChatBody) -> None:
-    if isinstance(body.seed, list):
-        n = body.n or 1
-        require(len(body.seed) == n, "Input validation error: a `seed` list needs one seed per choice "
-                f"(`n` = {n}). Given: {len(body.seed)} seeds", "seed")
 
 
 def _with_safety_prompt(messages: list[ChatMessage]) -> list[ChatMessage]:

@@ -1,18 +1,21 @@
 """Every failure the HTTP layer answers, as one `ApiError`, written in the caller's dialect.
 
-TGI-native routes answer `{"error": "...", "error_type": "..."}`. OpenAI-style routes (chat and
-completions, under any prefix, and /v1/*) answer `{"error": {"message", "type", "param", "code"},
-"error_type": "..."}`: the object feeds the OpenAI/Azure mappers, the top-level `error_type` the
-TGI ones (huggingface_hub, text-generation); a 422 adds FastAPI's `detail` list for mistralai.
-See SDK-WIRE §1.7.
+Each route answers in the form of the dialect bound to it when it was registered
+(dialects.speaking): TGI-native routes `{"error": "...", "error_type": "..."}`; OpenAI-style routes
+`{"error": {"message", "type", "param", "code"}, "error_type": "..."}`: the object feeds the
+OpenAI/Azure mappers, the top-level `error_type` the TGI ones (huggingface_hub, text-generation); a
+422 adds FastAPI's `detail` list for mistralai; Anthropic's routes its own shape, and 400 for 422.
+See SDK-WIRE §1.7. What no route has matched yet (a 404, the auth middleware, the Ray ingress)
+takes its form from the path (`form_for_path`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -56,10 +59,10 @@ def require(condition: bool, message: str, param: str) -> None:
 
 @contextmanager
 def fields_named(names: dict[str, str]) -> Iterator[None]:
-    """Engine complaints about its own field names (`max_new_tokens`, `inputs`, `grammar`...)
-    reported in the client's: `names` maps an engine field to the field the client sent. Every
-    complaint's message is renamed, whichever field it is about (a `min_tokens` rule names
-    `max_new_tokens` too)."""
+    """Engine complaints about its own field names (`max_new_tokens`, `prompt`, `grammar`...)
+    reported in the client's: `names` (dialects.engine_names) maps an engine field to the field the
+    client sent. Every complaint's message is renamed, whichever field it is about (a
+    `min_new_tokens` rule names `max_new_tokens` too)."""
     try:
         yield
     except ValidationError as exc:
@@ -136,30 +139,51 @@ def openai_body(err: ApiError) -> dict:
 
 ANTHROPIC_PREFIX = "/v1/messages"
 # Anthropic's error types by status (its API's errors page); what Parley answers 422 it answers 400
-ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
 
 
 def anthropic_body(err: ApiError) -> dict:
-    kind = ANTHROPIC_ERRORS.get(400 if err.status == 422 else err.status, "api_error")
+    kind = ANTHROPIC_ERROR_TYPES.get(400 if err.status == 422 else err.status, "api_error")
     return {"type": "error", "error": {"type": kind, "message": err.message}, "error_type": err.error_type}
 
 
-def speaks_openai(path: str) -> bool:
-    return path.startswith("/v1/") or path.endswith("/completions")
+@dataclass(frozen=True)
+class ErrorForm:
+    """How a dialect writes an error: its body, and the status of a request that breaks a rule."""
+
+    body: Callable[[ApiError], dict]
+    invalid_status: int = 422
+
+    def response(self, err: ApiError, headers: dict | None = None) -> JSONBody:
+        if err.status == 429:  # every 429 says when to come back; 1 s where nothing better is known
+            headers = {**(headers or {}), "Retry-After": str(err.retry_after or 1)}
+        status = self.invalid_status if err.status == 422 else err.status
+        return JSONBody(self.body(err), status_code=status, headers=headers)
+
+
+TGI_ERRORS, OPENAI_ERRORS, ANTHROPIC_ERRORS = ErrorForm(tgi_body), ErrorForm(openai_body), ErrorForm(anthropic_body, 400)
+
+
+def form_for_path(path: str) -> ErrorForm:
+    """The error form of a request no route has matched (yet): by its path."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return ANTHROPIC_ERRORS
+    return OPENAI_ERRORS if path.startswith("/v1/") or path.endswith("/completions") else TGI_ERRORS
+
+
+def error_form(request: Request) -> ErrorForm:
+    """The error form of the dialect the matched route speaks (dialects.speaking)."""
+    dialect = getattr(request.scope.get("route"), "dialect", None)
+    return dialect.errors if dialect is not None else form_for_path(request.url.path)
 
 
 def error_body(path: str, err: ApiError) -> dict:
-    if path.startswith(ANTHROPIC_PREFIX):
-        return anthropic_body(err)
-    return openai_body(err) if speaks_openai(path) else tgi_body(err)
+    return form_for_path(path).body(err)
 
 
 def error_response(path: str, err: ApiError, headers: dict | None = None) -> JSONBody:
-    if err.status == 429:  # every 429 says when to come back; 1 s where nothing better is known
-        headers = {**(headers or {}), "Retry-After": str(err.retry_after or 1)}
-    status = 400 if err.status == 422 and path.startswith(ANTHROPIC_PREFIX) else err.status
-    return JSONBody(error_body(path, err), status_code=status, headers=headers)
+    return form_for_path(path).response(err, headers)
 
 
 class ErrorResponse(BaseModel):
@@ -202,7 +226,7 @@ def describe_validation(exc: RequestValidationError) -> ApiError:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_invalid_body(request: Request, exc: RequestValidationError):
-        return error_response(request.url.path, describe_validation(exc))
+        return error_form(request).response(describe_validation(exc))
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
@@ -210,14 +234,14 @@ def install_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"Not found: {request.method} {request.url.path}"
-        return error_response(request.url.path, ApiError(exc.status_code, message, error_type), exc.headers)
+        return error_form(request).response(ApiError(exc.status_code, message, error_type), exc.headers)
 
     @app.exception_handler(ApiError)
     @app.exception_handler(ParleyError)
     async def on_api_error(request: Request, exc: Exception):
-        return error_response(request.url.path, as_api_error(exc))
+        return error_form(request).response(as_api_error(exc))
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path, as_api_error(exc))
+        return error_form(request).response(as_api_error(exc))

@@ -17,13 +17,16 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
+from parley.api.dialects import OPENAI, speaking
 from parley.api.errors import ERROR_RESPONSES, ApiError, ErrorResponse
 from parley.api.serving import StrictJSONRoute
 from parley.api.state import ServerState, server_of
+from parley.types import Engine
 
 # Answers are plain text (vLLM's), errors JSON: with a media-type-less default class FastAPI documents
 # the error models as application/json, and the 200 says text/plain itself.
-router = APIRouter(tags=["LoRA adapters"], route_class=StrictJSONRoute, default_response_class=Response, responses={
+router = APIRouter(tags=["LoRA adapters"], route_class=speaking(StrictJSONRoute, OPENAI), default_response_class=Response,
+                   responses={
     **ERROR_RESPONSES,
     403: {"model": ErrorResponse, "description": "Without --api-key or --lora-root, or a path outside the root"},
     200: {"description": "Success (plain text)", "content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -77,13 +80,13 @@ async def unload_lora_adapter(body: UnloadLoRAAdapter, http: Request) -> PlainTe
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.{note}")
 
 
-def adapter_for_model(engine, model: str | None) -> str | None:
+def adapter_for_model(engine: Engine, model: str | None) -> str | None:
     """An OpenAI-style `model` naming a loaded adapter selects it; any other name means the base
     model, since SDKs send whatever name they were given ("dummy", "tgi", ...)."""
     return model if engine.has_adapter(model) else None
 
 
-def adapter_cards(engine, base_card: dict) -> list[dict]:
+def adapter_cards(engine: Engine, base_card: dict) -> list[dict]:
     """/v1/models entries of the loaded adapters, vLLM-style: the base model's card with the adapter's
     name as `id`, its folder as `root` and the base model as `parent`."""
     return [{**base_card, "id": a.name, "root": a.path, "parent": base_card["id"]} for a in engine.list_adapters()]

@@ -12,7 +12,7 @@ from starlette.types import Message, Receive
 
 from parley.api import sse
 from parley.api.engine_call import EngineCall, Event
-from parley.api.errors import ApiError, ClientDisconnected, as_api_error, error_body
+from parley.api.errors import ApiError, ClientDisconnected, as_api_error, error_form
 from parley.api.jsonio import JSONBody, StrictJSONRequest
 from parley.api.state import server_of
 from parley.types import FinalEvent, GenerationRequest
@@ -42,8 +42,7 @@ async def respond(
     try:
         await call.start()
         if stream:
-            path = http.url.path
-            body = sse.frames(to_payloads(call.stream()), lambda err: error_body(path, err), done_marker, named_events)
+            body = sse.frames(to_payloads(call.stream()), error_form(http).body, done_marker, named_events)
             return sse.EventStream(body, on_close=call.close)
         finals = await call.collect()
     except BaseException:

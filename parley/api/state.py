@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from fastapi import Request
 
@@ -17,9 +17,7 @@ from parley.config import EngineConfig, ServerConfig
 from parley.observability.console import StatusLine
 from parley.observability.metrics import Metrics
 from parley.observability.tracing import Tracing
-
-if TYPE_CHECKING:
-    from parley.engine.async_engine import AsyncEngine
+from parley.types import Engine
 
 log = logging.getLogger("parley.api")
 
@@ -30,10 +28,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 
 class ServerState:
-    def __init__(self, config: ServerConfig, engine_config: EngineConfig, load_engine: Callable[[], "AsyncEngine"]):
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig, load_engine: Callable[[], Engine]):
         self.config = config
         self.engine_config = engine_config
-        self.engine: AsyncEngine | None = None  # set once loaded and started: /health is 200 from then on
+        self.engine: Engine | None = None  # set once loaded and started: /health is 200 from then on
         self.load_error: BaseException | None = None
         self.admission = Admission(engine_config.max_concurrent_requests)
         self.tracing = Tracing(config.otlp_endpoint, config.otlp_service_name) if config.otlp_endpoint else None
@@ -53,9 +51,9 @@ class ServerState:
     @property
     def model_names(self) -> tuple[str, ...]:
         """The names OpenAI-style requests may give as `model` (--served-model-name), as /v1/models lists them."""
-        return self.config.served_model_names or (self.ready_engine().model_id,)
+        return self.config.served_model_names or (self.ready_engine().info.model_id,)
 
-    def ready_engine(self) -> "AsyncEngine":
+    def ready_engine(self) -> Engine:
         if self.engine is None:
             message = f"Model failed to load: {self.load_error}" if self.load_error else "Model is loading"
             raise ApiError(503, message, "unhealthy")
@@ -78,10 +76,10 @@ class ServerState:
             self.load_error = exc
             raise
         self.engine = engine
-        cfg = engine.config
+        info = engine.info
         log.info("model ready in %.1fs: %s (%s on %s), max_input_tokens=%s max_total_tokens=%s "
-                 "max_concurrent_requests=%s", time.monotonic() - started, engine.model_id, engine.dtype,
-                 engine.device, cfg.max_input_tokens, cfg.max_total_tokens, cfg.max_concurrent_requests)
+                 "max_concurrent_requests=%s", time.monotonic() - started, info.model_id, info.dtype,
+                 info.device, info.max_input_tokens, info.max_total_tokens, info.max_concurrent_requests)
         url = browser_url(self.config)
         log.info("Parley is ready%s (API docs: %s/docs)",
                  f": open {url}/ in a browser for the playground" if self.config.playground else "", url)

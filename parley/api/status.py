@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
+from fastapi.routing import APIRoute
 
+from parley.api.dialects import TGI, speaking
 from parley.api.errors import ApiError, ErrorResponse
 from parley.api.jsonio import JSONBody
 from parley.api.state import VERSION, server_of
 
-router = APIRouter(tags=["Text Generation Inference"])
+router = APIRouter(tags=["Text Generation Inference"], route_class=speaking(APIRoute, TGI))
 
 
 @router.get("/health", summary="200 once the model is loaded and the engine runs, 503 before",
@@ -28,12 +30,12 @@ async def health(http: Request) -> Response:
 async def info(http: Request) -> Response:
     server = server_of(http)
     engine = server.ready_engine()
-    cfg = engine.config
+    cfg = engine.info
     return JSONBody({
-        "model_id": engine.model_id,
+        "model_id": cfg.model_id,
         "model_sha": None,
-        "model_dtype": engine.dtype,
-        "model_device_type": engine.device,
+        "model_dtype": cfg.dtype,
+        "model_device_type": cfg.device,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": cfg.max_concurrent_requests,
         "max_best_of": cfg.max_best_of,

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
@@ -32,7 +31,7 @@ from parley.engine.request import PreparedRequest, Sink
 from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory, release_freed_memory
 from parley.engine.scheduler import Scheduler
-from parley.engine.validation import Limits, prepare
+from parley.engine.validation import Limits, prepare, tokenize_prompt
 from parley.kernels.linear import projection_kernel
 from parley.models.loader import default_model_path, load_model
 from parley.sampling.sampler import Sampler
@@ -40,7 +39,8 @@ from parley.structured import GrammarCompiler
 from parley.tokenization.chat_template import ChatTemplate
 from parley.tokenization.reasoning import find_reasoning
 from parley.tokenization.tokenizer import load_tokenizer
-from parley.types import FinalEvent, GenerationRequest, OverloadedError, TokenEvent
+from parley.tools.format import model_format
+from parley.types import AdapterInfo, EngineInfo, EngineStats, FinalEvent, GenerationRequest, TokenEvent
 
 log = logging.getLogger("parley.engine")
 
@@ -50,36 +50,14 @@ DEFAULT_KV_CACHE_TOKENS = 32768  # 720 MiB for SmolLM2 in bf16: 8 full-length se
 LONG_PROMPT_CHARS = 10_000  # tokenized off the event loop beyond this (~3 ms here; 100k: 30 ms)
 
 
-@dataclass
-class EngineStats:
-    kv_blocks_used: int
-    kv_blocks_total: int
-    waiting: int
-    running: int
-    adapter_requests: dict[str, int] = field(default_factory=dict)  # adapter name -> requests so far
-    generated_tokens: int = 0  # tokens generated since the start, every request's
-    prefix_cache_queried_tokens: int = 0  # prompt tokens of every sequence admitted, looked up in the prefix cache
-    prefix_cache_hit_tokens: int = 0  # ... and found there
-    requests_waiting: int = 0  # requests none of whose sequences runs yet (`waiting` counts sequences)
-    requests_running: int = 0  # requests with a sequence in the running batch
-    adapters_loaded: int = 0  # LoRA adapters served now
-    running_adapters: tuple[str, ...] = ()  # LoRA adapters of the sequences running now
-    waiting_adapters: tuple[str, ...] = ()  # ... and of those waiting
-    max_adapters_per_batch: int = 0  # how many adapters one step can run: one per sequence of the batch
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    path: str
-    rank: int
-
-
 def served_model_id(config: EngineConfig, model_path: str) -> str:
     return config.model_id or os.path.basename(model_path)
 
 
 class AsyncEngine:
+    """The `parley.types.Engine` the HTTP layer talks to (`config`, `tokenizer`, `core`... are for
+    the engine's own tests and tools)."""
+
     def __init__(self, config: EngineConfig, core: EngineCore, tokenizer, chat_template: ChatTemplate,
                  model_config: ModelConfig, limits: Limits, model_path: str, grammar_compiler=None):
         self.config = config
@@ -90,15 +68,18 @@ class AsyncEngine:
         self.limits = limits
         self.model_path = model_path
         self.model_id = served_model_id(config, model_path)
-        self.dtype = str(DTYPES[config.dtype])
-        self.device = str(config.device)
         self.grammar_compiler = grammar_compiler
-        self.reasoning = find_reasoning(tokenizer)  # the model's thinking markers, None if it does not think
+        self.info = EngineInfo(
+            self.model_id, str(DTYPES[config.dtype]), str(config.device), config.max_input_tokens,
+            config.max_total_tokens, config.max_batch_total_tokens, config.max_batch_size,
+            config.max_concurrent_requests, config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens,
+            config.waiting_served_ratio, config.max_waiting_tokens, tokenizer.chat_template,
+            frozenset(chat_template.variables), find_reasoning(tokenizer),
+            model_format(chat_template, tokenizer.chat_template, self._special_token_id))
         self.adapters: LoRARegistry = core.adapters
         self._adapter_requests: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
-        self._in_flight = 0
         self.backlog = PromptBacklog(config.max_queued_tokens)
 
     @classmethod
@@ -192,19 +173,38 @@ class AsyncEngine:
         if self.grammar_compiler is not None:
             self.grammar_compiler.close()
 
+    def _special_token_id(self, text: str) -> int | None:
+        token = self.tokenizer.backend.token_to_id(text)
+        return token if token in self.tokenizer.special_ids else None
+
+    # -- prompts ------------------------------------------------------------------------------
+    def render(self, messages: list[dict], **variables) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=True, **variables)
+
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Off the event loop when long (a 100k-character prompt takes ~30 ms here)."""
+        if len(text) > LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(tokenize_prompt, self.tokenizer, text, add_special_tokens)
+        return tokenize_prompt(self.tokenizer, text, add_special_tokens)
+
+    def tokenize_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int, int]]:
+        return self.tokenizer.encode_with_offsets(text, add_special_tokens=add_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
+    # -- requests -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
-        """Events of all `request.n` sequences, interleaved; one FinalEvent per sequence, then the end."""
+        """Events of all `request.n` sequences, interleaved; one FinalEvent per sequence, then the end.
+        How many requests run at once is the caller's to bound (the HTTP layer's admission)."""
         is_base = request.adapter_id in (None, "", self.model_id)
         adapter = None if is_base else self.adapters.lookup(request.adapter_id)  # NotFoundError naming it
         prepared = await self._prepare(request)
-        if self._in_flight >= self.config.max_concurrent_requests:
-            raise OverloadedError("Model is overloaded")
         queued = len(prepared.prompt_ids)
         self.backlog.admit(queued)  # OverloadedError past --max-queued-tokens
         if adapter is not None:
             prepared.lora_id, prepared.cache_salt = adapter.lora_id, adapter.cache_salt
             self._adapter_requests[adapter.name] += 1
-        self._in_flight += 1
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.core.submit(prepared, Sink(loop, events.put_nowait))
@@ -223,7 +223,6 @@ class AsyncEngine:
                         remaining -= 1
                     yield event
         finally:
-            self._in_flight -= 1
             if queued:  # left before its prompt was prefilled
                 self.backlog.drained(queued, prefilled=False)
             if remaining:

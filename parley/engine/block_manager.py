@@ -135,10 +135,6 @@ class BlockManager:
         return sum(len(p.blocks) for p in self.pools)
 
     @property
-    def num_free_blocks(self) -> int:
-        return sum(len(p.free) for p in self.pools)
-
-    @property
     def num_used_blocks(self) -> int:
         return sum(len(p.blocks) - len(p.free) for p in self.pools)
 

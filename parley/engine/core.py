@@ -204,7 +204,7 @@ class EngineCore:
         now = time.monotonic()
         for req in [r for r in self.requests.values() if r.deadline is not None and now > r.deadline]:
             self._fail(req, RequestTimeoutError(
-                f"request timed out after {req.request.timeout_s * 1e6:.0f} microseconds"))
+                f"request timed out after {req.request.timeout_s:g} s"))
 
     def _fail(self, req: RequestState, error: Exception) -> None:
         self._finish_request(req)

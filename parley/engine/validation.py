@@ -1,6 +1,9 @@
 """Checks a request against the server's limits and turns it into a PreparedRequest.
 
-Every rule names the field it is about, so the API layer can answer 422 with a useful message.
+Every rule names the field it is about by its name in `GenerationRequest` (`prompt`, `max_new_tokens`,
+`stop_sequences`, `seeds`...), in the error's `field` and between backticks in its message, so that
+the API layer can answer 422 in each dialect's own words (api/dialects.py, `engine_errors_named`).
+Each limit on a request is checked here and nowhere else.
 """
 
 from __future__ import annotations
@@ -27,37 +30,42 @@ def _check(condition: bool, field: str, message: str) -> None:
         raise ValidationError(message, field)
 
 
+def tokenize_prompt(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    _check(text != "", "prompt", "Input validation error: `prompt` cannot be empty")
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
 def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compiler=None) -> PreparedRequest:
     sampling, stopping = request.sampling, request.stopping
 
     if isinstance(request.prompt, str):
-        _check(request.prompt != "", "inputs", "Input validation error: `inputs` cannot be empty")
-        prompt_ids = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        prompt_ids = tokenize_prompt(tokenizer, request.prompt, request.add_special_tokens)
     else:
         prompt_ids = list(request.prompt)
-        _check(all(0 <= i < limits.vocab_size for i in prompt_ids), "inputs",
-               f"Input validation error: `inputs` token ids must be in [0, {limits.vocab_size})")
-    _check(len(prompt_ids) > 0, "inputs", "Input validation error: `inputs` must have at least one token")
+        _check(all(0 <= i < limits.vocab_size for i in prompt_ids), "prompt",
+               f"Input validation error: `prompt` token ids must be in [0, {limits.vocab_size})")
+    _check(len(prompt_ids) > 0, "prompt", "Input validation error: `prompt` must have at least one token")
     if request.truncate is not None:
         _check(request.truncate > 0, "truncate", "Input validation error: `truncate` must be strictly positive")
         prompt_ids = prompt_ids[-request.truncate :]
-    _check(len(prompt_ids) <= limits.max_input_tokens, "inputs",
-           f"Input validation error: `inputs` must have less than {limits.max_input_tokens} tokens. "
+    _check(len(prompt_ids) <= limits.max_input_tokens, "prompt",
+           f"Input validation error: `prompt` must have less than {limits.max_input_tokens} tokens. "
            f"Given: {len(prompt_ids)}")
 
     max_new = stopping.max_new_tokens
     _check(max_new > 0, "max_new_tokens", "Input validation error: `max_new_tokens` must be strictly positive")
     _check(len(prompt_ids) + max_new <= limits.max_total_tokens, "max_new_tokens",
-           f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-           f"Given: {len(prompt_ids)} `inputs` tokens and {max_new} `max_new_tokens`")
-    _check(0 <= stopping.min_new_tokens <= max_new, "min_tokens",
-           f"Input validation error: `min_tokens` must be between 0 and `max_new_tokens` ({max_new})")
-    _check(len(stopping.stop_sequences) <= limits.max_stop_sequences, "stop",
-           f"Input validation error: `stop` supports up to {limits.max_stop_sequences} stop sequences. "
+           f"Input validation error: `prompt` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+           f"Given: {len(prompt_ids)} `prompt` tokens and {max_new} `max_new_tokens`")
+    _check(0 <= stopping.min_new_tokens <= max_new, "min_new_tokens",
+           f"Input validation error: `min_new_tokens` must be between 0 and `max_new_tokens` ({max_new})")
+    _check(len(stopping.stop_sequences) <= limits.max_stop_sequences, "stop_sequences",
+           f"Input validation error: `stop_sequences` supports up to {limits.max_stop_sequences} stop sequences. "
            f"Given: {len(stopping.stop_sequences)}")
-    _check(all(s != "" for s in stopping.stop_sequences), "stop", "Input validation error: `stop` sequences cannot be empty")
-    _check(all(0 <= i < limits.vocab_size for i in stopping.extra_eos_token_ids), "eos_token",
-           f"Input validation error: `eos_token` ids must be in [0, {limits.vocab_size})")
+    _check(all(s != "" for s in stopping.stop_sequences), "stop_sequences",
+           "Input validation error: `stop_sequences` sequences cannot be empty")
+    _check(all(0 <= i < limits.vocab_size for i in stopping.extra_eos_token_ids), "extra_eos_token_ids",
+           f"Input validation error: `extra_eos_token_ids` ids must be in [0, {limits.vocab_size})")
 
     if sampling.do_sample:
         _check(sampling.temperature > 0, "temperature", "Input validation error: `temperature` must be strictly positive")
@@ -93,13 +101,18 @@ def prepare(request: GenerationRequest, tokenizer, limits: Limits, grammar_compi
 
 
 def _seeds(request: GenerationRequest, n: int) -> list[int | None]:
+    """One seed per sequence (None: greedy). A list of seeds, even one a greedy request ignores,
+    gives one per sequence: a list of any other length is a mistake, not a wish."""
+    seeds = request.seeds
+    if isinstance(seeds, list):
+        _check(len(seeds) == n, "seeds", "Input validation error: a `seeds` list needs one seed per sequence "
+               f"(`n` = {n}). Given: {len(seeds)} seeds")
     if not request.sampling.do_sample:
         return [None] * n
-    seeds = request.seeds
-    if not seeds:
+    if seeds is None:
         return [random.getrandbits(63) for _ in range(n)]
-    _check(all(0 <= s < 2**64 for s in seeds), "seed", "Input validation error: `seed` must be a non-negative 64-bit integer")
-    if len(seeds) == 1:
-        return [(seeds[0] + i) % 2**64 for i in range(n)]  # sequence 0 keeps the given seed exactly
-    _check(len(seeds) == n, "seed", f"Input validation error: `seed` lists need one seed per sequence ({n}). Given: {len(seeds)}")
+    _check(all(0 <= s < 2**64 for s in ([seeds] if isinstance(seeds, int) else seeds)), "seeds",
+           "Input validation error: `seeds` must be a non-negative 64-bit integer")
+    if isinstance(seeds, int):
+        return [(seeds + i) % 2**64 for i in range(n)]  # sequence 0 keeps the given seed exactly
     return list(seeds)

@@ -1,6 +1,6 @@
 """Structured output: grammars (JSON Schema, regex, Lark) turned into per-step token masks (llguidance)."""
 
-from parley.structured.bitmask import allocate_bitmask, apply_bitmask_, bitmask_to_bool, fill_bitmasks
+from parley.structured.bitmask import allocate_bitmask, bitmask_to_bool, fill_bitmasks
 from parley.structured.compiler import GrammarCompiler, GrammarError
 from parley.structured.matcher import GrammarMatcher
 
@@ -9,7 +9,6 @@ __all__ = [
     "GrammarError",
     "GrammarMatcher",
     "allocate_bitmask",
-    "apply_bitmask_",
     "bitmask_to_bool",
     "fill_bitmasks",
 ]

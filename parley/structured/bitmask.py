@@ -8,11 +8,9 @@ import torch
 
 from parley.structured.matcher import GrammarMatcher, check_bitmask
 
-# Per byte value, its 8 bits as bools and as logit biases (0 allowed, -inf not). On CPU, looking the
-# bitmask's bytes up in these is ~3x faster than testing bits, and adding the bias ~2x faster than
-# masked_fill_ (up to 15x on irregular masks, where masked_fill_'s branches mispredict).
+# Per byte value, its 8 bits as bools. On CPU, looking the bitmask's bytes up in this table is ~3x
+# faster than testing bits.
 _BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()  # [256, 8]
-_BYTE_BIAS = torch.zeros(256, 8).masked_fill_(~_BYTE_BITS, float("-inf"))
 
 
 def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
@@ -37,18 +35,8 @@ def fill_bitmasks(matchers: Sequence[GrammarMatcher | None], bitmask: torch.Tens
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, W] int32 bitmask -> [B, vocab_size] bool, True = allowed."""
-    return _per_token(_BYTE_BITS, bitmask, vocab_size)
-
-
-def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Add -inf to the logits of disallowed tokens, in place. logits: [B, V], V covered by the mask."""
-    bias = _BYTE_BIAS.to(device=logits.device, dtype=logits.dtype)
-    return logits.add_(_per_token(bias, bitmask.to(logits.device), logits.shape[-1]))
-
-
-def _per_token(table: torch.Tensor, bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """table[byte] for each byte of the bitmask (little-endian, so token t is bit t % 8 of byte t // 8)."""
+    """[B, W] int32 bitmask -> [B, vocab_size] bool, True = allowed. Bytes are little-endian, so
+    token t is bit t % 8 of byte t // 8."""
     as_bytes = bitmask.view(torch.uint8).flatten().int()  # [B * 4W]
-    per_token = table.index_select(0, as_bytes)  # [B * 4W, 8]
+    per_token = _BYTE_BITS.index_select(0, as_bytes)  # [B * 4W, 8]
     return per_token.view(bitmask.shape[0], -1)[:, :vocab_size]

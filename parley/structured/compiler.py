@@ -13,7 +13,7 @@ from parley.structured.compile_worker import LIMITS, on_deep_stack
 from parley.structured.matcher import GrammarMatcher
 from parley.structured.numbers import number_bound_grammar
 from parley.structured.sandbox import GrammarSandbox, GrammarTooCostly
-from parley.structured.tokenizer import build_llg_tokenizer, byte_level_decoder_json
+from parley.structured.llg_vocabulary import build_llg_tokenizer, byte_level_decoder_json
 from parley.types import CallFormat, Grammar
 
 # JSON may have whitespace between tokens, but little at each place: with 32 characters SmolLM2

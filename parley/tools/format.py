@@ -25,7 +25,7 @@ import string
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from parley.tokenization.chat_template import ChatTemplate, ChatTemplateError
+from parley.tokenization.chat_template import ChatTemplate, ChatTemplateError, reads_tools
 from parley.types import CallFormat
 
 # llguidance JSON options ("x-guidance"): exactly ", " and ": " between items, no other whitespace,
@@ -78,6 +78,15 @@ _PROBE_IDS = ("probe0001", "probe0002")  # 9 letters and digits, as Mistral's te
 _PROBE_TOOLS = [{"type": "function", "function": {
     "name": name, "description": "probe", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
     for name in _PROBE_NAMES]
+
+
+def model_format(template: ChatTemplate, source: str | None, special_token_id: Callable[[str], int | None]) -> ToolFormat:
+    """The format a model writes tool calls in: its chat template's own (`source` is its text),
+    when the template reads `tools` (it gets them: api/openai/tool_calls.template_inputs) and
+    renders calls in one of `FORMATS`; else the default. The engine finds it once, at load."""
+    if not reads_tools(source):
+        return DEFAULT_FORMAT
+    return detect_format(template, special_token_id) or DEFAULT_FORMAT
 
 
 def detect_format(template: ChatTemplate, special_token_id: Callable[[str], int | None]) -> ToolFormat | None:

@@ -1,5 +1,6 @@
-"""A stand-in for parley.engine.async_engine.AsyncEngine with the same interface: byte-level
-tokens, a fixed text as "output". The HTTP tests run the real engine; this one serves the paths a
+"""A stand-in for parley.engine.async_engine.AsyncEngine with the same interface, the HTTP layer's
+`parley.types.Engine` (test_fake_engine_is_an_engine checks it): byte-level tokens, a fixed text
+as "output". The HTTP tests run the real engine; this one serves the paths a
 real model cannot be made to take on demand: a prompt holding `FAIL_AFTER_<k>` makes the engine
 fail with GenerationError after k tokens (k=0: before any event).
 
@@ -16,18 +17,17 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
 
 from parley.config import EngineConfig
-from parley.types import (FinalEvent, FinishReason, GenerationError, GenerationRequest, OverloadedError, Token,
-                          TokenEvent, ValidationError)
+from parley.tools.format import DEFAULT_FORMAT
+from parley.types import (EngineInfo, EngineStats, FinalEvent, FinishReason, GenerationError, GenerationRequest,
+                          OverloadedError, Token, TokenEvent, ValidationError)
 
 OUTPUT = "The quick brown fox jumps over the lazy dog. "
 BOS, EOS, OFFSET = 0, 1, 2  # byte b is token b + OFFSET
 
 
 class FakeTokenizer:
-    chat_template = None  # no template source of its own (FakeChatTemplate renders)
     eos_token_ids = [EOS]
     vocab_size = 256 + OFFSET
 
@@ -48,39 +48,6 @@ class FakeTokenizer:
         return b"".join(self.token_bytes(i) for i in ids).decode(errors="replace")
 
 
-class FakeChatTemplate:
-    variables = frozenset()  # reads none of a request's chat_template_kwargs
-
-    def render(self, messages: list[dict], tools=None, add_generation_prompt: bool = True, **kw) -> str:
-        parts = []
-        for m in messages:
-            content = m.get("content") or ""
-            if isinstance(content, list):
-                if any(c.get("type") != "text" for c in content):
-                    raise ValueError("image content is not supported: this model is text-only")
-                content = "".join(c["text"] for c in content)
-            parts.append(f"<|{m['role']}|>{content}\n")
-        return "".join(parts) + ("<|assistant|>" if add_generation_prompt else "")
-
-
-@dataclass
-class FakeStats:
-    kv_blocks_used: int
-    kv_blocks_total: int
-    waiting: int
-    running: int
-    adapter_requests: dict = dataclasses.field(default_factory=dict)
-    generated_tokens: int = 0
-    prefix_cache_queried_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    requests_waiting: int = 0
-    requests_running: int = 0
-    adapters_loaded: int = 0
-    running_adapters: tuple = ()
-    waiting_adapters: tuple = ()
-    max_adapters_per_batch: int = 0
-
-
 class FakeEngine:
     STEP_S = 0.003
     BLOCK = 16
@@ -91,10 +58,13 @@ class FakeEngine:
                                           max_total_tokens=config.max_total_tokens or 1024,
                                           max_batch_total_tokens=config.max_batch_total_tokens or 4096)
         self.tokenizer = FakeTokenizer()
-        self.chat_template = FakeChatTemplate()
-        self.reasoning = None  # the fake model does not think
-        self.model_id = config.model_id or "fake-model"
-        self.dtype, self.device = "torch.float32", "cpu"
+        c = self.config
+        # its chat template reads none of a request's chat_template_kwargs; the fake model does not think
+        self.info = EngineInfo(
+            c.model_id or "fake-model", "torch.float32", "cpu", c.max_input_tokens, c.max_total_tokens,
+            c.max_batch_total_tokens, c.max_batch_size, c.max_concurrent_requests, c.max_best_of, c.max_stop_sequences,
+            c.max_top_n_tokens, c.waiting_served_ratio, c.max_waiting_tokens, chat_template=None,
+            template_variables=frozenset(), reasoning=None, tool_format=DEFAULT_FORMAT)
         self._blocks: dict[str, int] = {}
         self._running = 0
         self._generated = 0
@@ -108,35 +78,61 @@ class FakeEngine:
     def start(self) -> None:
         self.started = True
 
+    def render(self, messages: list[dict], **variables) -> str:
+        parts = []
+        for m in messages:
+            content = m.get("content") or ""
+            if isinstance(content, list):
+                if any(c.get("type") != "text" for c in content):
+                    raise ValueError("image content is not supported: this model is text-only")
+                content = "".join(c["text"] for c in content)
+            parts.append(f"<|{m['role']}|>{content}\n")
+        return "".join(parts) + "<|assistant|>"
+
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        if not text:
+            raise ValidationError("Input validation error: `prompt` cannot be empty", "prompt")
+        return self.tokenizer.encode(text, add_special_tokens)
+
+    def tokenize_with_offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int, int]]:
+        return self.tokenizer.encode_with_offsets(text, add_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
     def has_adapter(self, name) -> bool:
         return False
 
     def list_adapters(self) -> list:
         return []
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError("the fake engine serves no adapters")
+
+    async def unload_adapter(self, name: str) -> int:
+        raise NotImplementedError("the fake engine serves no adapters")
+
     async def shutdown(self) -> None:
         self.started = False
 
-    def stats(self) -> FakeStats:
-        return FakeStats(sum(self._blocks.values()), self.config.max_batch_total_tokens // self.BLOCK, 0,
+    def stats(self) -> EngineStats:
+        return EngineStats(sum(self._blocks.values()), self.config.max_batch_total_tokens // self.BLOCK, 0,
                          self._running, generated_tokens=self._generated)
 
     def _validate(self, r: GenerationRequest) -> list[int]:
-        ids = self.tokenizer.encode(r.prompt, r.add_special_tokens) if isinstance(r.prompt, str) else r.prompt
-        if isinstance(r.prompt, str) and not r.prompt:
-            raise ValidationError("Input validation error: `inputs` cannot be empty", "inputs")
+        ids = list(r.prompt)  # the HTTP layer tokenized it (self.tokenize)
         if r.truncate:
             ids = ids[-r.truncate:]
         c, s = self.config, r.stopping
         checks = [
-            (len(ids) <= c.max_input_tokens, "inputs",
-             f"`inputs` must have less than {c.max_input_tokens} tokens. Given: {len(ids)}"),
+            (len(ids) <= c.max_input_tokens, "prompt",
+             f"`prompt` must have less than {c.max_input_tokens} tokens. Given: {len(ids)}"),
             (s.max_new_tokens > 0, "max_new_tokens", "`max_new_tokens` must be strictly positive"),
             (len(ids) + s.max_new_tokens <= c.max_total_tokens, "max_new_tokens",
-             f"`inputs` tokens + `max_new_tokens` must be <= {c.max_total_tokens}. Given: {len(ids)} `inputs` "
+             f"`prompt` tokens + `max_new_tokens` must be <= {c.max_total_tokens}. Given: {len(ids)} `prompt` "
              f"tokens and {s.max_new_tokens} `max_new_tokens`"),
-            (len(s.stop_sequences) <= c.max_stop_sequences, "stop",
-             f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(s.stop_sequences)}"),
+            (len(s.stop_sequences) <= c.max_stop_sequences, "stop_sequences",
+             f"`stop_sequences` supports up to {c.max_stop_sequences} stop sequences. Given: {len(s.stop_sequences)}"),
             (r.sampling.top_n_tokens <= c.max_top_n_tokens, "top_n_tokens",
              f"`top_n_tokens` must be <= {c.max_top_n_tokens}"),
             (all(0 <= i < self.tokenizer.vocab_size for i in r.sampling.logit_bias), "logit_bias",
@@ -147,14 +143,16 @@ class FakeEngine:
                 raise ValidationError("Input validation error: " + message, field)
         return ids
 
-    async def generate(self, r: GenerationRequest):
+    async def generate(self, request: GenerationRequest):
+        r = request
         ids = self._validate(r)
         arrival = time.monotonic()
         seeds = [(r.seeds[0] + i if r.seeds else random.getrandbits(32)) if r.sampling.do_sample else None
                  for i in range(r.n)]
         seqs = [_Sequence(i, seed, r, self.tokenizer) for i, seed in enumerate(seeds)]
-        fail = re.search(r"FAIL_AFTER_(\d+)", r.prompt) if isinstance(r.prompt, str) else None
-        if isinstance(r.prompt, str) and "QUEUE_FULL" in r.prompt:  # as the real engine's PromptBacklog
+        text = self.tokenizer.decode(ids)
+        fail = re.search(r"FAIL_AFTER_(\d+)", text)
+        if "QUEUE_FULL" in text:  # as the real engine's PromptBacklog
             raise OverloadedError("Model is overloaded: prompt tokens waiting past --max-queued-tokens", retry_after=7)
         self._running += r.n
         try:

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from parley.api import dialects
 from parley.api.dialects import SAFE_PROMPT, ChatBody
 from parley.api.errors import ApiError
+from parley.api.openai import routes as chat_routes
 from parley.types import GenerationRequest
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -20,14 +21,16 @@ def internal(**fields) -> GenerationRequest:
 
 
 def http(path: str = "/v1/chat/completions", **headers: str) -> Request:
-    return Request({"type": "http", "method": "POST", "path": path, "query_string": b"",
+    """A request as routed to the chat route at `path`, which carries the dialect its registration bound."""
+    route = next(route for route in chat_routes.router.routes if route.path == path)
+    return Request({"type": "http", "method": "POST", "path": path, "query_string": b"", "route": route,
                     "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]})
 
 
 @pytest.mark.parametrize("fields, read, expected", [
-    ({"seed": 3}, "seeds", [3]),
+    ({"seed": 3}, "seeds", 3),  # choice i: seed + i
     ({"seed": [3, 4]}, "seeds", [3, 4]),  # Friendli
-    ({"random_seed": 3}, "seeds", [3]),  # Mistral
+    ({"random_seed": 3}, "seeds", 3),  # Mistral
     ({"max_tokens": 5}, "stopping.max_new_tokens", 5),
     ({"max_new_tokens": 5}, "stopping.max_new_tokens", 5),
     ({"max_tokens": 9, "max_completion_tokens": 5}, "stopping.max_new_tokens", 5),  # the newer name wins
@@ -85,3 +88,14 @@ def test_unknown_fields_are_refused_by_name_unless_the_server_ignores_them():
     assert "stop_token" not in err.value.message
     dialects.normalize(body, http(), enforce_known=False)  # --unknown-fields ignore
     dialects.normalize(body, http(extra_parameters="pass-through"))  # Azure's SDK, with model_extras
+
+
+def test_engine_errors_name_the_fields_the_body_sent():
+    """The engine names its own fields (engine/validation.py); FIELDS takes each to what the body sent."""
+    names = dialects.engine_names(ChatBody(messages=HI, random_seed=1, max_completion_tokens=5))
+    assert (names["seeds"], names["max_new_tokens"]) == ("random_seed", "max_completion_tokens")
+    assert (names["extra_eos_token_ids"], names["min_new_tokens"], names["prompt"]) == ("eos_token", "min_tokens", "messages")
+    names = dialects.engine_names(ChatBody(messages=HI), tools=True)
+    assert (names["seeds"], names["max_new_tokens"], names["grammar"]) == ("seed", "max_tokens", "tools")
+    anthropic = dialects.engine_names(ChatBody(messages=HI, max_tokens=5), {"stop": "stop_sequences"})
+    assert (anthropic["stop_sequences"], anthropic["max_new_tokens"]) == ("stop_sequences", "max_tokens")

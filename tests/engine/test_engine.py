@@ -125,7 +125,7 @@ async def test_decoder_input_details_match_reference(engine, reference):
 def sampled(prompt, seed, n=1, **params):
     return GenerationRequest(prompt, sampling=SamplingParams(do_sample=True, temperature=1.5, **params),
                              stopping=StoppingCriteria(max_new_tokens=16, min_new_tokens=16), n=n,
-                             seeds=[seed] if seed is not None else None)
+                             seeds=seed)
 
 
 async def test_same_seed_same_tokens_alone_or_in_a_busy_batch(engine):
@@ -188,13 +188,13 @@ async def test_preemption_under_a_tiny_block_budget_keeps_outputs_exact(model_di
 
 async def test_limits_are_validation_errors_naming_the_field(engine):
     cases = [
-        (GenerationRequest("x" * 2000), "inputs"),
+        (GenerationRequest("x" * 2000), "prompt"),
         (GenerationRequest("hi", stopping=StoppingCriteria(max_new_tokens=1000)), "max_new_tokens"),
-        (GenerationRequest("hi", stopping=StoppingCriteria(stop_sequences=list("abcde"))), "stop"),
+        (GenerationRequest("hi", stopping=StoppingCriteria(stop_sequences=list("abcde"))), "stop_sequences"),
         (GenerationRequest("hi", sampling=SamplingParams(do_sample=True, temperature=0)), "temperature"),
         (GenerationRequest("hi", sampling=SamplingParams(top_p=1.5)), "top_p"),
         (GenerationRequest("hi", sampling=SamplingParams(top_n_tokens=50)), "top_n_tokens"),
-        (GenerationRequest(""), "inputs"),
+        (GenerationRequest(""), "prompt"),
     ]
     for request, field in cases:
         with pytest.raises(ValidationError) as info:
@@ -220,7 +220,7 @@ async def test_grammar_constrains_every_sequence(engine):
                               stopping=StoppingCriteria(max_new_tokens=20))
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
               "required": ["ok", "n"], "additionalProperties": False}
-    as_json = GenerationRequest("JSON:", grammar=Grammar("json", json.dumps(schema)), n=3, seeds=[5],
+    as_json = GenerationRequest("JSON:", grammar=Grammar("json", json.dumps(schema)), n=3, seeds=5,
                                 sampling=SamplingParams(do_sample=True, temperature=2.0),
                                 stopping=StoppingCriteria(max_new_tokens=40))
     (regex_final, _), (json_final, _) = await asyncio.gather(collect(engine, regex), collect(engine, as_json))

@@ -23,7 +23,7 @@ def engine(tmp_path_factory):
 
 
 def request(engine, prompt, phase, budget=None, max_new_tokens=16, **kw) -> GenerationRequest:
-    rules = dataclasses.replace(engine.reasoning, phase=phase, budget=budget)
+    rules = dataclasses.replace(engine.info.reasoning, phase=phase, budget=budget)
     return GenerationRequest(prompt, add_special_tokens=False, reasoning=rules,
                              stopping=StoppingCriteria(max_new_tokens=max_new_tokens), **kw)
 
@@ -33,7 +33,7 @@ def ids(final) -> list[int]:
 
 
 async def test_the_budget_forces_the_close_and_changes_nothing_before_it(engine):
-    rules = engine.reasoning
+    rules = engine.info.reasoning
     assert (engine.tokenizer.token_text(rules.start_id), engine.tokenizer.token_text(rules.end_id)) == \
         ("<think>", "</think>")
     free, _ = await collect(engine, request(engine, OPEN, "thinking"))
@@ -59,7 +59,7 @@ async def test_a_grammar_waits_for_the_answer(engine):
 
 
 async def test_a_free_first_token_may_open_a_thinking_past_the_grammar_unless_the_budget_is_zero(engine):
-    start = engine.reasoning.start_id
+    start = engine.info.reasoning.start_id
     bias = SamplingParams(logit_bias={start: 100.0})  # make the model want to think
     grammar = Grammar("regex", "[ab]{3,6}")
     final, _ = await collect(engine, request(engine, FREE, "maybe", budget=4, grammar=grammar, sampling=bias))
@@ -71,7 +71,7 @@ async def test_a_free_first_token_may_open_a_thinking_past_the_grammar_unless_th
 
 
 async def test_the_answer_cap_counts_only_the_answer(engine):
-    rules = dataclasses.replace(engine.reasoning, phase="thinking", budget=5, max_answer_tokens=3)
+    rules = dataclasses.replace(engine.info.reasoning, phase="thinking", budget=5, max_answer_tokens=3)
     final, _ = await collect(engine, GenerationRequest(OPEN, add_special_tokens=False, reasoning=rules,
                                                        stopping=StoppingCriteria(max_new_tokens=50)))
     assert final[0].finish_reason is FinishReason.LENGTH
@@ -87,4 +87,4 @@ async def test_same_seed_same_thinking_alone_or_batched(engine):
     busy, *_ = await asyncio.gather(collect(engine, sampled(21, 7)),
                                     *[collect(engine, sampled(s, b)) for s, b in ((1, None), (2, 3), (3, 9))])
     assert ids(alone[0]) == ids(busy[0][0])
-    assert ids(alone[0])[5:7] == engine.reasoning.close_ids
+    assert ids(alone[0])[5:7] == engine.info.reasoning.close_ids

@@ -1,5 +1,6 @@
 """The engine's own limits (parley/engine/validation.py): each rule is a ValidationError naming the
-internal field it is about (the API maps the names to each dialect's, errors.fields_named)."""
+internal field it is about, its name in GenerationRequest (the API maps the names to each dialect's,
+dialects.engine_errors_named)."""
 
 import pytest
 
@@ -25,22 +26,22 @@ def prepared(**kw):
 
 
 def test_a_valid_request_is_tokenized_and_seeded():
-    p = prepared(sampling=SamplingParams(do_sample=True), n=2, seeds=[7])
+    p = prepared(sampling=SamplingParams(do_sample=True), n=2, seeds=7)
     assert p.prompt_ids == [1, 3, 3, 3] and p.seeds == [7, 8]
     assert prepared(truncate=2).prompt_ids == [3, 3]
     assert prepared().seeds == [None]  # greedy: no generator
 
 
 @pytest.mark.parametrize("kw, field", [
-    ({"prompt": ""}, "inputs"),
-    ({"prompt": [1, 99]}, "inputs"),  # a token id outside the vocabulary
-    ({"prompt": "a " * 9}, "inputs"),  # past max_input_tokens
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [1, 99]}, "prompt"),  # a token id outside the vocabulary
+    ({"prompt": "a " * 9}, "prompt"),  # past max_input_tokens
     ({"stopping": StoppingCriteria(max_new_tokens=9)}, "max_new_tokens"),  # 4 + 9 > 12
     ({"stopping": StoppingCriteria(max_new_tokens=0)}, "max_new_tokens"),
-    ({"stopping": StoppingCriteria(max_new_tokens=4, min_new_tokens=5)}, "min_tokens"),
-    ({"stopping": StoppingCriteria(max_new_tokens=4, stop_sequences=["a", "b", "c"])}, "stop"),
-    ({"stopping": StoppingCriteria(max_new_tokens=4, stop_sequences=[""])}, "stop"),
-    ({"stopping": StoppingCriteria(max_new_tokens=4, extra_eos_token_ids=[50])}, "eos_token"),
+    ({"stopping": StoppingCriteria(max_new_tokens=4, min_new_tokens=5)}, "min_new_tokens"),
+    ({"stopping": StoppingCriteria(max_new_tokens=4, stop_sequences=["a", "b", "c"])}, "stop_sequences"),
+    ({"stopping": StoppingCriteria(max_new_tokens=4, stop_sequences=[""])}, "stop_sequences"),
+    ({"stopping": StoppingCriteria(max_new_tokens=4, extra_eos_token_ids=[50])}, "extra_eos_token_ids"),
     ({"sampling": SamplingParams(do_sample=True, temperature=0.0)}, "temperature"),
     ({"sampling": SamplingParams(top_p=1.5)}, "top_p"),
     ({"sampling": SamplingParams(typical_p=0.0)}, "typical_p"),
@@ -52,8 +53,12 @@ def test_a_valid_request_is_tokenized_and_seeded():
     ({"sampling": SamplingParams(logit_bias={50: 1.0})}, "logit_bias"),
     ({"sampling": SamplingParams(top_n_tokens=4)}, "top_n_tokens"),
     ({"n": 3}, "n"),
-    ({"sampling": SamplingParams(do_sample=True), "n": 2, "seeds": [1, 2, 3]}, "seed"),
-    ({"sampling": SamplingParams(do_sample=True), "seeds": [2**64]}, "seed"),
+    ({"sampling": SamplingParams(do_sample=True), "n": 2, "seeds": [1, 2, 3]}, "seeds"),
+    ({"n": 2, "seeds": [1, 2, 3]}, "seeds"),  # greedy ignores the seeds, but not a list of the wrong length
+    ({"sampling": SamplingParams(do_sample=True), "seeds": []}, "seeds"),
+    ({"sampling": SamplingParams(do_sample=True), "seeds": [2**64]}, "seeds"),
+    ({"sampling": SamplingParams(do_sample=True), "seeds": 2**64}, "seeds"),
+    ({"sampling": SamplingParams(do_sample=True), "n": 2, "seeds": [7]}, "seeds"),  # a list is one seed per sequence
     ({"truncate": 0}, "truncate"),
     ({"grammar": Grammar("regex", "a+")}, "grammar"),  # no grammar compiler given
 ])

@@ -8,7 +8,7 @@ import pytest
 
 from parley.structured import GrammarCompiler, GrammarError
 from parley.structured.sandbox import GrammarSandbox
-from parley.structured.tokenizer import byte_level_decoder_json
+from parley.structured.llg_vocabulary import byte_level_decoder_json
 from parley.types import Grammar
 
 # The emptiness check of an intersection of unanchored patterns grows exponentially with their

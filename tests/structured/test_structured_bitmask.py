@@ -6,7 +6,6 @@ import torch
 from parley.structured import (
     GrammarCompiler,
     allocate_bitmask,
-    apply_bitmask_,
     bitmask_to_bool,
     fill_bitmasks,
 )
@@ -36,14 +35,6 @@ def test_allocate_bitmask_allows_everything():
     bitmask = allocate_bitmask(3, 100)
     assert bitmask.shape == (3, 4) and bitmask.dtype == torch.int32
     assert bitmask_to_bool(bitmask, 100).all()
-
-
-def test_apply_bitmask_sets_disallowed_logits_to_minus_inf():
-    bitmask = torch.zeros(1, 1, dtype=torch.int32)
-    bitmask[0, 0] = 0b1010
-    logits = torch.zeros(1, 6)
-    apply_bitmask_(logits, bitmask)
-    assert torch.isinf(logits[0]).tolist() == [True, False, True, False, True, True]
 
 
 def test_fill_bitmasks_matches_single_rows_and_leaves_unconstrained_rows_allowed(compiler, backend_tokenizer):
@@ -116,7 +107,7 @@ def test_report_batch_timings(compiler, backend_tokenizer):
         for token in tokens[:position]:
             assert matcher.accept(token)
     bitmask = allocate_bitmask(batch, vocab_size)
-    timings = {"fill_bitmasks": [], "bitmask_to_bool": [], "apply_bitmask_": []}
+    timings = {"fill_bitmasks": [], "bitmask_to_bool": []}
     for step in range(steps):
         started = time.perf_counter()
         fill_bitmasks(matchers, bitmask)
@@ -124,10 +115,6 @@ def test_report_batch_timings(compiler, backend_tokenizer):
         started = time.perf_counter()
         bitmask_to_bool(bitmask, vocab_size)
         timings["bitmask_to_bool"].append(time.perf_counter() - started)
-        logits = torch.randn(batch, vocab_size)  # fresh each step, like the model's output
-        started = time.perf_counter()
-        apply_bitmask_(logits, bitmask)
-        timings["apply_bitmask_"].append(time.perf_counter() - started)
         for row, matcher in enumerate(matchers):
             assert matcher.accept(tokens[positions[row] + step])
     medians = {name: sorted(values)[steps // 2] * 1e3 for name, values in timings.items()}

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from parley.api import dialects
 from parley.api.anthropic.schemas import (CountTokensRequest, MessagesRequest, TextBlock, ThinkingBlock, ThinkingConfig,
                                           ToolResultBlock, ToolUseBlock)
-from parley.api.dialects import ChatBody
+from parley.api.dialects import ANTHROPIC, ChatBody, speaking
 from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
@@ -34,8 +34,12 @@ STOP_REASONS = {FinishReason.LENGTH: "max_tokens", FinishReason.EOS_TOKEN: "end_
                 FinishReason.STOP_SEQUENCE: "stop_sequence"}
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # "tool": the named function
 
-router = APIRouter(tags=["Anthropic"], route_class=GenerationRoute, responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
-count_router = APIRouter(tags=["Anthropic"], route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
+router = APIRouter(tags=["Anthropic"], route_class=speaking(GenerationRoute, ANTHROPIC),
+                   responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
+count_router = APIRouter(tags=["Anthropic"], route_class=speaking(StrictJSONRoute, ANTHROPIC), responses=ERROR_RESPONSES)
+# the chat body's fields -> the Messages API's, where they differ
+WIRE_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
+              "thinking_budget": "thinking.budget_tokens", "enable_thinking": "thinking.type"}
 
 
 def chat_body(body: CountTokensRequest) -> ChatBody:
@@ -84,9 +88,7 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
         if body.output_config and body.output_config.format:
             fields["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": body.output_config.format.schema_}}
-    return dialects.translated_chat_body(fields, {"stop": "stop_sequences", "response_format": "output_config.format",
-                                                  "thinking_budget": "thinking.budget_tokens",
-                                                  "enable_thinking": "thinking.type"})
+    return dialects.translated_chat_body(fields, WIRE_NAMES)
 
 
 def _thinking_fields(thinking: ThinkingConfig | None, max_tokens: int | None) -> dict:
@@ -114,7 +116,7 @@ def _translated(body: CountTokensRequest, http: Request):
     refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
     dialects.check_model(http, body.model)
     engine = server.ready_engine()
-    require(body.thinking is None or body.thinking.type == "disabled" or engine.reasoning is not None,
+    require(body.thinking is None or body.thinking.type == "disabled" or engine.info.reasoning is not None,
             f"Input validation error: `thinking.type` {body.thinking and body.thinking.type!r}: this model does not "
             "think", "thinking.type")
     return server, engine, chat_body(body)
@@ -123,24 +125,23 @@ def _translated(body: CountTokensRequest, http: Request):
 async def messages(body: MessagesRequest, http: Request) -> Response:
     server, engine, chat = _translated(body, http)
     tools = ToolPlan.of(chat, engine)
-    names = {"max_new_tokens": "max_tokens", "inputs": "messages", "stop": "stop_sequences",
-             "grammar": "tools" if tools else "output_config.format"}
-    with fields_named(names):
-        request = convert.chat_request(chat, engine, tools)
+    with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
+        request = await convert.chat_request(chat, engine, tools)
         shape = MessageShape(server.model_name, tools.format if tools else None,
                              reasoning.split_phase(request, chat, server.config.reasoning_format == "auto"))
         return await respond(
             http, [request], stream=bool(body.stream), to_json=lambda finals: shape.message(finals[0][0]),
-            to_payloads=lambda batches: shape.events(batches, len(engine.tokenizer.encode(request.prompt, add_special_tokens=False))),
-            done_marker=False, named_events=True)
+            to_payloads=lambda batches: shape.events(batches, len(request.prompt)), done_marker=False,
+            named_events=True)
 
 
 async def count_tokens(body: CountTokensRequest, http: Request) -> Response:
     """The prompt's tokens as the chat template renders the messages, system and tools."""
     _, engine, chat = _translated(body, http)
-    with fields_named({"inputs": "messages"}):
-        request = convert.chat_request(chat, engine, ToolPlan.of(chat))
-    return JSONBody({"input_tokens": len(engine.tokenizer.encode(request.prompt, add_special_tokens=False))})
+    tools = ToolPlan.of(chat)
+    with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
+        request = await convert.chat_request(chat, engine, tools)
+    return JSONBody({"input_tokens": len(request.prompt)})
 
 
 router.add_api_route("/v1/messages", messages, methods=["POST"], summary="Message (Anthropic)")

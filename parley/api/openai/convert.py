@@ -11,21 +11,20 @@ from parley.api.openai import reasoning
 from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
 from parley.api.openai.response_format import response_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
-from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
+from parley.tokenization.reasoning import prompt_phase
+from parley.types import Engine, GenerationRequest, SamplingParams, StoppingCriteria
 
 
 COMPLETION_MAX_TOKENS = 32  # TGI's spec: /v1/completions' max_tokens defaults to 32
 
 
-def generation_request(body: SamplingFields, prompt: str, engine, *, add_special_tokens: bool,
-                       top_n_tokens: int, default_max_tokens: int | None = None) -> GenerationRequest:
-    """`default_max_tokens`: the output budget when the body names none (at most what the context
-    leaves); None: what the context leaves."""
+async def generation_request(body: SamplingFields, prompt: str, engine: Engine, *, add_special_tokens: bool,
+                             top_n_tokens: int, default_max_tokens: int | None = None) -> GenerationRequest:
+    """The request with `prompt` tokenized (once: the engine takes the ids). `default_max_tokens`:
+    the output budget when the body names none (at most what the context leaves); None: what the
+    context leaves."""
     require(body.stream or not body.stream_options,
             "Input validation error: `stream_options` is only allowed when `stream` is true", "stream_options")
-    n = body.n or 1
-    require(n <= engine.config.max_n, f"Input validation error: `n` must be <= {engine.config.max_n}. Given: {n}",
-            "n")
     temperature = 1.0 if body.temperature is None else body.temperature
     request = GenerationRequest(
         prompt=prompt,
@@ -43,46 +42,49 @@ def generation_request(body: SamplingFields, prompt: str, engine, *, add_special
         stopping=StoppingCriteria(
             stop_sequences=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         ),
-        n=n,
+        n=body.n or 1,
         grammar=response_grammar(body.response_format),
         adapter_id=adapter_for_model(engine, body.model),  # a body's own adapter_id (dialects) wins
     )
     # seeds, output budget, top_k... : every vendor's spelling, through the one table
-    if "stopping.max_new_tokens" not in dialects.apply(body, request):
-        room = room_for_output(engine, prompt, add_special_tokens=add_special_tokens)
+    given = dialects.apply(body, request)
+    request.prompt = await engine.tokenize(prompt, add_special_tokens)
+    if "stopping.max_new_tokens" not in given:
+        room = room_for_output(engine.info, len(request.prompt))
         request.stopping.max_new_tokens = min(room, default_max_tokens or room)
     return request
 
 
-def chat_request(body: ChatRequest, engine, tools: ToolPlan | None = None) -> GenerationRequest:
+async def chat_request(body: ChatRequest, engine: Engine, tools: ToolPlan | None = None) -> GenerationRequest:
     """Messages go through the model's chat template; the rendered text already holds any BOS."""
     _check_tool_results(body.messages)
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in body.messages]
-    variables, thinking_off = reasoning.template_variables(body, engine)
-    messages, template_kwargs = template_inputs(messages, tools, engine.tokenizer.chat_template)
+    variables, thinking_off = reasoning.template_variables(body, engine.info)
+    messages, template_kwargs = template_inputs(messages, tools, engine.info.chat_template)
     try:
-        prompt = engine.chat_template.render(messages, add_generation_prompt=True, **variables, **template_kwargs)
+        prompt = engine.render(messages, **variables, **template_kwargs)
     except ValueError as exc:  # the template refused the messages (e.g. an image for a text model)
         raise validation_error(f"Input validation error: `messages`: {exc}", "messages") from exc
     require(body.logprobs or not body.top_logprobs,
             "Input validation error: `top_logprobs` needs `logprobs` to be true", "top_logprobs")
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    request = generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
+    request = await generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
     if tools:
         request.grammar = tools.grammar()
-    reasoning.apply_rules(request, body, engine, thinking_off)
+    reasoning.apply_rules(request, body, engine.info, thinking_off, prompt_phase(prompt))
     return request
 
 
-def completion_requests(body: CompletionRequest, engine, max_client_batch_size: int) -> list[GenerationRequest]:
+async def completion_requests(body: CompletionRequest, engine: Engine,
+                              max_client_batch_size: int) -> list[GenerationRequest]:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     require(len(prompts) > 0, "Input validation error: `prompt` cannot be an empty list", "prompt")
     require(len(prompts) <= max_client_batch_size,
             f"Input validation error: `prompt` holds {len(prompts)} prompts; at most {max_client_batch_size} "
             "are allowed (max_client_batch_size)", "prompt")
     require(body.suffix is None, "Input validation error: `suffix` is not supported by this model", "suffix")
-    return [generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0,
-                               default_max_tokens=COMPLETION_MAX_TOKENS) for p in prompts]
+    return [await generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0,
+                                     default_max_tokens=COMPLETION_MAX_TOKENS) for p in prompts]
 
 
 def _check_tool_results(messages: list[ChatMessage]) -> None:

@@ -19,13 +19,13 @@ import dataclasses
 from parley.api.budget import room_for_output
 from parley.api.errors import require
 from parley.tokenization.chat_template import RENDER_VARIABLES
-from parley.tokenization.reasoning import ANSWER, prompt_phase
-from parley.types import GenerationRequest
+from parley.tokenization.reasoning import ANSWER
+from parley.types import EngineInfo, GenerationRequest
 
 SILICONFLOW_DEFAULT_BUDGET = 4096  # SiliconFlow's documented default thinking_budget
 
 
-def template_variables(body, engine) -> tuple[dict, bool]:
+def template_variables(body, info: EngineInfo) -> tuple[dict, bool]:
     """The request's chat template variables, and whether the engine must keep the model from
     thinking (enable_thinking false, with a template that has no such switch)."""
     variables = dict(body.chat_template_kwargs or {})
@@ -38,35 +38,35 @@ def template_variables(body, engine) -> tuple[dict, bool]:
     for name in variables:
         require(name not in RENDER_VARIABLES, f"Input validation error: `chat_template_kwargs.{name}` is set by the "
                 "server from the request itself", f"chat_template_kwargs.{name}")
-        require(name in engine.chat_template.variables or name == "enable_thinking",
+        require(name in info.template_variables or name == "enable_thinking",
                 f"Input validation error: `chat_template_kwargs.{name}`: the model's chat template does not read "
-                f"`{name}` (it reads: {', '.join(sorted(engine.chat_template.variables)) or 'none'})",
+                f"`{name}` (it reads: {', '.join(sorted(info.template_variables)) or 'none'})",
                 f"chat_template_kwargs.{name}")
     engine_off = False
-    if "enable_thinking" in variables and "enable_thinking" not in engine.chat_template.variables:
+    if "enable_thinking" in variables and "enable_thinking" not in info.template_variables:
         thinking = variables.pop("enable_thinking")
-        require(engine.reasoning is not None or not thinking,
+        require(info.reasoning is not None or not thinking,
                 f"Input validation error: `{field}`: this model does not think", field)
         engine_off = thinking is False
     return variables, engine_off
 
 
-def apply_rules(request: GenerationRequest, body, engine, engine_off: bool) -> None:
-    """Sets `request.reasoning` for a thinking model, from where its rendered prompt leaves it."""
+def apply_rules(request: GenerationRequest, body, info: EngineInfo, engine_off: bool, phase: str) -> None:
+    """Sets `request.reasoning` for a thinking model, from where its rendered prompt leaves it
+    (`phase`, tokenization.reasoning.prompt_phase); `request.prompt` holds its token ids."""
     field = "thinking_budget" if body.thinking_budget is not None else "reasoning_budget"
     given = body.thinking_budget if body.thinking_budget is not None else body.reasoning_budget
-    if engine.reasoning is None:
+    if info.reasoning is None:
         require(given is None, f"Input validation error: `{field}`: this model does not think", field)
         return
-    phase = prompt_phase(request.prompt)
     budget = 0 if engine_off else given
-    rules = dataclasses.replace(engine.reasoning, phase=phase, budget=budget)
+    rules = dataclasses.replace(info.reasoning, phase=phase, budget=budget)
     if not body._max_tokens_counts_thinking and phase != ANSWER and budget != 0:
         # SiliconFlow: max_tokens bounds the answer; the thinking has its own budget on top
         rules.budget = SILICONFLOW_DEFAULT_BUDGET if budget is None else budget
         if body.max_tokens is not None:
             rules.max_answer_tokens = body.max_tokens
-            room = room_for_output(engine, request.prompt, add_special_tokens=False)
+            room = room_for_output(info, len(request.prompt))
             request.stopping.max_new_tokens = min(body.max_tokens + rules.budget, max(room, body.max_tokens))
     request.reasoning = rules
 

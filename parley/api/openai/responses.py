@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -70,15 +71,17 @@ class ChatShape:
     response_object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
     tools = None  # ToolChatShape: the format the model writes tool calls in
 
-    def __init__(self, tokenizer, logprobs: bool, phase: str | None = None, include_reasoning: bool = True):
-        self.tokenizer = tokenizer
+    def __init__(self, token_bytes: Callable[[int], bytes], logprobs: bool, phase: str | None = None,
+                 include_reasoning: bool = True):
+        """`token_bytes`: a token's bytes (the engine's), for the logprobs' `bytes`."""
+        self.token_bytes = token_bytes
         self.logprobs = logprobs
         self.phase = phase
         self.include_reasoning = include_reasoning
         self._outputs: dict[int, OutputEvents] = {}  # per choice, when its text must be parsed
 
     def _entry(self, t: Token) -> dict:
-        return {"token": t.text, "logprob": t.logprob, "bytes": list(self.tokenizer.token_bytes(t.id)),
+        return {"token": t.text, "logprob": t.logprob, "bytes": list(self.token_bytes(t.id)),
                 "token_id": t.id}
 
     def _logprob(self, token: Token, top: list[Token]) -> dict:

@@ -3,7 +3,7 @@
 The request side (`ToolPlan`) accepts every dialect's `tool_choice` (SDK-WIRE §1.4) and checks the
 tools with `parley.tools`. The model's calls are made well-formed by `tool_call_grammar` and read
 back by `parley.tools`' parsers into `message.tool_calls` / `delta.tool_calls` (SDK-WIRE §1.5),
-in the model's own call format (`call_format`: detected from its chat template, once per model).
+in the model's own call format (`EngineInfo.tool_format`: found from its chat template by the engine, at load).
 
 A chat template that reads the `tools` variable renders them (and the tool turns of the history) itself.
 For one that does not, like SmolLM2's, the tools are described in the system message, and the
@@ -16,7 +16,6 @@ put this way, while it only echoes one wrapped in Hermes' `<tool_response>` tags
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +34,9 @@ from parley.tools import (
     tool_system_prompt,
     validate_tools,
 )
-from parley.tools.format import DEFAULT_FORMAT, ToolFormat, detect_format
+from parley.tools.format import DEFAULT_FORMAT, ToolFormat
 from parley.tools.validation import TOOL_CHOICE_MODES
-from parley.types import FinalEvent, Grammar, ToolCall
+from parley.types import Engine, FinalEvent, Grammar, ToolCall
 
 
 
@@ -53,7 +52,7 @@ class ToolPlan:
     format: ToolFormat = DEFAULT_FORMAT  # how the model writes calls
 
     @classmethod
-    def of(cls, body, engine=None) -> ToolPlan | None:
+    def of(cls, body, engine: Engine | None = None) -> ToolPlan | None:
         """The plan for a chat body to `engine`'s model (None: the default format); None when it
         offers no tools or `tool_choice` is "none"."""
         tools, choice = body.tools or [], _tool_choice(body.tool_choice)
@@ -70,32 +69,11 @@ class ToolPlan:
         require(response_grammar(body.response_format) is None,
                 "Input validation error: `response_format` and `tools` cannot be combined: drop one, or set "
                 '`tool_choice` to "none"', "response_format")
-        fmt = DEFAULT_FORMAT if engine is None else call_format(engine)
+        fmt = DEFAULT_FORMAT if engine is None else engine.info.tool_format
         return cls(tools, choice, body.parallel_tool_calls is not False, body.tool_prompt, fmt)
 
     def grammar(self) -> Grammar:
         return tool_call_grammar(self.tools, self.choice, self.parallel, self.format)
-
-
-_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chat template -> its format
-
-
-def call_format(engine) -> ToolFormat:
-    """The format `engine`'s model writes tool calls in: its chat template's own, when the template
-    reads `tools` (it gets them, see `template_inputs`) and renders calls in one of
-    `parley.tools.FORMATS`; else the default (found once per model)."""
-    template, source = engine.chat_template, engine.tokenizer.chat_template
-    if not reads_tools(source):
-        return DEFAULT_FORMAT
-    if template not in _FORMATS:
-        tokenizer = engine.tokenizer
-
-        def special_token_id(text: str) -> int | None:
-            token = tokenizer.backend.token_to_id(text)
-            return token if token in tokenizer.special_ids else None
-
-        _FORMATS[template] = detect_format(template, special_token_id) or DEFAULT_FORMAT
-    return _FORMATS[template]
 
 
 def _tool_choice(raw: str | dict | None) -> ToolChoice:
@@ -166,9 +144,9 @@ class ToolChatShape(ChatShape):
     """Chat answers whose content may hold tool calls: they become `tool_calls`, and the choice's
     finish_reason "tool_calls" (unless max_tokens cut the output: "length")."""
 
-    def __init__(self, tools: ToolFormat, tokenizer, logprobs: bool, phase: str | None = None,
+    def __init__(self, tools: ToolFormat, token_bytes, logprobs: bool, phase: str | None = None,
                  include_reasoning: bool = True):
-        super().__init__(tokenizer, logprobs, phase, include_reasoning)
+        super().__init__(token_bytes, logprobs, phase, include_reasoning)
         self.tools = tools  # the format the model writes calls in
         self._called: set[int] = set()  # choices that announced a call while streaming
 

@@ -18,9 +18,10 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 
 from parley.api import dialects
-from parley.api.dialects import ChatBody
+from parley.api.dialects import OPENAI, ChatBody, speaking
 from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
@@ -36,9 +37,11 @@ from parley.tools.parser import (ContentDelta, OutputEvents, ReasoningDelta, Str
                                  ToolCallStart, parse_tool_calls)
 from parley.types import FinalEvent, FinishReason, TokenEvent
 
-router = APIRouter(tags=["OpenAI Responses"], route_class=GenerationRoute,
+router = APIRouter(tags=["OpenAI Responses"], route_class=speaking(GenerationRoute, OPENAI),
                    responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
-stored_router = APIRouter(tags=["OpenAI Responses"], responses=ERROR_RESPONSES)
+stored_router = APIRouter(tags=["OpenAI Responses"], route_class=speaking(APIRoute, OPENAI), responses=ERROR_RESPONSES)
+# the chat body's fields -> the Responses API's, where they differ
+WIRE_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
 def _new_id(prefix: str) -> str:
@@ -94,8 +97,7 @@ def chat_body(body: ResponsesRequest, messages: list[dict]) -> ChatBody:
     elif text_format and text_format.type == "json_schema":
         fields["response_format"] = {"type": "json_schema", "json_schema": {
             "name": text_format.name or "output", "schema": text_format.schema_, "strict": text_format.strict}}
-    return dialects.translated_chat_body(fields, {"messages": "input", "max_tokens": "max_output_tokens",
-                                                  "response_format": "text.format"})
+    return dialects.translated_chat_body(fields, WIRE_NAMES)
 
 
 async def create(body: ResponsesRequest, http: Request) -> Response:
@@ -115,9 +117,8 @@ async def create(body: ResponsesRequest, http: Request) -> Response:
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat = chat_body(body, system + history + new_messages)
     tools = ToolPlan.of(chat, engine)
-    names = {"max_new_tokens": "max_output_tokens", "inputs": "input", "grammar": "tools" if tools else "text.format"}
-    with fields_named(names):
-        request = convert.chat_request(chat, engine, tools)
+    with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
+        request = await convert.chat_request(chat, engine, tools)
         phase = reasoning.split_phase(request, chat, server.config.reasoning_format == "auto")
         shape = ResponseShape(body, server.model_name, tools.format if tools else None, phase)
 

@@ -7,21 +7,24 @@ import json
 from parley.api.budget import room_for_output
 from parley.api.errors import require
 from parley.api.tgi.schemas import GenerateParameters, GenerateRequest, GrammarType
-from parley.types import GenerationRequest, Grammar, SamplingParams, StoppingCriteria
+from parley.types import Engine, GenerationRequest, Grammar, SamplingParams, StoppingCriteria
 
 
-def generation_request(body: GenerateRequest, engine, *, stream: bool) -> GenerationRequest:
+async def generation_request(body: GenerateRequest, engine: Engine, *, stream: bool) -> GenerationRequest:
+    """The request with `inputs` tokenized (once: the engine takes the ids)."""
     p = body.params
     best_of = p.best_of or 1
     # TGI: setting any warper means sampling, with or without do_sample
     sampling = bool(p.do_sample) or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
-    _check_tgi_rules(p, best_of, sampling, stream, engine.config.max_best_of)
+    _check_tgi_rules(p, best_of, sampling, stream, engine.info.max_best_of)
+    grammar = _grammar(p.grammar)
 
+    prompt = await engine.tokenize(body.inputs, add_special_tokens=True)
     max_new_tokens = p.max_new_tokens
     if max_new_tokens is None:
-        max_new_tokens = room_for_output(engine, body.inputs, add_special_tokens=True, truncate=p.truncate)
+        max_new_tokens = room_for_output(engine.info, len(prompt), p.truncate)
     return GenerationRequest(
-        prompt=body.inputs,
+        prompt=prompt,
         sampling=SamplingParams(
             do_sample=sampling,
             temperature=p.temperature or 1.0,
@@ -35,15 +38,16 @@ def generation_request(body: GenerateRequest, engine, *, stream: bool) -> Genera
         ),
         stopping=StoppingCriteria(max_new_tokens=max_new_tokens, stop_sequences=p.stop or []),
         n=best_of,
-        seeds=None if p.seed is None else [p.seed],
+        seeds=p.seed,
         truncate=p.truncate,
         decoder_input_details=bool(p.decoder_input_details),
-        grammar=_grammar(p.grammar),
+        grammar=grammar,
         adapter_id=p.adapter_id,
     )
 
 
 def _check_tgi_rules(p: GenerateParameters, best_of: int, sampling: bool, stream: bool, max_best_of: int) -> None:
+    """TGI's own rules; `max_best_of` is TGI's flag, within the engine's limit on `n`."""
     require(best_of <= max_best_of, f"Input validation error: `best_of` must be <= {max_best_of}. Given: {best_of}",
             "best_of")
     if best_of > 1:

@@ -4,30 +4,34 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from parley.api.errors import ERROR_RESPONSES, refuse_unknown_fields
+from parley.api.dialects import TGI, engine_names, speaking
+from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields
 from parley.api.jsonio import JSONBody
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
 from parley.api.tgi import convert, responses
 from parley.api.tgi.schemas import CompatGenerateRequest, GenerateRequest
 
-router = APIRouter(tags=["Text Generation Inference"], route_class=GenerationRoute, responses=ERROR_RESPONSES)
+router = APIRouter(tags=["Text Generation Inference"], route_class=speaking(GenerationRoute, TGI),
+                   responses=ERROR_RESPONSES)
 
 
 async def _generate(http: Request, body: GenerateRequest, *, stream: bool, as_list: bool) -> Response:
     server = server_of(http)
     refuse_unknown_fields(body, 422, server.config.unknown_fields == "refuse")
     engine = server.ready_engine()
-    request = convert.generation_request(body, engine, stream=stream)
     params = body.params
 
     def to_json(finals):
         answer = responses.generate_response(finals[0], body.inputs, params)
         return [answer] if as_list else answer
 
-    return await respond(http, [request], stream=stream, to_json=to_json,
-                         to_payloads=lambda batches: responses.stream_payloads(batches, body.inputs, params),
-                         done_marker=False)
+    with fields_named(engine_names(params, prompt="inputs", max_new_tokens="max_new_tokens", top_n_tokens="top_n_tokens",
+                                   n="best_of", grammar="grammar")):
+        request = await convert.generation_request(body, engine, stream=stream)
+        return await respond(http, [request], stream=stream, to_json=to_json,
+                             to_payloads=lambda batches: responses.stream_payloads(batches, body.inputs, params),
+                             done_marker=False)
 
 
 @router.post("/", summary="Generate tokens; streams (SSE) when `stream` is true, else answers a JSON list",
@@ -46,13 +50,12 @@ async def generate_stream(body: GenerateRequest, http: Request) -> Response:
     return await _generate(http, body, stream=True, as_list=False)
 
 
-tokenize_router = APIRouter(tags=["Text Generation Inference"], route_class=StrictJSONRoute)
+tokenize_router = APIRouter(tags=["Text Generation Inference"], route_class=speaking(StrictJSONRoute, TGI))
 
 
 @tokenize_router.post("/tokenize", summary="Tokenize inputs (with special tokens, like generation)")
 async def tokenize(body: GenerateRequest, http: Request) -> Response:
-    tokenizer = server_of(http).ready_engine().tokenizer
-    tokens = tokenizer.encode_with_offsets(body.inputs, add_special_tokens=True)
+    tokens = server_of(http).ready_engine().tokenize_with_offsets(body.inputs, add_special_tokens=True)
     truncate = body.params.truncate
     if truncate:
         tokens = tokens[-truncate:]
