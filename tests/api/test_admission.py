@@ -64,3 +64,20 @@ def test_the_engines_queued_tokens_bound_is_a_429_with_its_retry_after_in_each_d
     r = httpx.post(fake_server.url + path, json=body, timeout=60)
     assert r.status_code == 429 and r.headers["retry-after"] == "7", r.text
     assert shape(r.json()) and "--max-queued-tokens" in r.text
+
+
+async def test_loading_pauses_the_collector_and_freezes_what_it_made_even_when_it_fails():
+    import gc
+
+    from parley.api.state import ServerState
+    from parley.config import EngineConfig, ServerConfig
+
+    def failing():
+        assert not gc.isenabled()  # no collections while the model's objects are made
+        raise RuntimeError("no model here")
+
+    state = ServerState(ServerConfig(), EngineConfig(), failing)
+    with pytest.raises(RuntimeError):
+        await state.load()
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    gc.unfreeze()
