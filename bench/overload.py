@@ -72,7 +72,8 @@ async def one_raw(host: str, port: int, payload: bytes, go: asyncio.Event) -> tu
 
 async def burst(base: str, requests: int, max_tokens: int, probes: int) -> None:
     host, port = base.removeprefix("http://").split(":")
-    body = json.dumps({**BODY, "max_tokens": max_tokens}).encode()
+    # min_tokens: every admitted stream holds its slot to the end, so the probes meet a full server
+    body = json.dumps({**BODY, "max_tokens": max_tokens, "min_tokens": max_tokens}).encode()
     payload = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
     go = asyncio.Event()
