@@ -381,11 +381,22 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(model, url, 
                      "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 1}),
               name="parley", route_prefix="/")
     assert running_replicas() == 1
-    def send(_):
-        return http.post("/v1/chat/completions", json=long_chat(3000))
+    scaled = threading.Event()
+
+    def keep_busy() -> list[int]:
+        # Requests one after another until the second replica runs: a fixed batch of them could end
+        # (on a busy machine) before the replica started, and the autoscaler then never kept it.
+        statuses = []
+        while not scaled.is_set():
+            statuses.append(http.post("/v1/chat/completions", json=long_chat(3000)).status_code)
+        return statuses
 
     with ThreadPoolExecutor(3) as pool:
-        load = [pool.submit(send, i) for i in range(3)]
-        wait_for(lambda: running_replicas() == 2, "a second replica under load")
-        assert all(f.result().status_code == 200 for f in load)
+        load = [pool.submit(keep_busy) for _ in range(3)]
+        try:
+            wait_for(lambda: running_replicas() == 2, "a second replica under load")
+        finally:
+            scaled.set()
+        statuses = [status for f in load for status in f.result()]
+        assert statuses and all(status == 200 for status in statuses), statuses
     wait_for(lambda: running_replicas() == 1, "back to one replica once idle")
