@@ -380,7 +380,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(model, url, 
     serve.run(build({**fixed, "model_id": model, "min_replicas": 1, "max_replicas": 2,
                      "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 1}),
               name="parley", route_prefix="/")
-    assert running_replicas() == 1
+    wait_for(lambda: running_replicas() == 1, "one replica to begin with")  # serve.run may return a moment early
     scaled = threading.Event()
 
     def keep_busy() -> list[int]:
