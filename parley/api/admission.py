@@ -22,14 +22,10 @@ class Admission:
         self.in_flight = 0
         self.hold_s = 1.0  # moving average of how long an admitted request holds its slot
 
-    def check(self) -> None:
-        """429 if no slot is free now."""
+    def acquire(self) -> float:
+        """Takes a slot, or 429 if none is free now; returns when, for `release`."""
         if self.in_flight >= self.limit:
             raise ApiError(429, "Model is overloaded", "overloaded", retry_after=self.retry_after())
-
-    def acquire(self) -> float:
-        """Takes a slot (or 429); returns when, for `release`."""
-        self.check()
         self.in_flight += 1
         return time.monotonic()
 

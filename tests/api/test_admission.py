@@ -33,7 +33,7 @@ def test_retry_after_is_at_least_a_second():
     admission = Admission(limit=1)
     admission.acquire()
     with pytest.raises(ApiError) as refused:
-        admission.check()
+        admission.acquire()
     assert refused.value.retry_after >= 1
 
 
