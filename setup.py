@@ -1,9 +1,9 @@
-"""The compiled parts of Parley: the multi-LoRA CPU kernel (parley/kernels/_lora.c) and paged
-attention (parley/kernels/_attention.c).
+"""The compiled parts of Parley (parley/kernels/*.c): multi-LoRA, paged attention, 4- and 8-bit
+projections, the residual add and norm, the gated MLP's activation.
 
-Both are optional: where they cannot be built (no C compiler) the install goes on, and where they
-cannot run (another architecture, no AVX512-BF16) parley/kernels/lora.py and attention.py report
-them unavailable, so LoRA and attention run on their torch paths.
+All are optional: where they cannot be built (no C compiler) the install goes on, and where they
+cannot run (another architecture, no AVX512-BF16) each one's Python module (parley/kernels/*.py)
+reports it unavailable, and torch's ops run instead.
 -fopenmp links the libgomp.so.1 that torch loads too, so the kernel shares torch's thread pool.
 """
 
@@ -15,4 +15,4 @@ def kernel(name: str) -> Extension:
                      extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_quant"), kernel("_norm")])
+setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_quant"), kernel("_norm"), kernel("_activation")])

@@ -46,13 +46,13 @@ class Timers:
 
 def instrument(timers: Timers) -> None:
     from parley.engine import runner
-    from parley.models.layers import decoder
+    from parley.models.layers import decoder, rotary
     from parley.sampling.sampler import Sampler
 
     decoder.lora_linear = timers.wrap("projections", decoder.lora_linear)
     decoder.linear = timers.wrap("lm_head", decoder.linear)  # compute_logits is its only caller there
     decoder.paged_attention = timers.wrap("attention", decoder.paged_attention)
-    decoder.apply_rope = timers.wrap("rotary", decoder.apply_rope)
+    rotary.Rope.apply = timers.wrap("rotary", rotary.Rope.apply)  # the torch path's; the kernel rotates in attention
     decoder.rms_norm = timers.wrap("norms", decoder.rms_norm)  # with the residual adds
     Sampler.__call__ = timers.wrap("sampling", Sampler.__call__)
     decoder.DecoderModel.forward = timers.wrap("forward", decoder.DecoderModel.forward)

@@ -13,6 +13,9 @@
  * the same bits alone, beside other rows, as a decode token or inside a prompt chunk of any size,
  * on any number of threads.
  *
+ * RoPE: where the caller passes its tables, each row's query and new key are rotated first, in
+ * place (rotate_rows): one call a layer instead of ~12 torch ops, the same bits as torch's.
+ *
  * Numerics: q.k is summed in fp32 over exact bf16 products (dpbf16), scaled in fp32 (and soft-capped
  * in fp32 where the model caps scores: Gemma 2); the softmax is
  * float32 (a vector exp, ~1 ulp), its numerators rounded to bf16 as eager attention rounds its
@@ -58,6 +61,9 @@ typedef struct {
     int amx;                    /* units run on AMX tiles (attend_unit_amx) */
     int64_t window;             /* > 0: a row sees only its last `window` keys (itself included) */
     float softcap;              /* > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2) */
+    const bf16 *cos, *sin;      /* RoPE tables [rope_positions][rope_half], or NULL: no rotation */
+    const int64_t *positions;   /* each row's position, the table row it is rotated by */
+    int64_t rope_half, rope_positions;
 } Call;
 
 #define UNIT_ROWS 4  /* rows of one sequence attended together */
@@ -128,22 +134,27 @@ static void write_cache(const Call *c) {
 
 #if PARLEY_SIMD
 
-/* e^x for x <= 0, as Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial,
- * scaled by 2^n (scalef flushes what underflows to zero). */
-TARGET static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+/* RoPE (rotate-half, HF's layout) of the first 2 * rope_half dims of `heads` heads from x (row r at
+ * x + r * stride, heads contiguous), in place, at each row's position. As torch's apply_rope in
+ * bf16 (parley/models/layers/rotary.py): each product rounded to bf16, then their difference or sum
+ * rounded to bf16, so the same bits. */
+TARGET static void rotate_rows(const Call *c, bf16 *x, int64_t stride, int64_t heads) {
+    const int64_t half = c->rope_half;
+    for (int64_t r = 0; r < c->rows; r++) {
+        const bf16 *cos = c->cos + c->positions[r] * half, *sin = c->sin + c->positions[r] * half;
+        for (int64_t h = 0; h < heads; h++) {
+            bf16 *first = x + r * stride + h * c->head_dim, *second = first + half;
+            for (int64_t i = 0; i < half; i += 16) {
+                const __mmask16 m = half - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (half - i)) - 1);
+                const __m512 x1 = load_bf16_masked(first + i, m), x2 = load_bf16_masked(second + i, m);
+                const __m512 co = load_bf16_masked(cos + i, m), si = load_bf16_masked(sin + i, m);
+                const __m512 y1 = _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, co)), round_bf16(_mm512_mul_ps(x2, si)));
+                const __m512 y2 = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, co)), round_bf16(_mm512_mul_ps(x1, si)));
+                store_bf16_masked(first + i, m, y1);
+                store_bf16_masked(second + i, m, y2);
+            }
+        }
+    }
 }
 
 /* Software prefetch of the keys (values) of the 16 tokens from t, PREFETCH_TOKENS ahead of their
@@ -433,6 +444,7 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
 }
 
 #else
+static void rotate_rows(const Call *c, bf16 *x, int64_t stride, int64_t heads) { (void)c, (void)x, (void)stride, (void)heads; }
 static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
 }
@@ -443,13 +455,14 @@ static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scrat
 
 /* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
  *        num_blocks, block_size, tables, sequences, table_stride, seq, keys, scale,
- *        k_new, k_stride, v_new, v_stride, slots, amx, window, softcap): pointers as ints, strides in elements; the `rows`
- * new tokens' keys and values are written first. The caller checks shapes
- * (parley/kernels/attention.py). */
+ *        k_new, k_stride, v_new, v_stride, slots, amx, window, softcap, cos, sin, rope_positions, rope_half,
+ *        positions): pointers as ints, strides in elements; where cos is not 0, q and the new keys are
+ * rotated first, in place; then the `rows` new tokens' keys and values are written. The caller
+ * checks shapes (parley/kernels/attention.py). */
 static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 27) {
-        PyErr_SetString(PyExc_TypeError, "attend takes 27 arguments");
+    if (nargs != 32) {
+        PyErr_SetString(PyExc_TypeError, "attend takes 32 arguments");
         return NULL;
     }
     const int threads = (int)PyLong_AsLong(args[0]);
@@ -465,19 +478,23 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .k_new = PyLong_AsVoidPtr(args[19]), .k_stride = PyLong_AsLongLong(args[20]),
               .v_new = PyLong_AsVoidPtr(args[21]), .v_stride = PyLong_AsLongLong(args[22]),
               .slots = PyLong_AsVoidPtr(args[23]), .amx = PyObject_IsTrue(args[24]),
-              .window = PyLong_AsLongLong(args[25]), .softcap = (float)PyFloat_AsDouble(args[26])};
+              .window = PyLong_AsLongLong(args[25]), .softcap = (float)PyFloat_AsDouble(args[26]),
+              .cos = PyLong_AsVoidPtr(args[27]), .sin = PyLong_AsVoidPtr(args[28]),
+              .rope_positions = PyLong_AsLongLong(args[29]), .rope_half = PyLong_AsLongLong(args[30]),
+              .positions = PyLong_AsVoidPtr(args[31])};
     if (PyErr_Occurred()) return NULL;
     const int64_t group = c.heads / c.kv_heads;
     if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads ||
-        c.block_size % 16 || (c.amx && (group > 16 || !amx_supported())) || c.window < 0 || !(c.softcap >= 0)) {
+        c.block_size % 16 || (c.amx && (group > 16 || !amx_supported())) || c.window < 0 || !(c.softcap >= 0) ||
+        (c.cos && (c.sin == NULL || c.positions == NULL || c.rope_half < 1 || 2 * c.rope_half > c.head_dim))) {
         PyErr_SetString(PyExc_ValueError, "unsupported head layout");
         return NULL;
     }
     /* what the kernel reads and writes stays inside the caches, whatever the caller passes */
     for (int64_t r = 0; r < c.rows; r++) {
         if (c.seq[r] < 0 || c.seq[r] >= c.sequences || c.keys[r] < 1 || c.keys[r] > c.table_stride * c.block_size || c.slots[r] < 0 ||
-            c.slots[r] >= c.num_blocks * c.block_size) {
-            PyErr_SetString(PyExc_ValueError, "attend: a row's keys, table or slot is out of range");
+            c.slots[r] >= c.num_blocks * c.block_size || (c.cos && (c.positions[r] < 0 || c.positions[r] >= c.rope_positions))) {
+            PyErr_SetString(PyExc_ValueError, "attend: a row's keys, table, slot or position is out of range");
             return NULL;
         }
     }
@@ -506,6 +523,10 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
+    if (c.cos) {
+        rotate_rows(&c, (bf16 *)c.q, c.q_stride, c.heads);
+        rotate_rows(&c, (bf16 *)c.k_new, c.k_stride, c.kv_heads);
+    }
     write_cache(&c);
 #pragma omp parallel num_threads(team) if (team > 1)
     {

@@ -15,12 +15,6 @@
 #include "cpu.h"
 
 #if PARLEY_SIMD
-TARGET static inline __m512 load_bf16(const bf16 *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-TARGET static inline void store_bf16(bf16 *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
-
 /* One row of `width` (a multiple of 16): total (if `hidden`) and out. */
 TARGET static void norm_row(const bf16 *delta, const bf16 *hidden, bf16 *total, bf16 *out, const bf16 *weight,
                             int64_t width, float eps) {

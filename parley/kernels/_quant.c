@@ -143,10 +143,6 @@ TARGET static inline void transpose16(__m512i r[16]) {
     }
 }
 
-TARGET static inline __m512 load_bf16(const bf16 *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* y[row + r][o0 + j] = bf16(sums[r * n + j] + bias) for r < rows, j < n (16, 8 or 4; rows * n <= 16). */
 TARGET static inline void write_sums(const Call *c, __m512 sums, int64_t row, int64_t rows, int64_t o0, int n) {
     if (c->bias) {

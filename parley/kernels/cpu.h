@@ -1,5 +1,6 @@
-/* What the C kernels (_attention.c, _q4.c, _norm.c, _lora.c) share: the bf16 type, the target attributes of their
- * AVX512-BF16 and AMX paths, AMX's tile configuration, and whether this CPU and process run them.
+/* What the C kernels (_attention.c, _quant.c, _norm.c, _activation.c, _lora.c) share: the bf16 type, the target
+ * attributes of their AVX512-BF16 and AMX paths, AMX's tile configuration, bf16 loads and stores, a
+ * vector exp, and whether this CPU and process run them.
  * Off x86-64 (or built with -DPARLEY_NO_SIMD) PARLEY_SIMD is 0 and they say unsupported. */
 #ifndef PARLEY_CPU_H
 #define PARLEY_CPU_H
@@ -16,6 +17,44 @@ typedef uint16_t bf16;
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+
+/* 16 bf16 as float32 (exact); float32 stored as bf16, rounded to nearest even as torch rounds. */
+TARGET static inline __m512 load_bf16(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+TARGET static inline __m512 load_bf16_masked(const bf16 *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+TARGET static inline void store_bf16(bf16 *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+TARGET static inline void store_bf16_masked(bf16 *p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* v rounded to bf16 and back: what a torch op in bf16 leaves of its float32 result. */
+TARGET static inline __m512 round_bf16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* e^x for x <= 0, as Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial,
+ * scaled by 2^n (scalef flushes what underflows to zero). */
+TARGET static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
 
 /* AMX's tile configuration (palette 1): rows and bytes per row of each of the 8 tiles. */
 typedef struct __attribute__((packed)) {

@@ -31,6 +31,7 @@ import torch
 
 from parley.kernels import attention as kernel
 from parley.kernels.linear import rows_per_call
+from parley.models.layers.rotary import Rope
 
 KEY_MULTIPLE = 32  # keys per sequence in a step's attention come in multiples of this (see _weighted_values)
 KEYS_PER_CALL = 512  # at most this many keys per matmul of probabilities and values
@@ -84,11 +85,15 @@ def paged_attention(
     scale: float,
     window: int | None = None,  # a sliding layer's: each token sees its last `window` positions, itself included
     softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)
+    rope: Rope | None = None,  # q and k are rotated first (on the kernel path in place, in their tensor)
 ) -> torch.Tensor:  # [N, H, D]
     if window is not None and meta.window_meta is not None:
         meta = meta.window_meta
     if use_kernel(q, k_cache):
-        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale, window, softcap)
+        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale, window, softcap,
+                             rope)
+    if rope is not None:
+        q, k = rope.apply(q), rope.apply(k)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
     k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))

@@ -181,3 +181,42 @@ def test_the_kernel_refuses_to_read_or_write_outside_the_cache():
         with pytest.raises(ValueError):
             kernel.attend(q, k, v, cache.k_cache, cache.v_cache, torch.tensor(slots), torch.tensor(table), seq, keys,
                           0.125)
+
+
+@pytest.mark.parametrize("amx", [pytest.param(True, marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX")), False])
+@pytest.mark.parametrize("rotary_factor", [1.0, 0.5, 0.25])  # partial rotary (Phi, StableLM): R/2 of 32, 16, 8
+@pytest.mark.skipif(not HAS_KERNEL, reason="no AVX512-BF16")
+def test_the_kernel_rotates_q_and_k_with_the_bits_of_torchs_rope(amx, rotary_factor, monkeypatch):
+    """The kernel's RoPE, in place before it attends, is torch's apply_rope in bf16 bit for bit: the
+    queries it leaves, the keys it caches, and so the output of attending pre-rotated q and k."""
+    from parley.models.layers.rotary import Rope, RotaryTable
+
+    monkeypatch.setattr(kernel, "_amx", amx)
+    table = RotaryTable(HEAD_DIM, 10000.0, None, 4096, rotary_factor).to(torch.bfloat16)
+    rows, generator = 40, torch.Generator().manual_seed(1)
+    positions = torch.randint(0, 4096, (rows,), generator=generator)
+    rope = Rope(table, positions)
+    qkv = (3 * torch.randn(rows, KV_HEADS * (GROUP + 2), HEAD_DIM, generator=generator)).to(torch.bfloat16)
+    heads = KV_HEADS * GROUP
+    want_q, want_k = rope.apply(qkv[:, :heads]), rope.apply(qkv[:, heads : heads + KV_HEADS])
+
+    outs = []
+    for given in (rope, None):  # the kernel rotating, then q and k rotated by torch and not again
+        cache = Cache([rows], torch.bfloat16)
+        cache.k_cache.zero_(), cache.v_cache.zero_()
+        x = qkv.clone() if given is not None else torch.cat((want_q, want_k, qkv[:, heads + KV_HEADS :]), dim=1)
+        q, k, v = x.split([heads, KV_HEADS, KV_HEADS], dim=1)
+        slots = torch.tensor([cache.tables[0][p // BLOCK] * BLOCK + p % BLOCK for p in range(rows)])
+        table_row = torch.tensor([cache.tables[0] + [0] * (table_width(len(cache.tables[0]), BLOCK) - len(cache.tables[0]))])
+        keys = torch.arange(1, rows + 1, dtype=torch.int32)
+        outs.append((kernel.attend(q, k, v, cache.k_cache, cache.v_cache, slots, table_row,
+                                   torch.zeros(rows, dtype=torch.int32), keys, HEAD_DIM**-0.5, rope=given),
+                     cache.k_cache.clone()))
+        if given is not None:
+            assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+    beyond = Rope(table, torch.full((rows,), 4096))
+    with pytest.raises(ValueError):
+        kernel.attend(q, k, v, cache.k_cache, cache.v_cache, slots, table_row, torch.zeros(rows, dtype=torch.int32), keys,
+                      HEAD_DIM**-0.5, rope=beyond)

@@ -24,13 +24,22 @@ from torch import nn
 
 from parley.adapters.ops import NO_LORA, LayerLoRA, LoRABatch, lora_linear
 from parley.config import ModelConfig
+from parley.kernels.activation import silu_mul
 from parley.kernels.linear import GROUP, QuantRows, can_pack, check_rows_per_call, linear, pack, prepack, quantize_q4
 from parley.kernels.norm import rms_norm
 from parley.models.attention import AttentionMetadata, paged_attention
-from parley.models.layers.rotary import RotaryTable, apply_rope
+from parley.models.layers.rotary import Rope, RotaryTable
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def glu(act: str, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up [N, I] of a fused gate_up [N, 2I] (gate, then up); silu's in one kernel call."""
+    if act == "silu":
+        return silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return ACTIVATIONS[act](gate) * up
 
 
 def param(*shape: int) -> nn.Parameter:
@@ -82,7 +91,7 @@ class DecoderLayer(nn.Module):
         self.clip = config.clip_qkv
         self.qk_norm = config.qk_norm
         self.rope = 1 if config.rope_local_theta is not None and self.window is not None else 0  # model.rotary[i]
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act = config.hidden_act
         qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * head_dim
         self.input_norm = param(hidden)
         self.qkv_weight = param(qkv_rows, hidden)  # rows: q, then k, then v
@@ -140,15 +149,15 @@ class DecoderLayer(nn.Module):
                                 F.rms_norm(k, (head_dim,), self.k_norm, self.eps)), dim=1)
         if self.clip is not None:  # after the norms, as OLMoE clamps
             qk, v = qk.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
-        qk = apply_rope(qk, *rope)  # [N, H + KVH, D]
-        q, k = qk.split([heads, kv_heads], dim=1)  # [N, H, D], [N, KVH, D]
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, window=self.window, softcap=self.softcap)
+        q, k = qk.split([heads, kv_heads], dim=1)  # [N, H, D], [N, KVH, D], rotated by the attention
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, window=self.window, softcap=self.softcap,
+                              rope=rope)
         out = out.reshape(n, heads * head_dim)  # [N, H*D]
         return lora_linear(out, self.o_weight, self.o_bias, lora.o)  # [N, hidden]
 
     def _mlp(self, x, lora: LayerLoRA) -> torch.Tensor:
-        gate, up = lora_linear(x, self.gate_up_weight, None, lora.gate_up).chunk(2, dim=-1)  # [N, I] each
-        return lora_linear(self.act(gate) * up, self.down_weight, None, lora.down)
+        gate_up = lora_linear(x, self.gate_up_weight, None, lora.gate_up)  # [N, 2I]
+        return lora_linear(glu(self.act, gate_up), self.down_weight, None, lora.down)
 
 
 class DecoderModel(nn.Module):
@@ -205,7 +214,7 @@ class DecoderModel(nn.Module):
         delta, hidden = F.embedding(input_ids, self.embed_tokens), None  # [N, hidden]
         if self.config.embedding_scale != 1.0:  # rounded to the model's dtype first, as HF does
             delta = delta * torch.tensor(self.config.embedding_scale, dtype=delta.dtype)
-        ropes = [table.lookup(positions) for table in self.rotary]  # cos, sin [N, 1, R/2] each
+        ropes = [Rope(table, positions) for table in self.rotary]
         layer_loras = lora.layers if lora is not None else [NO_LORA] * len(self.layers)
         for layer, (k_cache, v_cache), layer_lora in zip(self.layers, kv_caches, layer_loras, strict=True):
             delta, hidden = layer(delta, hidden, ropes[layer.rope], k_cache, v_cache, meta, layer_lora)

@@ -15,7 +15,7 @@ from torch import nn
 from parley.adapters.ops import LayerLoRA
 from parley.config import ModelConfig
 from parley.kernels.linear import linear, prepack
-from parley.models.layers.decoder import DecoderLayer, DecoderModel, pack_projection, param
+from parley.models.layers.decoder import DecoderLayer, DecoderModel, glu, pack_projection, param
 
 
 class MoEDecoderLayer(DecoderLayer):
@@ -64,8 +64,8 @@ class MoEDecoderLayer(DecoderLayer):
         outputs, start = [], 0
         for expert, count in enumerate(counts):
             if count:
-                gate, up = linear(rows[start : start + count], self.experts_gate_up[expert]).chunk(2, dim=-1)
-                outputs.append(linear(self.act(gate) * up, self.experts_down[expert]))  # [count, hidden]
+                gate_up = linear(rows[start : start + count], self.experts_gate_up[expert])
+                outputs.append(linear(glu(self.act, gate_up), self.experts_down[expert]))  # [count, hidden]
                 start += count
         weighted = torch.cat(outputs) * weights.flatten()[order].unsqueeze(1)  # [N*K, hidden]
         return torch.zeros_like(x).index_add_(0, tokens, weighted)  # [N, hidden]

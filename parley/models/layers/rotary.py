@@ -3,6 +3,7 @@ transformers does, a cos/sin table built once, and the rotation (HF's rotate-hal
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,9 +74,22 @@ class RotaryTable(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> cos, sin [N, 1, R/2], to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+class Rope:
+    """One step's rotation by one table: the table's cos and sin [max_positions, R/2] and each
+    token's position [N] int64. The attention kernel rotates from these (parley/kernels/
+    attention.py); `apply` looks the positions up once a step, for every layer."""
+
+    def __init__(self, table: RotaryTable, positions: torch.Tensor):
+        self.cos, self.sin, self.positions = table.cos, table.sin, positions
+
+    @functools.cached_property
+    def _pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[self.positions].unsqueeze(1), self.sin[self.positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, D] rotated, a new tensor."""
+        return apply_rope(x, *self._pair)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
