@@ -57,6 +57,19 @@ class SampledRows:
 
 
 @dataclass
+class DrawnRows:
+    """Sampled rows that the sampling kernel draws (parley/kernels/sample.py): every filter but
+    typical_p, each row's values in a column, a neutral one where the row does not use it."""
+
+    rows: torch.Tensor | None  # batch positions; None: all rows
+    generators: list[torch.Generator]
+    temperature: torch.Tensor  # [D] float32; 1: none
+    top_k: torch.Tensor  # [D] int64; 0: none
+    top_p: torch.Tensor  # [D] float32; 1: none
+    log_min_p: torch.Tensor  # [D] float32; -inf: none
+
+
+@dataclass
 class SamplingBatch:
     suppressed: TokenValues | None = None  # values: -inf
     logit_bias: TokenValues | None = None  # values: the bias
@@ -64,7 +77,8 @@ class SamplingBatch:
     frequency: TokenValues | None = None  # distinct output ids; values: frequency*count + presence
     watermark: list[tuple[int, int]] = field(default_factory=list)  # (row, previous token id)
     greedy_rows: torch.Tensor | None = None  # set when some rows sample and others do not
-    sampled: SampledRows | None = None  # None: every row is greedy
+    sampled: SampledRows | None = None  # rows sampled by the torch path; None: none
+    drawn: DrawnRows | None = None  # rows sampled by the kernel; None: none
     top_n: dict[int, torch.Tensor] = field(default_factory=dict)  # n -> rows reporting n tokens
 
     @property
@@ -78,10 +92,12 @@ class SamplingBatch:
         )
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], width: int, device) -> SamplingBatch:
-        """`width`: the number of logit columns (the model's vocabulary, padding included)."""
+    def build(cls, rows: list[SamplingRow], width: int, device, kernel: bool = False) -> SamplingBatch:
+        """`width`: the number of logit columns (the model's vocabulary, padding included); `kernel`:
+        the sampling kernel draws the sampled rows it can (all but typical_p's). Which path a row
+        takes depends on its own parameters only, so its token never on the rows beside it."""
         batch = cls()
-        suppressed, bias, repetition, frequency, sampled, greedy = [], [], [], [], [], []
+        suppressed, bias, repetition, frequency, sampled, drawn, greedy = [], [], [], [], [], [], []
         top_n: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             p = row.params
@@ -95,7 +111,10 @@ class SamplingBatch:
                 frequency.append(i)
             if p.watermark and (row.output_ids or row.prompt_ids):
                 batch.watermark.append((i, (row.output_ids or row.prompt_ids)[-1]))
-            (sampled if p.do_sample and not _keeps_one_token(p) else greedy).append(i)
+            if not p.do_sample or _keeps_one_token(p):
+                greedy.append(i)
+            else:
+                (drawn if kernel and p.typical_p >= 1.0 else sampled).append(i)
             if p.top_n_tokens:
                 top_n.setdefault(min(p.top_n_tokens, width), []).append(i)
 
@@ -122,10 +141,15 @@ class SamplingBatch:
             freq = torch.tensor([row.params.frequency_penalty for row in rows])
             presence = torch.tensor([row.params.presence_penalty for row in rows])
             batch.frequency = per_pair(r, ids, freq[r] * counts + presence[r])
+        def positions(group: list[int]) -> torch.Tensor | None:
+            return None if len(group) == len(rows) else tensor(group)
+
+        if greedy and (sampled or drawn):
+            batch.greedy_rows = tensor(greedy)
         if sampled:
-            positions = tensor(sampled) if greedy else None
-            batch.greedy_rows = tensor(greedy) if greedy else None
-            batch.sampled = _sampled_rows([rows[i] for i in sampled], positions, width, device)
+            batch.sampled = _sampled_rows([rows[i] for i in sampled], positions(sampled), width, device)
+        if drawn:
+            batch.drawn = _drawn_rows([rows[i] for i in drawn], positions(drawn), width, device)
         batch.top_n = {n: tensor(r) for n, r in top_n.items()}
         return batch
 
@@ -153,6 +177,19 @@ def _distinct(rows: list[int], id_lists: list[Sequence[int]], width: int):
     r, ids = _flatten(rows, id_lists)
     keys, counts = (r * width + ids).unique(return_counts=True)
     return keys // width, keys % width, counts
+
+
+def _drawn_rows(rows: list[SamplingRow], positions: torch.Tensor | None, width: int, device) -> DrawnRows:
+    params = [row.params for row in rows]
+    return DrawnRows(
+        rows=positions,
+        generators=[row.generator for row in rows],
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        top_k=torch.tensor([min(p.top_k, width) if p.top_k > 0 else 0 for p in params], device=device),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        log_min_p=torch.tensor([math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params],
+                               dtype=torch.float32, device=device),
+    )
 
 
 def _sampled_rows(

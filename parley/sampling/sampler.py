@@ -9,7 +9,9 @@ Order of processing, on logits [B, V]:
     a generator seeded with key * previous token id
  6. logprobs: log_softmax of these logits, reported for the chosen token and the top-n
  7. greedy rows: argmax. Rows with do_sample: temperature, top_k, top_p, typical_p, min_p, then a
-    draw from the row's generator.
+    draw from the row's generator. On CPUs with AVX512-BF16 the sampling kernel does this for every
+    sampled row but typical_p's, in one call (parley/kernels/_sample.c: ~40 us a row where these
+    torch ops took ~0.5 ms); which path a row takes depends on its own parameters only.
 
 A step that no row uses is skipped, and a step that some rows use runs on those rows only.
 
@@ -27,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from parley.kernels import sample as sample_kernel
 from parley.sampling import filters
-from parley.sampling.metadata import SampledRows, SamplingBatch, SamplingRow
+from parley.sampling.metadata import DrawnRows, SampledRows, SamplingBatch, SamplingRow
 
 _PROMPT_CHUNK = 256  # rows of prompt logits turned into logprobs at once
 _HUGE = 1e30  # bound of a penalized logit: dominant, and finite even divided by MIN_TEMPERATURE
@@ -56,6 +59,7 @@ class Sampler:
         self.watermark_gamma = watermark_gamma
         self.watermark_delta = watermark_delta
         self.watermark_key = watermark_key
+        self.kernel = sample_kernel.available(self.device)  # draws the sampled rows but typical_p's
 
     def __call__(
         self,
@@ -63,7 +67,7 @@ class Sampler:
         rows: list[SamplingRow],
         allowed: torch.Tensor | None = None,  # [B, V] bool grammar mask, True = allowed
     ) -> SamplerOutput:
-        batch = SamplingBatch.build(rows, logits.shape[-1], self.device)
+        batch = SamplingBatch.build(rows, logits.shape[-1], self.device, kernel=self.kernel)
         x = self._process(logits, batch, allowed)
         logprobs = x.log_softmax(-1)
         token_ids = self._choose(x, batch)
@@ -105,16 +109,25 @@ class Sampler:
         return x
 
     def _choose(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        s = batch.sampled
-        if s is None:
+        s, d = batch.sampled, batch.drawn
+        if s is None and d is None:
             return x.argmax(-1)
-        sampled = self._sample(x, s)
-        if s.rows is None:
-            return sampled
+        if s is not None and s.rows is None:
+            return self._sample(x, s)
+        if d is not None and d.rows is None:
+            return self._draw(x, d)
         token_ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        token_ids[s.rows] = sampled
-        token_ids[batch.greedy_rows] = x.index_select(0, batch.greedy_rows).argmax(-1)
+        if s is not None:
+            token_ids[s.rows] = self._sample(x, s)
+        if d is not None:
+            token_ids[d.rows] = self._draw(x, d)
+        if batch.greedy_rows is not None:
+            token_ids[batch.greedy_rows] = x.index_select(0, batch.greedy_rows).argmax(-1)
         return token_ids
+
+    def _draw(self, x: torch.Tensor, d: DrawnRows) -> torch.Tensor:
+        rows = x if d.rows is None else x.index_select(0, d.rows)
+        return sample_kernel.draw(rows, d.temperature, d.top_k, d.top_p, d.log_min_p, _uniforms(d.generators, x.device))
 
     def _sample(self, x: torch.Tensor, s: SampledRows) -> torch.Tensor:
         # A copy of the sampled rows, changed in place from here on: multi-MB allocations can cost
@@ -141,10 +154,12 @@ class Sampler:
                 rows.masked_fill_(removed(rows, used.values), -math.inf)
                 x.index_copy_(0, used.rows, rows)
         # Inverse CDF in token-id order with one uniform per row from the row's own generator.
-        u = torch.cat(
-            [torch.rand(1, generator=g, dtype=torch.float64, device=x.device) for g in s.generators]
-        )
-        return inverse_cdf(x.softmax(-1), u)  # softmax, as exp() is slow on -inf
+        return inverse_cdf(x.softmax(-1), _uniforms(s.generators, x.device))  # softmax, as exp() is slow on -inf
+
+
+def _uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
+    """One float64 uniform in [0, 1) per row, from the row's own generator."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=device) for g in generators])
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,23 @@ import math
 import pytest
 import torch
 
+from parley.kernels import sample as sample_kernel
 from parley.sampling import filters
 from parley.sampling.metadata import SamplingBatch, SamplingRow
 from parley.sampling.sampler import Sampler, inverse_cdf, prompt_logprobs
 from parley.types import SamplingParams
 
 V = 64
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def draw_path(request, monkeypatch):
+    """Every test on both paths of a sampled row: the sampling kernel (AVX512-BF16 CPUs: every
+    filter but typical_p) and torch's ops (elsewhere, and typical_p)."""
+    if request.param == "kernel" and not sample_kernel._supported:
+        pytest.skip("the sampling kernel needs AVX512-BF16")
+    monkeypatch.setattr(sample_kernel, "available", lambda device: request.param == "kernel")
+    return request.param
 
 
 def make_row(seed=None, prompt=(1, 2), output=(), suppressed=(), **params) -> SamplingRow:
