@@ -214,13 +214,14 @@ def _as_sent(body, loc: list) -> list:
     class name), found by walking the body the client sent."""
     path, value, tagged = [], body, False
     for i, part in enumerate(loc):
-        if isinstance(value, dict) and not tagged and part == value.get("type"):
+        last = i == len(loc) - 1
+        if isinstance(value, dict) and not tagged and part == value.get("type") and not (last and part in value):
             tagged = True  # the tag of the object it is in, named once before the object's fields
         elif isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int) \
                 and 0 <= part < len(value):
             path.append(part)
             value, tagged = value[part], False
-        elif isinstance(value, dict) and i == len(loc) - 1 and not _UNION_MEMBER.fullmatch(str(part)):
+        elif isinstance(value, dict) and last and not _UNION_MEMBER.fullmatch(str(part)):
             path.append(part)  # a field missing from the object
     return path
 
