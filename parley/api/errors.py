@@ -241,7 +241,7 @@ def describe_validation(exc: RequestValidationError) -> ApiError:
             loc = _as_sent(exc.body, loc[1:])
         else:
             loc = [str(p) for p in loc if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
-        failures.append((".".join(map(str, loc)) or "body", f"{error.get('msg', 'invalid value')}"))
+        failures.append((".".join(map(str, loc)) or "body", error.get("msg", "invalid value")))
     fields = [field for field, _ in failures if field is not None]
     failures = [(field, message) for field, message in failures
                 if field is None or not any(other.startswith(field + ".") for other in fields)]
