@@ -204,22 +204,49 @@ ERROR_RESPONSES = {
 
 
 # -- request validation (pydantic) ---------------------------------------------------------------
+# how pydantic names the member of a union that failed ("seed.constrained-int", "input.list[...]"): not a field
 _UNION_MEMBER = re.compile(r"constrained-\w+|int|float|str|bool|none|[\w-]+\[.*\]")
 
 
+def _as_sent(body, loc: list) -> list:
+    """`loc` as the client wrote the field: without the union members pydantic names in it (a
+    tagged union's tag, `messages.0.content.0.text.foo` for `messages.0.content.0.foo`; a model's
+    class name), found by walking the body the client sent."""
+    path, value, tagged = [], body, False
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(value, dict) and not tagged and part == value.get("type") and not (last and part in value):
+            tagged = True  # the tag of the object it is in, named once before the object's fields
+        elif isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int) \
+                and 0 <= part < len(value):
+            path.append(part)
+            value, tagged = value[part], False
+        elif isinstance(value, dict) and last and not _UNION_MEMBER.fullmatch(str(part)):
+            path.append(part)  # a field missing from the object
+    return path
+
+
 def describe_validation(exc: RequestValidationError) -> ApiError:
-    """One message naming each offending field and the rule it broke."""
-    parts, first_field = [], None
+    """One message naming each offending field, as the client sent it, and the rule it broke. Where
+    a union's members fail at different depths (`content`: text or a list of parts), the deeper
+    complaint is the one that says what is wrong: the others are left out."""
+    failures = []  # (field, message)
     for error in exc.errors():
-        # pydantic names the member of a union that failed ("seed.constrained-int"): not a field
-        loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
+        loc = list(error.get("loc", ()))
         if error.get("type") == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "")
-            parts.append(f"Malformed JSON body: {detail}".rstrip(": "))
+            failures.append((None, f"Malformed JSON body: {detail}".rstrip(": ")))
             continue
-        field = ".".join(loc) or "body"
-        first_field = first_field or field
-        parts.append(f"`{field}`: {error.get('msg', 'invalid value')}")
+        if loc[:1] == ["body"] and exc.body is not None:
+            loc = _as_sent(exc.body, loc[1:])
+        else:
+            loc = [str(p) for p in loc if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
+        failures.append((".".join(map(str, loc)) or "body", error.get("msg", "invalid value")))
+    fields = [field for field, _ in failures if field is not None]
+    failures = [(field, message) for field, message in failures
+                if field is None or not any(other.startswith(field + ".") for other in fields)]
+    parts = [message if field is None else f"`{field}`: {message}" for field, message in failures]
+    first_field = next((field for field, _ in failures if field is not None), None)
     return validation_error("Input validation error: " + "; ".join(parts), first_field)
 
 

@@ -3,7 +3,8 @@
 - `server`: `python -m parley serve` on the default model (SmolLM2-135M), one engine thread (tests/server.py).
 - `strict_server`: --api-key, --max-concurrent-requests 1 and CORS (the default model too: the
   tiny random one generates so fast that a stream ends before a second request can collide).
-- `fake_server`: the real CLI and app around tests/api/fake_engine.py, for engine failures.
+- `fake_server`: the real CLI and app around tests/api/fake_engine.py, for engine failures;
+  `lenient_fake_server` the same with `--unknown-fields ignore`.
 - `thinker`: a tiny random model whose template thinks (tiny_model.THINKING_TEMPLATE), served as
   "thinker": everything it writes is thinking until a budget forces "</think>".
 """
@@ -43,6 +44,14 @@ def strict_server(tmp_path_factory):
 def fake_server(tmp_path_factory):
     proc = ServerProcess([sys.executable, str(HERE / "fake_server.py"), "serve"],
                          tmp_path_factory.mktemp("fake") / "server.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def lenient_fake_server(tmp_path_factory):
+    proc = ServerProcess([sys.executable, str(HERE / "fake_server.py"), "serve", "--unknown-fields", "ignore"],
+                         tmp_path_factory.mktemp("lenient_fake") / "server.log").start()
     yield proc
     proc.stop()
 

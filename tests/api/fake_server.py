@@ -3,7 +3,9 @@
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+HERE = pathlib.Path(__file__).parent
+# this checkout's parley, not the one the editable install points at (a worktree's tests test its own code)
+sys.path[:0] = [str(HERE), str(HERE.parent.parent)]
 
 from fake_engine import FakeEngine  # noqa: E402
 

@@ -75,8 +75,9 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
         called = {call["id"] for call in calls}
     fields = {"messages": messages, **_thinking_fields(body.thinking, getattr(body, "max_tokens", None))}
     if body.tools:
-        fields["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                             "parameters": t.input_schema}} for t in body.tools]
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description, "parameters": t.input_schema,
+            **({"strict": t.strict} if t.strict is not None else {})}} for t in body.tools]
     if choice := body.tool_choice:
         require(choice.type != "tool" or choice.name is not None,
                 'Input validation error: `tool_choice.name` is required with `"type": "tool"`', "tool_choice.name")

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # a u64 as TGI's; torch's generators take 64 bits
+
+
+def _none_given(value: list | None) -> list | None:
+    if value:
+        raise ValueError("an answer's citations cannot be given to the model; send an empty list or none")
+    return value
+
+
+# An earlier answer's citations, echoed back by an SDK (OpenAI's annotations, Anthropic's citations):
+# the template sees text only, so only an empty list (or none) is taken at its word.
+Citations = Annotated[list[Any] | None, AfterValidator(_none_given)]
 
 
 class StreamOptions(BaseModel):
@@ -46,16 +57,9 @@ class ChatMessage(BaseModel):
     reasoning: str | None = Field(None, description="Friendli's (and vLLM's) other name for reasoning_content")
     refusal: str | None = Field(None, description="OpenAI: what an earlier answer said instead of content; the "
                                 "template sees it as that turn's content")
-    annotations: list[dict] | None = Field(None, description="OpenAI echoes an answer's citations: only an empty list")
+    annotations: Citations = Field(None, description="OpenAI echoes an answer's citations: only an empty list")
     prefix: bool | None = Field(None, description="Mistral: only false (continuing an assistant message is not "
                                 "supported yet)")
-
-    @field_validator("annotations")
-    @classmethod
-    def _no_annotations(cls, value):
-        if value:
-            raise ValueError("an answer's citations cannot be given to the model; send an empty list or none")
-        return value
 
     @field_validator("prefix")
     @classmethod

@@ -73,7 +73,8 @@ def input_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
         elif isinstance(item, FunctionCallOutputItem):
             require(item.call_id in called, f"Input validation error: `input.{i}`: function_call_output "
                     f"{item.call_id!r} answers no function_call before it", f"input.{i}")
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            output = item.output if isinstance(item.output, str) else "".join(part.text for part in item.output)
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
     return messages
 
 
@@ -86,7 +87,7 @@ def chat_body(body: ResponsesRequest, messages: list[dict]) -> ChatBody:
     fields = {"messages": messages, "max_tokens": body.max_output_tokens, "temperature": body.temperature,
               "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls, "stream": body.stream}
     if body.tools:
-        fields["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+        fields["tools"] = [{"type": "function", "function": t.declared(exclude={"type"}, exclude_none=True)}
                            for t in body.tools]
     if body.tool_choice is not None:
         fields["tool_choice"] = body.tool_choice if isinstance(body.tool_choice, str) else \
@@ -173,9 +174,9 @@ class ResponseShape:
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id, "temperature": body.temperature,
             "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "text": {"format": body.text.format.model_dump(by_alias=True, exclude_none=True)}
+            "tool_choice": choice if isinstance(choice, str) else choice.declared(),
+            "tools": [t.declared(exclude_none=True) for t in body.tools or []],
+            "text": {"format": body.text.format.declared(by_alias=True, exclude_none=True)}
             if body.text and body.text.format else {"format": {"type": "text"}},
             "store": body.store is not False, "metadata": {}}
 
