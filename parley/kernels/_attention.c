@@ -64,21 +64,40 @@ typedef struct {
     const bf16 *cos, *sin;      /* RoPE tables [rope_positions][rope_half], or NULL: no rotation */
     const int64_t *positions;   /* each row's position, the table row it is rotated by */
     int64_t rope_half, rope_positions;
+    float *parts;               /* the split units' partial results (see Unit), PART_FLOATS each */
 } Call;
 
 #define UNIT_ROWS 4  /* rows of one sequence attended together */
 #define KEY_TILE 128 /* tokens whose keys (or values) all of a unit's rows use before the next ones */
 
+/* A row that sees more than PART_KEYS keys is attended in parts: the keys [k * PART_KEYS,
+ * (k + 1) * PART_KEYS) of each k are a unit of their own, which leaves its rows' unnormalized
+ * weighted values, softmax sums and largest scores; `combine` then rescales the parts to the
+ * largest score of all and adds them in order (flash-decoding). A long decode row's three KV heads
+ * were three units on two threads, one thread doing two; in parts the threads share them evenly.
+ * Measured on a Xeon (bench/attention_context.py, 4,000 tokens, 2 threads, a layer): AMX 205 ->
+ * 171 us, dpbf16 273 -> 205 us; the engine's decode at 4,000 tokens +6%, prefill unchanged. Parts
+ * of 512 keys cost prefill 12-18% at 2,662-4,000 tokens (a part's fixed costs, in every unit of 4
+ * rows). Which rows are split, and where, depends on each row alone (how many keys it sees; the
+ * parts' bounds are fixed positions), so a row keeps its bits beside any others; a row of at most
+ * PART_KEYS keys has the bits it had before parts. */
+#define PART_KEYS 2048
+
 typedef struct {
     int64_t first, rows;
+    int64_t lo, hi; /* the keys this unit attends: [lo, hi) */
+    int64_t part;   /* -1: the rows' outputs; else their partial results at parts + part * PART_FLOATS per KV head */
 } Unit;
 
-/* The most keys any of the unit's rows sees. */
-static int64_t unit_keys(const Call *c, Unit u) {
-    int64_t longest = 0;
-    for (int64_t r = 0; r < u.rows; r++) longest = c->keys[u.first + r] > longest ? c->keys[u.first + r] : longest;
-    return longest;
-}
+/* Rows of one sequence split into `parts` parts, whose results are at parts `part` on (in attend(),
+ * while units are formed: parts 0 or 1, whether the rows are split). */
+typedef struct {
+    int64_t first, rows, part, parts;
+} Split;
+
+/* What a split row's unit leaves per KV head: weighted values [UNIT_ROWS][group][head_dim], then
+ * largest scores and sums [UNIT_ROWS][group] each. */
+#define PART_FLOATS(c) (UNIT_ROWS * ((c)->heads / (c)->kv_heads) * ((c)->head_dim + 2))
 
 /* The first key a row sees: its window's, else its sequence's first. */
 static inline int64_t first_key(const Call *c, int64_t row) {
@@ -92,10 +111,28 @@ static inline int64_t first_key(const Call *c, int64_t row) {
  * blocks wholly before every pending token's window): the kernel never reads a released block. */
 static inline int64_t first_group(const Call *c, int64_t row) { return first_key(c, row) / 16 * 16; }
 
+/* A row's keys within its unit: from row_first (its first key, or the unit's lo) to row_end (its
+ * last key + 1, or the unit's hi); its work starts at row_first's group of 16 (row_start). */
+static inline int64_t row_end(const Call *c, Unit u, int64_t row) { return c->keys[row] < u.hi ? c->keys[row] : u.hi; }
+
+static inline int64_t row_first(const Call *c, Unit u, int64_t row) {
+    const int64_t first = first_key(c, row);
+    return first > u.lo ? first : u.lo;
+}
+
+static inline int64_t row_start(const Call *c, Unit u, int64_t row) { return row_first(c, u, row) / 16 * 16; }
+
+/* The most keys any of the unit's rows sees. */
+static int64_t unit_keys(const Call *c, Unit u) {
+    int64_t longest = 0;
+    for (int64_t r = 0; r < u.rows; r++) longest = row_end(c, u, u.first + r) > longest ? row_end(c, u, u.first + r) : longest;
+    return longest;
+}
+
 /* The first group any of the unit's rows starts at. */
 static int64_t unit_first_group(const Call *c, Unit u) {
-    int64_t lowest = first_group(c, u.first);
-    for (int64_t r = 1; r < u.rows; r++) lowest = first_group(c, u.first + r) < lowest ? first_group(c, u.first + r) : lowest;
+    int64_t lowest = row_start(c, u, u.first);
+    for (int64_t r = 1; r < u.rows; r++) lowest = row_start(c, u, u.first + r) < lowest ? row_start(c, u, u.first + r) : lowest;
     return lowest;
 }
 
@@ -216,8 +253,10 @@ TARGET static inline void score_group(const Call *c, const int32_t *q, const bf1
 
 /* A row's scores [group][stride] of keys [first, keys) -> softmax numerators rounded to bf16 (as
  * eager attention rounds its probabilities), in place from first's group of 16 on, zero before
- * first and past `keys`; inverse[g] = 1 / their float32 sum. Lanes of 16 tokens, then in lane order. */
-TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int64_t first, int64_t keys, float *inverse) {
+ * first and past `keys`; sums[g]: their float32 sum (lanes of 16 tokens, then in lane order),
+ * highs[g]: the largest score (-inf and a sum of 0 where the row sees no key here). */
+TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int64_t first, int64_t keys, float *sums,
+                               float *highs) {
     const int64_t start = first / 16 * 16, full = keys / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (keys - full)) - 1), head = (__mmask16)(0xFFFFu << (first - start));
     for (int64_t g = 0; g < group; g++) {
@@ -228,7 +267,8 @@ TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int
             const __mmask16 valid = (t < full ? (__mmask16)0xFFFF : tail) & (t == start ? head : (__mmask16)0xFFFF);
             high = _mm512_mask_max_ps(high, valid, high, _mm512_maskz_loadu_ps(valid, s + t));
         }
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(high));
+        highs[g] = _mm512_reduce_max_ps(high);
+        const __m512 top = _mm512_set1_ps(highs[g]);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t t = start; t < keys; t += 16) { /* t's probabilities overwrite scores before t */
             const __mmask16 valid = (t < full ? (__mmask16)0xFFFF : tail) & (t == start ? head : (__mmask16)0xFFFF);
@@ -236,7 +276,7 @@ TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(probs + t), (__m256i)_mm512_cvtneps_pbh(e));
         }
-        inverse[g] = 1.0f / _mm512_reduce_add_ps(sum);
+        sums[g] = _mm512_reduce_add_ps(sum);
     }
 }
 
@@ -293,14 +333,23 @@ TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *t
 }
 
 /* The unit's rows' outputs: their weighted values `acc` [rows][group][head_dim] times 1 / each
- * head's sum, rounded to bf16. */
-TARGET static void write_out(const Call *c, Unit u, int64_t kv_head, const float *acc,
-                             float inverse[UNIT_ROWS][MAX_GROUP]) {
+ * head's sum, rounded to bf16; a split row's unit leaves them, its sums and largest scores as
+ * they are, for `combine`. */
+TARGET static void write_out(const Call *c, Unit u, int64_t kv_head, const float *acc, float sums[UNIT_ROWS][MAX_GROUP],
+                             float highs[UNIT_ROWS][MAX_GROUP]) {
     const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
+    if (u.part >= 0) {
+        float *part = c->parts + (u.part * c->kv_heads + kv_head) * PART_FLOATS(c);
+        float *part_highs = part + UNIT_ROWS * group * dim, *part_sums = part_highs + UNIT_ROWS * group;
+        memcpy(part, acc, sizeof(float) * (size_t)(u.rows * group * dim));
+        for (int64_t r = 0; r < u.rows; r++)
+            for (int64_t g = 0; g < group; g++) part_highs[r * group + g] = highs[r][g], part_sums[r * group + g] = sums[r][g];
+        return;
+    }
     for (int64_t r = 0; r < u.rows; r++) {
         bf16 *out = c->out + (u.first + r) * c->out_stride + kv_head * group * dim;
         for (int64_t g = 0; g < group; g++) {
-            const __m512 norm = _mm512_set1_ps(inverse[r][g]);
+            const __m512 norm = _mm512_set1_ps(1.0f / sums[r][g]);
             for (int64_t d = 0; d < dim / 16; d++)
                 _mm256_storeu_si256((__m256i *)(out + g * dim + 16 * d),
                                     (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (r * group + g) * dim + 16 * d), norm)));
@@ -316,12 +365,12 @@ TARGET static void write_out(const Call *c, Unit u, int64_t kv_head, const float
 TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
     const int64_t *table = c->tables + (int64_t)c->seq[u.first] * c->table_stride;
-    float *acc = scratch + UNIT_ROWS * group * stride, inverse[UNIT_ROWS][MAX_GROUP];
+    float *acc = scratch + UNIT_ROWS * group * stride, sums[UNIT_ROWS][MAX_GROUP], highs[UNIT_ROWS][MAX_GROUP];
     const int64_t longest = unit_keys(c, u), lowest = unit_first_group(c, u);
 
     for (int64_t tile = lowest; tile < longest; tile += KEY_TILE)
         for (int64_t r = 0; r < u.rows; r++) {
-            const int64_t row = u.first + r, keys = c->keys[row], start = first_group(c, row);
+            const int64_t row = u.first + r, keys = row_end(c, u, row), start = row_start(c, u, row);
             const int32_t *q = (const int32_t *)(c->q + row * c->q_stride + kv_head * group * dim);
             for (int64_t t = tile > start ? tile : start; t < keys && t < tile + KEY_TILE; t += 16) {
                 if (r == 0 && t + PREFETCH_TOKENS < longest) prefetch_keys(c, kv_head, table, t + PREFETCH_TOKENS);
@@ -329,17 +378,18 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
             }
         }
     for (int64_t r = 0; r < u.rows; r++)
-        softmax_row(scratch + r * group * stride, stride, group, first_key(c, u.first + r), c->keys[u.first + r], inverse[r]);
+        softmax_row(scratch + r * group * stride, stride, group, row_first(c, u, u.first + r), row_end(c, u, u.first + r),
+                    sums[r], highs[r]);
     memset(acc, 0, sizeof(float) * (size_t)(u.rows * group * dim));
     for (int64_t tile = lowest; tile < longest; tile += KEY_TILE)
         for (int64_t r = 0; r < u.rows; r++) {
-            const int64_t keys = c->keys[u.first + r], start = first_group(c, u.first + r);
+            const int64_t keys = row_end(c, u, u.first + r), start = row_start(c, u, u.first + r);
             if (tile < keys && tile + KEY_TILE > start)
                 weigh_values(c, kv_head, table, (const bf16 *)(scratch + r * group * stride), stride, group,
                              tile > start ? tile : start, keys < tile + KEY_TILE ? keys : tile + KEY_TILE, keys,
                              acc + r * group * dim);
         }
-    write_out(c, u, kv_head, acc, inverse);
+    write_out(c, u, kv_head, acc, sums, highs);
 }
 
 
@@ -367,7 +417,7 @@ AMX static void tile_config(int64_t m, int qk) {
 AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     const int64_t group = c->heads / c->kv_heads, dim = c->head_dim, m = u.rows * group;
     const int64_t *table = c->tables + (int64_t)c->seq[u.first] * c->table_stride;
-    float *acc = scratch + UNIT_ROWS * group * stride, inverse[UNIT_ROWS][MAX_GROUP];
+    float *acc = scratch + UNIT_ROWS * group * stride, sums[UNIT_ROWS][MAX_GROUP], highs[UNIT_ROWS][MAX_GROUP];
     bf16 *q = (bf16 *)(acc + UNIT_ROWS * group * dim);
     float *tile = (float *)(q + 16 * dim);
     bf16 *last_values = (bf16 *)(tile + 256);
@@ -391,8 +441,8 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
         for (int64_t i = 0; i < m; i++) _mm512_storeu_ps(scratch + i * stride + t, finish_scores(c, _mm512_loadu_ps(tile + 16 * i)));
     }
     for (int64_t r = 0; r < u.rows; r++) {
-        const int64_t keys = c->keys[u.first + r], start = first_group(c, u.first + r);
-        softmax_row(scratch + r * group * stride, stride, group, first_key(c, u.first + r), keys, inverse[r]);
+        const int64_t keys = row_end(c, u, u.first + r), start = row_start(c, u, u.first + r);
+        softmax_row(scratch + r * group * stride, stride, group, row_first(c, u, u.first + r), keys, sums[r], highs[r]);
         /* zero probabilities from the unit's lowest start and up to its longest row: products of
            zeros added to sums that start at zero, so the row keeps its bits beside any other rows */
         for (int64_t g = 0; g < group; g++) {
@@ -440,10 +490,39 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
         if (d0 + 48 < dim) _tile_stored(3, acc + d0 + 48, dim * sizeof(float));
     }
     _tile_release();
-    write_out(c, u, kv_head, acc, inverse);
+    write_out(c, u, kv_head, acc, sums, highs);
+}
+
+/* A split unit's rows' outputs from their parts: each part's weighted values and sum rescaled by
+ * e^(its largest score - the largest of all parts), added in part order in float32, divided by the
+ * sum and rounded to bf16 once. */
+TARGET static void combine(const Call *c, Split s, int64_t kv_head) {
+    const int64_t group = c->heads / c->kv_heads, dim = c->head_dim, floats = PART_FLOATS(c);
+    const float *first = c->parts + (s.part * c->kv_heads + kv_head) * floats;
+    const int64_t highs = UNIT_ROWS * group * dim, sums = highs + UNIT_ROWS * group, step = c->kv_heads * floats;
+    for (int64_t r = 0; r < s.rows; r++)
+        for (int64_t g = 0; g < group; g++) {
+            const int64_t at = r * group + g;
+            float top = -INFINITY, sum = 0.0f;
+            for (int64_t k = 0; k < s.parts; k++) top = first[k * step + highs + at] > top ? first[k * step + highs + at] : top;
+            __m512 acc[MAX_HEAD_DIM / 16];
+            for (int64_t d = 0; d < dim / 16; d++) acc[d] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < s.parts; k++) {
+                const float *part = first + k * step, high = part[highs + at];
+                const float scale = high > -INFINITY ? expf(high - top) : 0.0f;
+                sum += part[sums + at] * scale;
+                const __m512 sv = _mm512_set1_ps(scale);
+                for (int64_t d = 0; d < dim / 16; d++)
+                    acc[d] = _mm512_add_ps(acc[d], _mm512_mul_ps(_mm512_loadu_ps(part + at * dim + 16 * d), sv));
+            }
+            bf16 *out = c->out + (s.first + r) * c->out_stride + (kv_head * group + g) * dim;
+            const __m512 norm = _mm512_set1_ps(1.0f / sum);
+            for (int64_t d = 0; d < dim / 16; d++) store_bf16(out + 16 * d, _mm512_mul_ps(acc[d], norm));
+        }
 }
 
 #else
+static void combine(const Call *c, Split s, int64_t kv_head) { (void)c, (void)s, (void)kv_head; }
 static void rotate_rows(const Call *c, bf16 *x, int64_t stride, int64_t heads) { (void)c, (void)x, (void)stride, (void)heads; }
 static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *scratch, int64_t stride) {
     (void)c, (void)u, (void)kv_head, (void)scratch, (void)stride;
@@ -503,23 +582,56 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_ValueError, "attend: a block table names a block outside the cache");
             return NULL;
         }
-    int64_t longest = 1, count = 0;
+    /* units of up to `cap` consecutive rows of one sequence, either all split into parts or none */
+    int64_t longest = 1, count = 0, splits = 0, parts = 0;
     const int64_t cap = c.amx && 16 / group < UNIT_ROWS ? 16 / group : UNIT_ROWS; /* AMX: rows x group <= 16 */
-    Unit *units = malloc(sizeof(Unit) * (size_t)(c.rows + 1));
-    if (units == NULL) return PyErr_NoMemory();
+    Split *rows_of = malloc(sizeof(Split) * (size_t)(c.rows + 1));
+    if (rows_of == NULL) return PyErr_NoMemory();
     for (int64_t r = 0; r < c.rows; r++) {
         longest = c.keys[r] > longest ? c.keys[r] : longest;
-        if (count && units[count - 1].rows < cap && c.seq[units[count - 1].first] == c.seq[r])
-            units[count - 1].rows++;
-        else
-            units[count++] = (Unit){r, 1};
+        const int split = c.keys[r] - first_key(&c, r) > PART_KEYS;
+        Split *last = count ? &rows_of[count - 1] : NULL;
+        if (last && last->rows < cap && c.seq[last->first] == c.seq[r] && (last->parts > 0) == split) {
+            last->rows++;
+        } else {
+            rows_of[count++] = (Split){r, 1, 0, split};
+        }
     }
-    const int64_t stride = (longest + 15) / 16 * 16, work = count * c.kv_heads;
+    int64_t units_count = 0;
+    for (int64_t i = 0; i < count; i++) {
+        Split *g = &rows_of[i];
+        if (g->parts) { /* the parts from its first row's first key to its last row's last */
+            const int64_t from = first_key(&c, g->first) / PART_KEYS, to = (c.keys[g->first + g->rows - 1] - 1) / PART_KEYS;
+            g->part = parts, g->parts = to - from + 1, parts += g->parts, splits++;
+        }
+        units_count += g->parts ? g->parts : 1;
+    }
+    Unit *units = malloc(sizeof(Unit) * (size_t)units_count);
+    Split *split_rows = malloc(sizeof(Split) * (size_t)(splits + 1));
+    float *partials = parts ? malloc(sizeof(float) * (size_t)(parts * c.kv_heads * PART_FLOATS(&c))) : NULL;
+    if (units == NULL || split_rows == NULL || (parts && partials == NULL)) {
+        free(rows_of), free(units), free(split_rows), free(partials);
+        return PyErr_NoMemory();
+    }
+    c.parts = partials;
+    for (int64_t i = 0, u = 0, sp = 0; i < count; i++) {
+        const Split g = rows_of[i];
+        if (!g.parts) {
+            units[u++] = (Unit){g.first, g.rows, 0, INT64_MAX, -1};
+            continue;
+        }
+        split_rows[sp++] = g;
+        const int64_t from = first_key(&c, g.first) / PART_KEYS;
+        for (int64_t k = 0; k < g.parts; k++)
+            units[u++] = (Unit){g.first, g.rows, (from + k) * PART_KEYS, (from + k + 1) * PART_KEYS, g.part + k};
+    }
+    free(rows_of);
+    const int64_t stride = (longest + 15) / 16 * 16, work = units_count * c.kv_heads;
     const int64_t per_thread = UNIT_ROWS * group * (stride + c.head_dim) + (c.amx ? 16 * c.head_dim + 256 : 0);
     const int team = threads < 1 ? 1 : (work < threads ? (int)work : threads);
     float *scratch = malloc(sizeof(float) * (size_t)(team * per_thread));
     if (scratch == NULL) {
-        free(units);
+        free(units), free(split_rows), free(partials);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
@@ -537,9 +649,11 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < work; w++)
             (c.amx ? attend_unit_amx : attend_unit)(&c, units[w / c.kv_heads], w % c.kv_heads, mine, stride);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < splits * c.kv_heads; w++) combine(&c, split_rows[w / c.kv_heads], w % c.kv_heads);
     }
     Py_END_ALLOW_THREADS
-    free(units);
+    free(units), free(split_rows), free(partials);
     free(scratch);
     Py_RETURN_NONE;
 }

@@ -79,7 +79,8 @@ def dtype(request, monkeypatch):
 
 @pytest.mark.parametrize(("length", "window", "softcap"), [(40, None, None), (112, None, None), (700, None, None),
                                                       (1000, None, None), (1100, None, None), (112, 37, None),
-                                                      (1100, 100, 20.0), (700, None, 20.0)])
+                                                      (1100, 100, 20.0), (700, None, 20.0),
+                                                      (2300, None, None), (2300, 2100, 20.0)])  # in parts (> 2048 keys)
 def test_a_tokens_attention_does_not_depend_on_how_its_sequence_is_split(dtype, length, window, softcap):
     lengths = [length, 300, 90, 1300]  # the sequence under test, then neighbours: the last one makes
     # the decode batch span more than 1024 keys, where oneDNN's AVX-512 kernels once summed otherwise
@@ -110,7 +111,7 @@ def test_the_kernel_is_attention_within_bfloat16_rounding(amx, window, softcap, 
     """A sliding window (HF's rule: the last `window` positions, itself included) and Gemma 2's soft
     cap as transformers applies it (scores / cap, tanh, * cap, before the mask)."""
     monkeypatch.setattr(kernel, "_amx", amx)
-    lengths = [1, 17, 300, 1300]
+    lengths = [1, 17, 300, 2200]  # the last one's rows past 2048 keys in parts
     cache = Cache(lengths, torch.bfloat16)
     cache.step([], [(s, 0, n) for s, n in enumerate(lengths)], window, softcap)
     for s, n in enumerate(lengths):
