@@ -17,7 +17,7 @@ from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
 from parley.engine.sequence import Sequence
 from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape, table_width
 from parley.sampling.metadata import SamplingRow
-from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs
+from parley.sampling.sampler import Sampler, SamplerOutput, greedy, prompt_logprobs
 
 
 @dataclass
@@ -93,7 +93,7 @@ class ModelRunner:
         """Greedy verification: keep drafts while each is the model's argmax, then add the model's own
         next token, so the output is exactly what plain greedy decoding gives."""
         logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)  # [1 + k, V]
-        best = logprobs.argmax(dim=-1).tolist()
+        best = greedy(logprobs).tolist()
         accepted = 0
         while accepted < len(drafts) and best[accepted] == drafts[accepted]:
             accepted += 1
