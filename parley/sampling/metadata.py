@@ -141,6 +141,7 @@ class SamplingBatch:
             freq = torch.tensor([row.params.frequency_penalty for row in rows])
             presence = torch.tensor([row.params.presence_penalty for row in rows])
             batch.frequency = per_pair(r, ids, freq[r] * counts + presence[r])
+
         def positions(group: list[int]) -> torch.Tensor | None:
             return None if len(group) == len(rows) else tensor(group)
 
