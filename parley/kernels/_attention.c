@@ -606,7 +606,7 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         units_count += g->parts ? g->parts : 1;
     }
-    Unit *units = malloc(sizeof(Unit) * (size_t)units_count);
+    Unit *units = malloc(sizeof(Unit) * (size_t)(units_count + 1)); /* + 1: never malloc(0), whose NULL may be no error */
     Split *split_rows = malloc(sizeof(Split) * (size_t)(splits + 1));
     float *partials = parts ? malloc(sizeof(float) * (size_t)(parts * c.kv_heads * PART_FLOATS(&c))) : NULL;
     if (units == NULL || split_rows == NULL || (parts && partials == NULL)) {
