@@ -105,14 +105,12 @@ static inline int64_t first_key(const Call *c, int64_t row) {
     return c->window > 0 && from > 0 ? from : 0;
 }
 
-/* Where a row's work starts: its first key's group of 16 (the keys before it in that group are
- * masked). A group of 16 lies within one block (block_size is a multiple of 16), the block of the
- * row's first key, which its sequence still holds (parley/engine/block_manager.py releases only
- * blocks wholly before every pending token's window): the kernel never reads a released block. */
-static inline int64_t first_group(const Call *c, int64_t row) { return first_key(c, row) / 16 * 16; }
-
 /* A row's keys within its unit: from row_first (its first key, or the unit's lo) to row_end (its
- * last key + 1, or the unit's hi); its work starts at row_first's group of 16 (row_start). */
+ * last key + 1, or the unit's hi). Its work starts at row_first's group of 16 (row_start; the keys
+ * before it in that group are masked). A group of 16 lies within one block (block_size is a
+ * multiple of 16), the block of the row's first key, which its sequence still holds
+ * (parley/engine/block_manager.py releases only blocks wholly before every pending token's window):
+ * the kernel never reads a released block. */
 static inline int64_t row_end(const Call *c, Unit u, int64_t row) { return c->keys[row] < u.hi ? c->keys[row] : u.hi; }
 
 static inline int64_t row_first(const Call *c, Unit u, int64_t row) {
