@@ -2,7 +2,7 @@
 model's projections (30 layers of qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536, each
 layer its own random 4-bit weights, so they stream from memory as in a step) and its 49152x576
 8-bit lm_head, at a few row counts. Prints ms per step on the path this process takes (AMX where
-the CPU has it; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 for the dpbf16 path).
+the CPU has it; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 for the path without AMX).
 
     python bench/quant.py                  # rows 1, 8, 32, 128
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python bench/quant.py --rows 1 32
@@ -43,7 +43,8 @@ def main() -> None:
                    for _ in range(LAYERS) for o, i in SHAPES]
     lm_head = pack(Q8Rows(torch.randint(-128, 128, (49152, 576), generator=generator, dtype=torch.int8),
                           (torch.rand(49152, 18, generator=generator) * 0.01).half()))
-    print(f"path: {'AMX tiles' if quant_amx() else 'AVX512-BF16 (dpbf16)'}, {args.threads} threads; ms per step")
+    path = "AMX tiles" if quant_amx() else "AVX-512 (4 bits: VNNI, 8-bit activations; 8 bits: dpbf16)"
+    print(f"path: {path}, {args.threads} threads; ms per step")
     print("| rows | projections (4-bit) | lm_head (8-bit) |\n|---|---|---|")
     for rows in args.rows:
         x = {i: torch.randn(rows, i, generator=generator).bfloat16() for i in (576, 1536)}

@@ -25,9 +25,10 @@
  * Batch invariance by construction: every row of x is multiplied by the panel with a sum per
  * output whose order does not depend on the other rows: on AMX tiles W is the left operand (16
  * outputs x 32 inputs) and x's input pairs the right ([16 pairs][rows][2]), each element of the
- * product its own fp32 sum over the pairs in order; on dpbf16 (AMD's path) 16 lanes of partial sums
+ * product its own fp32 sum over the pairs in order; on dpbf16 (AMD's path for 8 bits) 16 lanes of partial sums
  * per output and row, over the groups in order, then added in one fixed tree. So a row's bits do
- * not depend on how many rows the call has, where the row sits, or the number of threads. The two
+ * not depend on how many rows the call has, where the row sits, or the number of threads. Without
+ * AMX, 4-bit weights take a third path, with 8-bit activations on VNNI (see quantize_row). The
  * paths round differently; a process takes one path for every call (`amx`).
  */
 #define PY_SSIZE_T_CLEAN
@@ -50,11 +51,17 @@
 #define TILE_ROWS 16
 
 typedef struct {
+    float d, s; /* VNNI: a row's group of inputs is d * xq, and s = d * sum(xq) (see quantize_row) */
+} XScale;
+
+typedef struct {
     int64_t rows, out_features, in_features, x_stride, y_stride;
     const bf16 *x, *bias;
     const uint8_t *w;
     bf16 *y;
     uint32_t *xt;      /* AMX: x's input pairs, [16-row chunk][in_features / 2][16 rows] */
+    int8_t *xq;        /* VNNI: x in 8 bits, [rows][in_features] */
+    XScale *xs;        /* VNNI: [rows][in_features / 32] */
     int bits;          /* 4 or 8 */
     int64_t pair_bytes, block_bytes; /* a block's pair of groups; a block's groups */
 } Call;
@@ -408,7 +415,183 @@ TARGET static void run_panels_dp(const Call *c, int64_t first, int64_t last, bf1
     }
 }
 
+
+/* 4-bit weights times 8-bit activations on AVX512-VNNI: the path of CPUs without AMX (AMD's).
+ *
+ * Why: with many rows the dpbf16 path is bound by vdpbf16ps, 32 multiply-adds an instruction, and
+ * the default model's projections took ~1 ms a row (bench/quant.py at 512 rows: 527 ms; oneDNN's
+ * own bf16 kernel 506 ms), so a prompt could not prefill faster than ~900 tok/s. vpdpbusd does 64
+ * (bytes times bytes into 32-bit sums), and on a Xeon runs 2.6x as many of them a cycle (4.9 against
+ * 1.8 a ns a core, measured); Zen 4 runs it at dpbf16's rate, so twice the multiply-adds. llama.cpp
+ * multiplies Q4_1 weights by 8-bit activations (its Q8_1) on this instruction.
+ *
+ * The arithmetic, the same at every number of rows: each row's group of 32 inputs is quantized on
+ * its own, d = max |x| / 127, xq = round(x * 127 / max |x|) (to nearest even), s = d * sum(xq);
+ * then per output, over the groups in order, in fp32:
+ *     acc = fma(float(sum q * xq), d_w * d, acc); acc = fma(m_w, s, acc)
+ * (w = d_w q + m_w, so sum w x ~ d_w d sum(q xq) + m_w d sum(xq)), and y = bf16(acc + bias). The
+ * integer sums are exact (at most 32 * 15 * 127), so how the lanes add them up does not matter: a
+ * row's bits depend on its own values only. The weights are those GGUF stores, d_w q + m_w in fp32,
+ * not rounded to bf16 as the other paths have them; x is rounded to 8 bits per group, as llama.cpp's
+ * activations are (quality against the bf16 path: BENCHMARKS.md).
+ *
+ * vpdpbusd wants, per 32-bit lane, 4 consecutive inputs of one output: a block's pair of groups is
+ * transposed from [16 outputs][32 bytes] to [8][16 outputs][4 bytes] (unpack_pair4_vnni) into a
+ * panel per call, or just before its products for one row. */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+#define VNNI_GROUP 512 /* bytes of one block's group in the panel: [8][16 outputs][4 inputs], 0..15 each */
+
+/* The transposition in three steps, each swapping a bit of the register's number with a bit of the
+ * lane's (see unpack_pair4_vnni); index bit 4 picks the second source. */
+#define BIT(i, b) (((i) >> (b)) & 1)
+#define STEP1(K, i) (BIT(i, 2) << 4 | BIT(i, 3) << 3 | (K) << 2 | BIT(i, 1) << 1 | BIT(i, 0))
+#define STEP2(K, i) (BIT(i, 1) << 4 | BIT(i, 3) << 3 | BIT(i, 2) << 2 | (K) << 1 | BIT(i, 0))
+#define STEP3(K, i) (BIT(i, 1) << 4 | BIT(i, 0) << 3 | BIT(i, 3) << 2 | BIT(i, 2) << 1 | (K))
+#define LANES(F, K) {F(K, 0), F(K, 1), F(K, 2), F(K, 3), F(K, 4), F(K, 5), F(K, 6), F(K, 7), F(K, 8), F(K, 9), \
+                     F(K, 10), F(K, 11), F(K, 12), F(K, 13), F(K, 14), F(K, 15)}
+static const int32_t steps[3][2][16] __attribute__((aligned(64))) = {
+    {LANES(STEP1, 0), LANES(STEP1, 1)}, {LANES(STEP2, 0), LANES(STEP2, 1)}, {LANES(STEP3, 0), LANES(STEP3, 1)}};
+
+/* x's row quantized to 8 bits per group of 32, as described above, into c->xq and c->xs. */
+VNNI static void quantize_row(const Call *c, int64_t row) {
+    const int64_t groups = c->in_features / GROUP;
+    const bf16 *x = c->x + row * c->x_stride;
+    int8_t *q = c->xq + row * c->in_features;
+    XScale *s = c->xs + row * groups;
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512 lo = load_bf16(x + g * GROUP), hi = load_bf16(x + g * GROUP + 16);
+        const float most = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, magnitude), _mm512_and_ps(hi, magnitude)));
+        const __m512 scale = _mm512_set1_ps(most > 0 ? 127.0f / most : 0.0f);
+        const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, scale)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale));
+        _mm_storeu_si128((__m128i *)(q + g * GROUP), _mm512_cvtsepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i *)(q + g * GROUP + 16), _mm512_cvtsepi32_epi8(qhi));
+        s[g].d = most / 127.0f;
+        s[g].s = s[g].d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+}
+
+/* One block's pair of groups (4 bits, packed as for dequant_pair4) -> the first group's
+ * [8][16 outputs][4 inputs] bytes at out, the second's (if `second`) `stride` bytes further. Loaded,
+ * register p holds outputs 2p and 2p + 1, eight 32-bit words each: word k of output j is in
+ * register j / 2, lane 8 (j % 2) + k. Three rounds of two-source permutes move it to register k,
+ * lane j. */
+VNNI static inline void unpack_pair4_vnni(const uint8_t *w, uint8_t *out, int64_t stride, int second) {
+    __m512i z[8], a[8];
+    for (int p = 0; p < 8; p++) z[p] = _mm512_loadu_si512(w + 128 + 64 * p);
+    for (int k = 0; k < 2; k++) /* register (j3 j2 j1), lane (j0 k2 k1 k0) -> (k2 j2 j1), (j0 j3 k1 k0) */
+        for (int p = 0; p < 4; p++) a[4 * k + p] = _mm512_permutex2var_epi32(z[p], _mm512_load_si512(steps[0][k]), z[p + 4]);
+    for (int k = 0; k < 2; k++) /* -> (k2 k1 j1), (j0 j3 j2 k0) */
+        for (int i = 0; i < 4; i++) {
+            const int r = i / 2 * 4 + i % 2; /* the registers with bit 1 clear: 0, 1, 4, 5 */
+            z[(r & 4) | k << 1 | (r & 1)] = _mm512_permutex2var_epi32(a[r], _mm512_load_si512(steps[1][k]), a[r + 2]);
+        }
+    for (int k = 0; k < 2; k++) /* -> (k2 k1 k0), (j3 j2 j1 j0) */
+        for (int r = 0; r < 8; r += 2) a[r | k] = _mm512_permutex2var_epi32(z[r], _mm512_load_si512(steps[2][k]), z[r + 1]);
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    for (int k = 0; k < 8; k++) {
+        _mm512_storeu_si512(out + 64 * k, _mm512_and_si512(a[k], nibble));
+        if (second) _mm512_storeu_si512(out + stride + 64 * k, _mm512_and_si512(_mm512_srli_epi16(a[k], 4), nibble));
+    }
+}
+
+/* d_w and m_w of group g of the block of outputs from o0, in fp32. */
+VNNI static inline void load_scales(const Call *c, int64_t o0, int64_t g, __m512 *d, __m512 *m) {
+    const uint8_t *scales = c->w + o0 / BLOCK * c->block_bytes + g / 2 * c->pair_bytes + g % 2 * 32;
+    *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+    *m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 64)));
+}
+
+/* One row's 16 outputs after group g, whose exact sums are `sums`: the step every path takes, in
+ * this order (see above), so that they give the same bits. */
+VNNI static inline __m512 add_group(__m512 acc, __m512i sums, __m512 d, __m512 m, XScale x) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, _mm512_set1_ps(x.d)), acc);
+    return _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), acc);
+}
+
+/* R rows (1 or 4) from `row` times NB blocks (1 or 2) from output o0, group g, its weights at `panel`
+ * ([block][VNNI_GROUP]): acc[r][b] as the comment above says. R and NB are constants where inlined. */
+VNNI static inline __attribute__((always_inline)) void group_vnni(const Call *c, const uint8_t *panel, int64_t o0,
+                                                                  int64_t g, int64_t row, __m512 acc[4][2], const int R,
+                                                                  const int NB) {
+    const int64_t groups = c->in_features / GROUP;
+    __m512i sums[4][2];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) sums[r][b] = _mm512_setzero_si512();
+    for (int k = 0; k < 8; k++) {
+        __m512i w[2];
+        for (int b = 0; b < NB; b++) w[b] = _mm512_loadu_si512(panel + b * VNNI_GROUP + 64 * k);
+        for (int r = 0; r < R; r++) {
+            int32_t four;
+            memcpy(&four, c->xq + (row + r) * c->in_features + g * GROUP + 4 * k, sizeof(four));
+            const __m512i xr = _mm512_set1_epi32(four);
+            for (int b = 0; b < NB; b++) sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], w[b], xr);
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        __m512 d, m;
+        load_scales(c, o0 + b * BLOCK, g, &d, &m);
+        for (int r = 0; r < R; r++) acc[r][b] = add_group(acc[r][b], sums[r][b], d, m, c->xs[(row + r) * groups + g]);
+    }
+}
+
+/* R rows from `row` times NB blocks from o0: the groups in order from `panel` ([group][block]
+ * [VNNI_GROUP]), or, for one row (`jit`), each pair of groups unpacked into `panel` just before its
+ * products, as narrow_amx does (the row reads each weight once). */
+VNNI static inline __attribute__((always_inline)) void rows_vnni(const Call *c, uint8_t *panel, int64_t o0, int64_t row,
+                                                                 const int R, const int NB, const int jit) {
+    const int64_t groups = c->in_features / GROUP;
+    __m512 acc[4][2];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        if (jit && g % 2 == 0)
+            for (int b = 0; b < NB; b++)
+                unpack_pair4_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes, panel + b * VNNI_GROUP,
+                                  2 * VNNI_GROUP, g + 1 < groups);
+        group_vnni(c, panel + (jit ? g % 2 : g) * 2 * VNNI_GROUP, o0, g, row, acc, R, NB);
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) write_sums(c, acc[r][b], row + r, 1, o0 + b * BLOCK, BLOCK);
+}
+
+/* The 8-bit-activation path for the panels from `first` to `last` (exclusive). */
+VNNI static void run_panels_vnni(const Call *c, int64_t first, int64_t last, uint8_t *panel) {
+    const int64_t groups = c->in_features / GROUP;
+    for (int64_t p = first; p < last; p++) {
+        const int64_t o0 = p * PANEL, blocks = c->out_features - o0 >= PANEL ? 2 : 1;
+        if (c->rows == 1) {
+            if (blocks == 2) rows_vnni(c, panel, o0, 0, 1, 2, 1);
+            else rows_vnni(c, panel, o0, 0, 1, 1, 1);
+            continue;
+        }
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t g = 0; g < groups; g += 2)
+                unpack_pair4_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes,
+                                  panel + (g * 2 + b) * VNNI_GROUP, 2 * VNNI_GROUP, g + 1 < groups);
+        int64_t row = 0;
+        for (; row + 4 <= c->rows; row += 4) {
+            if (blocks == 2) rows_vnni(c, panel, o0, row, 4, 2, 0);
+            else rows_vnni(c, panel, o0, row, 4, 1, 0);
+        }
+        for (; row < c->rows; row++) {
+            if (blocks == 2) rows_vnni(c, panel, o0, row, 1, 2, 0);
+            else rows_vnni(c, panel, o0, row, 1, 1, 0);
+        }
+    }
+}
+
 #endif
+
+/* Whether the CPU has AVX512-VNNI (every CPU with AVX512-BF16 does: Cooper Lake, Sapphire Rapids, Zen 4). */
+static int vnni_supported(void) {
+#if PARLEY_SIMD
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
 
 /* linear(threads, rows, out_features, in_features, x, x_stride, w, bias or 0, y, y_stride, amx, bits):
  * pointers as ints, strides in elements. The caller checks shapes (parley/kernels/linear.py). */
@@ -424,10 +607,10 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .x_stride = PyLong_AsLongLong(args[5]), .w = PyLong_AsVoidPtr(args[6]),
               .bias = PyLong_AsVoidPtr(args[7]), .y = PyLong_AsVoidPtr(args[8]), .y_stride = PyLong_AsLongLong(args[9]),
               .bits = (int)PyLong_AsLong(args[11])};
-    const int amx = PyObject_IsTrue(args[10]);
+    const int amx = PyObject_IsTrue(args[10]), vnni = !amx && c.bits == 4;
     if (PyErr_Occurred()) return NULL;
-    if (!cpu_supported() || (amx && !amx_supported()) || c.out_features % BLOCK || c.in_features % GROUP ||
-        (c.bits != 4 && c.bits != 8)) {
+    if (!cpu_supported() || (amx && !amx_supported()) || (vnni && !vnni_supported()) || c.out_features % BLOCK ||
+        c.in_features % GROUP || (c.bits != 4 && c.bits != 8)) {
         PyErr_SetString(PyExc_ValueError, "quantized linear: unsupported CPU, shape or bits");
         return NULL;
     }
@@ -437,14 +620,19 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const int64_t panels = (c.out_features + PANEL - 1) / PANEL, pairs = c.in_features / 2;
     const int64_t chunks = c.rows > 1 ? (c.rows + TILE_ROWS - 1) / TILE_ROWS : 0, parts = pairs / 16;
     const int team = threads < 1 ? 1 : (panels < threads ? (int)panels : threads);
-    /* per thread: the panel [in / 32][64][32] bf16 (two panels, see configure_narrow), then AMX's
-     * sums [16][16] fp32; then AMX's x pairs */
+    /* per thread: the panel ([in / 32][64][32] bf16, two panels, see configure_narrow; on VNNI
+     * [in / 32][2][VNNI_GROUP]), then AMX's sums [16][16] fp32; then AMX's x pairs, or VNNI's x in 8
+     * bits and its scales */
     const size_t panel_bytes = sizeof(bf16) * (size_t)(c.in_features * 2 * PANEL);
     const size_t per_thread = panel_bytes + (amx ? sizeof(float) * TILE_ROWS * TILE_ROWS : 0);
     const size_t xt_bytes = amx ? sizeof(uint32_t) * (size_t)(chunks * pairs * TILE_ROWS) : 0;
-    char *scratch = aligned_alloc(64, (team * per_thread + xt_bytes + 63) / 64 * 64);
+    const size_t xq_bytes = vnni ? (size_t)(c.rows * c.in_features + 63) / 64 * 64 : 0;
+    const size_t xs_bytes = vnni ? sizeof(XScale) * (size_t)(c.rows * (c.in_features / GROUP)) : 0;
+    char *scratch = aligned_alloc(64, (team * per_thread + xt_bytes + xq_bytes + xs_bytes + 63) / 64 * 64);
     if (scratch == NULL) return PyErr_NoMemory();
     c.xt = (uint32_t *)(scratch + team * per_thread);
+    c.xq = (int8_t *)(scratch + team * per_thread + xt_bytes);
+    c.xs = (XScale *)(scratch + team * per_thread + xt_bytes + xq_bytes);
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(team) if (team > 1)
     {
@@ -458,6 +646,10 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #pragma omp for /* one row is read as it lies (narrow_amx) */
             for (int64_t i = 0; i < chunks * parts; i++) pack_x(&c, i / parts, i % parts);
             run_panels_amx(&c, first, last, (bf16 *)mine, (float *)(mine + panel_bytes));
+        } else if (vnni) {
+#pragma omp for
+            for (int64_t row = 0; row < c.rows; row++) quantize_row(&c, row);
+            run_panels_vnni(&c, first, last, (uint8_t *)mine);
         } else {
             run_panels_dp(&c, first, last, (bf16 *)mine);
         }

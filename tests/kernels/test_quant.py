@@ -1,5 +1,6 @@
-"""4- and 8-bit matrices (parley/kernels/_quant.c): the weights GGUF's Q4_0/Q4_1/Q8_0 blocks hold, in
-bf16, and a row's bits whatever rows are beside it, on AMX tiles and on dpbf16 (AMD's path)."""
+"""4- and 8-bit matrices (parley/kernels/_quant.c): the weights GGUF's Q4_0/Q4_1/Q8_0 blocks hold, and
+a row's bits whatever rows are beside it, on AMX tiles and on the path without them (AMD's: 4 bits
+times 8-bit activations on VNNI, 8 bits on dpbf16)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from parley.kernels.linear import (Q4Rows, Q8Rows, QuantRows, QuantWeight, can_p
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(16, 32, dtype=torch.bfloat16)),
                                 reason="the quantized kernel needs AVX512-BF16")
-PATHS = ["amx", "dpbf16"]
+PATHS = ["amx", "avx512"]
 
 
 @pytest.fixture(params=PATHS)
@@ -65,17 +66,47 @@ def test_a_rows_output_does_not_depend_on_the_rows_beside_it(path, out_features,
         torch.set_num_threads(threads)
 
 
+def _eight_bit(x: torch.Tensor) -> torch.Tensor:
+    """x as the VNNI path multiplies it: each 32 inputs of a row on 255 even steps, d * round(x / d) for
+    d = max |x| / 127 (x times 127 / max |x|, rounded to nearest even, in float32)."""
+    groups = x.float().view(x.shape[0], -1, 32)
+    most = groups.abs().amax(-1, keepdim=True)
+    scale = torch.where(most > 0, torch.full_like(most, 127.0).div(most), torch.zeros_like(most))
+    return (torch.round(groups * scale).double() * (most / 127).double()).view(x.shape)
+
+
+def _vnni(path: str, bits: int) -> bool:
+    return path == "avx512" and bits == 4
+
+
 @pytest.mark.parametrize("rows", [1, 5, 20, 40])
 @pytest.mark.parametrize("in_features", [1536, 96])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_outputs_are_the_sums_of_products_rounded_to_bfloat16(path, rows, in_features, bits):
     weights, x = _rows(80, in_features, seed=2, bits=bits), torch.randn(rows, in_features).bfloat16()
     bias = torch.randn(80).bfloat16()
-    exact = x.double() @ weights.dequantize().bfloat16().double().t() + bias.double()
+    if _vnni(path, bits):  # GGUF's weights as they are, times x in 8 bits
+        exact = _eight_bit(x) @ weights.dequantize().double().t() + bias.double()
+    else:
+        exact = x.double() @ weights.dequantize().bfloat16().double().t() + bias.double()
     y = linear(x, pack(weights), bias).double()
     # float32 sums over exact products: well inside one bf16 rounding of the output (2^-8)
     assert ((y - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
     assert not torch.equal(linear(x, pack(weights)).double(), y)  # the bias is added
+
+
+def test_without_amx_4_bit_weights_multiply_activations_rounded_to_8_bits_per_32_inputs(path):
+    if path != "avx512":
+        pytest.skip("AMX keeps bf16 activations")
+    rows = _rows(16, 64, seed=4)
+    d = torch.ones_like(rows.d)
+    q, m = torch.zeros_like(rows.q), torch.zeros_like(rows.m)
+    q[0, 1] = q[1, 33] = q[2, 34] = 1  # output 0 reads input 1, output 1 input 33, output 2 input 34
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1] = 1.0, 0.003  # 0.003 * 127 = 0.38 steps of its group: 0
+    x[0, 32], x[0, 33], x[0, 34] = -2.0, 0.5, 0.0078125  # 31.75 steps: 32 (0.5039...); 0.496 steps: 0
+    y = linear(x.bfloat16(), pack(Q4Rows(q, d.half(), m)))
+    assert y[0, :3].tolist() == [0.0, torch.tensor(32 * 2 / 127).bfloat16().item(), 0.0]
 
 
 def test_quantize_brings_q4_weights_back_to_their_own_grid():
