@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch  # before _quant: the kernel then shares torch's OpenMP runtime (see setup.py)
 import torch.nn.functional as F
@@ -92,10 +92,17 @@ class QuantWeight:
     data: torch.Tensor  # uint8 [out / 16, ceil(in / 64), 640 (4 bits) or 1088 (8 bits)]
     in_features: int
     bits: int
+    # what each call passes, kept: a one-row step makes 121 calls, Python's share of it counts
+    out_features: int = field(init=False)
+    ptr: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_features", self.data.shape[0] * BLOCK)
+        object.__setattr__(self, "ptr", self.data.data_ptr())
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0] * BLOCK, self.in_features
+        return self.out_features, self.in_features
 
 
 def quantize_q4(weight: torch.Tensor) -> Q4Rows:
@@ -269,15 +276,16 @@ def _projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _linear_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    out_features, in_features = weight.shape
-    if not (x.dim() == 2 and x.shape[1] == in_features and x.dtype == torch.bfloat16 and x.stride(1) == 1
+    out_features = weight.out_features
+    if not (x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] == weight.in_features and x.stride(1) == 1
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous() and bias.shape == (out_features,)))):
         raise ValueError("quantized linear: unexpected input layout")
-    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-    if x.shape[0]:
-        _quant.linear(torch.get_num_threads(), x.shape[0], out_features, in_features, x.data_ptr(), x.stride(0),
-                      weight.data.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
-                      quant_amx(), weight.bits)
+    rows = x.shape[0]
+    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    if rows:
+        _quant.linear(torch.get_num_threads(), rows, out_features, weight.in_features, x.data_ptr(), x.stride(0),
+                      weight.ptr, 0 if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+                      _quant_amx if _quant_amx is not None else quant_amx(), weight.bits)
     return y
 
 

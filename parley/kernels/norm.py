@@ -19,11 +19,12 @@ def rms_norm(delta: torch.Tensor, hidden: torch.Tensor | None, weight: torch.Ten
     """(RMSNorm(total) * weight, total) for total = hidden + delta, or delta where hidden is None;
     rows [N, width]."""
     if (_supported and delta.dtype == weight.dtype == torch.bfloat16 and delta.device.type == "cpu"
-            and delta.is_contiguous() and weight.is_contiguous() and delta.shape[-1] % 16 == 0
+            and delta.dim() == 2 and delta.is_contiguous() and weight.is_contiguous() and delta.shape[-1] % 16 == 0
             and (hidden is None or (hidden.is_contiguous() and hidden.shape == delta.shape and hidden.dtype == delta.dtype))):
-        out = torch.empty_like(delta)
-        total = delta if hidden is None else torch.empty_like(delta)
-        _norm.rms_norm(delta.shape[0], delta.shape[-1], delta.data_ptr(), 0 if hidden is None else hidden.data_ptr(),
+        rows, width = delta.shape
+        out = torch.empty(rows, width, dtype=torch.bfloat16)
+        total = delta if hidden is None else torch.empty(rows, width, dtype=torch.bfloat16)
+        _norm.rms_norm(rows, width, delta.data_ptr(), 0 if hidden is None else hidden.data_ptr(),
                        total.data_ptr(), out.data_ptr(), weight.data_ptr(), eps)
         return out, total
     total = delta if hidden is None else hidden + delta
