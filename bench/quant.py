@@ -43,7 +43,7 @@ def main() -> None:
                    for _ in range(LAYERS) for o, i in SHAPES]
     lm_head = pack(Q8Rows(torch.randint(-128, 128, (49152, 576), generator=generator, dtype=torch.int8),
                           (torch.rand(49152, 18, generator=generator) * 0.01).half()))
-    path = "AMX tiles" if quant_amx() else "AVX-512 (4 bits: VNNI, 8-bit activations; 8 bits: dpbf16)"
+    path = "AMX tiles" if quant_amx() else "AVX512-VNNI, 8-bit activations"
     print(f"path: {path}, {args.threads} threads; ms per step")
     print("| rows | projections (4-bit) | lm_head (8-bit) |\n|---|---|---|")
     for rows in args.rows:

@@ -1,6 +1,6 @@
 /* y = x W^T (+ bias) with W in 4 bits, as GGUF's Q4_1 (and Q4_0) keeps it, or in 8 bits as Q8_0
- * does (see dequant_pair8), for x in bf16 on x86 CPUs with AVX512-BF16, on AMX tiles where the CPU
- * has them.
+ * does (see dequant_pair8), for x in bf16 on x86 CPUs with AVX512-BF16: on AMX tiles where the CPU
+ * has them, else on VNNI with x rounded to 8 bits (see quantize_row).
  *
  * Why a kernel: a decode step reads every weight once, and with few rows that is what it waits on.
  * In bf16 the default model's projections are 212 MB a step; in 4 bits a quarter of that. torch's
@@ -18,18 +18,17 @@
  * Dequantizing is most of a one-row call, so it is a table lookup: an output's 32 inputs of a group
  * take one of 16 values, computed once (one fma for all 16, one rounding to bf16), and one vpermw
  * puts them in place: ~10 vector ops per 64 weights against ~20 converting each weight (the
- * default model's projections at one row, a step's worth on a Xeon on the dpbf16 path: 5.9 -> 3.8
- * ms). The panel it fills is [groups][32 outputs][32 inputs]: an output's group is one table's
- * lookup and an AMX tile row.
+ * default model's projections at one row, a step's worth on a Xeon, when a dpbf16 path used it too:
+ * 5.9 -> 3.8 ms). The panel it fills is [groups][32 outputs][32 inputs]: an output's group is one
+ * table's lookup and an AMX tile row.
  *
  * Batch invariance by construction: every row of x is multiplied by the panel with a sum per
  * output whose order does not depend on the other rows: on AMX tiles W is the left operand (16
  * outputs x 32 inputs) and x's input pairs the right ([16 pairs][rows][2]), each element of the
- * product its own fp32 sum over the pairs in order; on dpbf16 (AMD's path for 8 bits) 16 lanes of partial sums
- * per output and row, over the groups in order, then added in one fixed tree. So a row's bits do
- * not depend on how many rows the call has, where the row sits, or the number of threads. Without
- * AMX, 4-bit weights take a third path, with 8-bit activations on VNNI (see quantize_row). The
- * paths round differently; a process takes one path for every call (`amx`).
+ * product its own fp32 sum over the pairs in order; on VNNI exact integer sums per group of 32, the
+ * groups added in order. So a row's bits do not depend on how many rows the call has, where the
+ * row sits, or the number of threads. The two paths round differently; a process takes one path for
+ * every call (`amx`).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -96,8 +95,8 @@ TARGET static inline void dequant_pair4(const uint8_t *w, bf16 *out, int64_t str
  * in gguf's float32 weights), packed as d [2][16] fp16, then per output 64 bytes, the first group's
  * 32 then the second's. No table: converting each weight costs ~8 vector ops per 32 here. The
  * default model's Q8_0 lm_head (49152 x 576) at one row on a Xeon, from L3: 1.06 ms, against 1.15 for
- * oneDNN on its bf16 copy; in a decode step, where it comes from memory: 1.79 -> 1.74 ms on AMX,
- * 2.59 -> 2.10 on dpbf16 (at 32 rows 0.3-0.6 ms slower); and 26 MB less than that copy. */
+ * oneDNN on its bf16 copy; in a decode step, where it comes from memory: 1.79 -> 1.74 ms on AMX
+ * (at 32 rows 0.3-0.6 ms slower); and 26 MB less than that copy. */
 TARGET static inline void dequant_pair8(const uint8_t *w, bf16 *out, int64_t stride, int second) {
     float d[2][BLOCK] __attribute__((aligned(64)));
     for (int i = 0; i < 2; i++) _mm512_store_ps(d[i], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 32 * i))));
@@ -173,55 +172,6 @@ TARGET static void pack_x(const Call *c, int64_t chunk, int64_t part) {
     transpose16(r);
     uint32_t *out = c->xt + (chunk * (c->in_features / 2) + part * 16) * TILE_ROWS;
     for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + i * TILE_ROWS, r[i]);
-}
-
-/* The sums of 16 accumulators, each over its 16 lanes in the same tree: (l + l+8) + (l+4 + l+12)
- * for l < 4, then (0 + 2) + (1 + 3). */
-TARGET static inline __m512 reduce16(const __m512 a[16]) {
-    __m512 b[8], c4[4], d[2];
-    for (int i = 0; i < 8; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
-    for (int i = 0; i < 4; i++) /* 128-bit lane L: accumulator 4i + L's four partial sums */
-        c4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                              _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
-    for (int i = 0; i < 2; i++)
-        d[i] = _mm512_add_ps(_mm512_shuffle_ps(c4[2 * i], c4[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(c4[2 * i], c4[2 * i + 1], 0xee));
-    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xdd));
-    /* e[4L + k] is accumulator 4k + L's sum */
-    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), e);
-}
-
-/* R (1, 2 or 4) rows from `row` times 16 / R outputs of the panel from `first`: 16 accumulators of
- * 16 lanes over the groups in order, then reduce16. R is a constant where inlined. */
-TARGET static inline __attribute__((always_inline)) void dp_rows(const Call *c, const bf16 *panel, int64_t o0,
-                                                                   int64_t first, int64_t row, const int R) {
-    const int n = BLOCK / R;
-    __m512 acc[16];
-    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    const int64_t groups = c->in_features / GROUP;
-    for (int64_t g = 0; g < groups; g++) {
-        __m512bh x[4];
-        for (int r = 0; r < R; r++) x[r] = (__m512bh)_mm512_loadu_si512(c->x + (row + r) * c->x_stride + g * GROUP);
-        const bf16 *w = panel + g * PANEL_GROUP + first * GROUP;
-        for (int j = 0; j < n; j++) {
-            const __m512bh wj = (__m512bh)_mm512_loadu_si512(w + j * GROUP);
-            for (int r = 0; r < R; r++) acc[r * n + j] = _mm512_dpbf16_ps(acc[r * n + j], wj, x[r]);
-        }
-    }
-    write_sums(c, reduce16(acc), row, R, o0 + first, n);
-}
-
-/* The dpbf16 path for one panel of `outputs` (16 or 32): rows four at a time, then two, then one. */
-TARGET static void panel_dp(const Call *c, const bf16 *panel, int64_t o0, int64_t outputs) {
-    int64_t row = 0;
-    for (; row + 4 <= c->rows; row += 4)
-        for (int64_t first = 0; first < outputs; first += 4) dp_rows(c, panel, o0, first, row, 4);
-    for (; row + 2 <= c->rows; row += 2)
-        for (int64_t first = 0; first < outputs; first += 8) dp_rows(c, panel, o0, first, row, 2);
-    for (; row < c->rows; row++)
-        for (int64_t first = 0; first < outputs; first += 16) dp_rows(c, panel, o0, first, row, 1);
 }
 
 /* AMX's tile configuration: tile i has 16 rows of colsb[i] bytes (none if 0). */
@@ -380,69 +330,34 @@ AMX static void run_panels_amx(const Call *c, int64_t first, int64_t last, bf16 
     _tile_release();
 }
 
-/* One row times the blocks from output o0 to `end`, each pair of groups dequantized into `buf`
- * just before its products, as narrow_amx does: the same sums as dp_rows with R = 1. */
-TARGET static void row_dp(const Call *c, int64_t o0, int64_t end, bf16 *buf) {
-    const int64_t groups = c->in_features / GROUP, block_bytes = c->block_bytes;
-    for (; o0 < end; o0 += BLOCK) {
-        __m512 acc[16];
-        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-            if (g % 2 == 0)
-                dequant_pair(c->w + o0 / BLOCK * block_bytes + g / 2 * c->pair_bytes, buf, BLOCK * GROUP, g + 1 < groups,
-                             c->bits);
-            const __m512bh x = (__m512bh)_mm512_loadu_si512(c->x + g * GROUP);
-            const bf16 *w = buf + g % 2 * BLOCK * GROUP;
-            for (int j = 0; j < BLOCK; j++)
-                acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(w + j * GROUP), x);
-        }
-        write_sums(c, reduce16(acc), 0, 1, o0, BLOCK);
-    }
-}
-
-TARGET static void run_panels_dp(const Call *c, int64_t first, int64_t last, bf16 *panel) {
-    const int64_t groups = c->in_features / GROUP, block_bytes = c->block_bytes;
-    if (c->rows == 1) {
-        row_dp(c, first * PANEL, last * PANEL < c->out_features ? last * PANEL : c->out_features, panel);
-        return;
-    }
-    for (int64_t p = first; p < last; p++) {
-        const int64_t o0 = p * PANEL, blocks = c->out_features - o0 >= PANEL ? 2 : 1;
-        for (int64_t b = 0; b < blocks; b++)
-            dequant_block(c->w + (o0 / BLOCK + b) * block_bytes, groups, panel + b * BLOCK * GROUP, PANEL_GROUP,
-                              c->bits);
-        panel_dp(c, panel, o0, blocks * BLOCK);
-    }
-}
-
-
-/* 4-bit weights times 8-bit activations on AVX512-VNNI: the path of CPUs without AMX (AMD's).
+/* 4- and 8-bit weights times 8-bit activations on AVX512-VNNI: the path of CPUs without AMX (AMD's).
  *
- * Why: with many rows the dpbf16 path is bound by vdpbf16ps, 32 multiply-adds an instruction, and
- * the default model's projections took ~1 ms a row (bench/quant.py at 512 rows: 527 ms; oneDNN's
- * own bf16 kernel 506 ms), so a prompt could not prefill faster than ~900 tok/s. vpdpbusd does 64
- * (bytes times bytes into 32-bit sums), and on a Xeon runs 2.6x as many of them a cycle (4.9 against
- * 1.8 a ns a core, measured); Zen 4 runs it at dpbf16's rate, so twice the multiply-adds. llama.cpp
- * multiplies Q4_1 weights by 8-bit activations (its Q8_1) on this instruction.
+ * Why: with many rows the dpbf16 path this replaced was bound by vdpbf16ps, 32 multiply-adds an
+ * instruction, and the default model's projections took ~1 ms a row (bench/quant.py at 512 rows:
+ * 527 ms; oneDNN's own bf16 kernel 506 ms), so a prompt could not prefill faster than ~900 tok/s.
+ * vpdpbusd does 64 (bytes times bytes into 32-bit sums), and on a Xeon runs 2.6x as many of them a
+ * cycle (4.9 against 1.8 a ns a core, measured); Zen 4 runs it at dpbf16's rate, so twice the
+ * multiply-adds. llama.cpp multiplies Q4_1 and Q8_0 weights by 8-bit activations on it.
  *
  * The arithmetic, the same at every number of rows: each row's group of 32 inputs is quantized on
  * its own, d = max |x| / 127, xq = round(x * 127 / max |x|) (to nearest even), s = d * sum(xq);
  * then per output, over the groups in order, in fp32:
- *     acc = fma(float(sum q * xq), d_w * d, acc); acc = fma(m_w, s, acc)
+ *     acc = fma(float(sum q * xq), d_w * d, acc); acc = fma(m_w, s, acc)   (8 bits: no m_w)
  * (w = d_w q + m_w, so sum w x ~ d_w d sum(q xq) + m_w d sum(xq)), and y = bf16(acc + bias). The
- * integer sums are exact (at most 32 * 15 * 127), so how the lanes add them up does not matter: a
- * row's bits depend on its own values only. The weights are those GGUF stores, d_w q + m_w in fp32,
- * not rounded to bf16 as the other paths have them; x is rounded to 8 bits per group, as llama.cpp's
- * activations are (quality against the bf16 path: BENCHMARKS.md).
+ * integer sums are exact (at most 32 * 128 * 255), so how the lanes add them up does not matter: a
+ * row's bits depend on its own values only. The weights are those GGUF stores, d_w q (+ m_w) in
+ * fp32, not rounded to bf16 as on AMX; x is rounded to 8 bits per group, as llama.cpp's activations
+ * are (quality against the bf16 path: BENCHMARKS.md).
  *
  * vpdpbusd wants, per 32-bit lane, 4 consecutive inputs of one output: a block's pair of groups is
- * transposed from [16 outputs][32 bytes] to [8][16 outputs][4 bytes] (unpack_pair4_vnni) into a
+ * transposed from [16 outputs][32 bytes] to [8][16 outputs][4 bytes] (unpack_pair_vnni) into a
  * panel per call, or just before its products for one row. */
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
-#define VNNI_GROUP 512 /* bytes of one block's group in the panel: [8][16 outputs][4 inputs], 0..15 each */
+#define VNNI_GROUP 512 /* bytes of one block's group in the panel: [8][16 outputs][4 inputs] */
+#define VNNI_SLOT(bits) (VNNI_GROUP + ((bits) == 8) * 64) /* and, for 8 bits, each output's sum of the group's weights */
 
 /* The transposition in three steps, each swapping a bit of the register's number with a bit of the
- * lane's (see unpack_pair4_vnni); index bit 4 picks the second source. */
+ * lane's (see transpose16x8); index bit 4 picks the second source. */
 #define BIT(i, b) (((i) >> (b)) & 1)
 #define STEP1(K, i) (BIT(i, 2) << 4 | BIT(i, 3) << 3 | (K) << 2 | BIT(i, 1) << 1 | BIT(i, 0))
 #define STEP2(K, i) (BIT(i, 1) << 4 | BIT(i, 3) << 3 | BIT(i, 2) << 2 | (K) << 1 | BIT(i, 0))
@@ -471,75 +386,102 @@ VNNI static void quantize_row(const Call *c, int64_t row) {
     }
 }
 
-/* One block's pair of groups (4 bits, packed as for dequant_pair4) -> the first group's
- * [8][16 outputs][4 inputs] bytes at out, the second's (if `second`) `stride` bytes further. Loaded,
- * register p holds outputs 2p and 2p + 1, eight 32-bit words each: word k of output j is in
- * register j / 2, lane 8 (j % 2) + k. Three rounds of two-source permutes move it to register k,
- * lane j. */
-VNNI static inline void unpack_pair4_vnni(const uint8_t *w, uint8_t *out, int64_t stride, int second) {
-    __m512i z[8], a[8];
-    for (int p = 0; p < 8; p++) z[p] = _mm512_loadu_si512(w + 128 + 64 * p);
+/* The 16 x 8 matrix of 32-bit words in z (word k of row j in register j / 2, lane 8 (j % 2) + k)
+ * transposed into t (word k of row j in register k, lane j): three rounds of two-source permutes,
+ * each swapping a bit of the register's number with a bit of the lane's. */
+VNNI static inline void transpose16x8(__m512i z[8], __m512i t[8]) {
     for (int k = 0; k < 2; k++) /* register (j3 j2 j1), lane (j0 k2 k1 k0) -> (k2 j2 j1), (j0 j3 k1 k0) */
-        for (int p = 0; p < 4; p++) a[4 * k + p] = _mm512_permutex2var_epi32(z[p], _mm512_load_si512(steps[0][k]), z[p + 4]);
+        for (int p = 0; p < 4; p++) t[4 * k + p] = _mm512_permutex2var_epi32(z[p], _mm512_load_si512(steps[0][k]), z[p + 4]);
     for (int k = 0; k < 2; k++) /* -> (k2 k1 j1), (j0 j3 j2 k0) */
         for (int i = 0; i < 4; i++) {
             const int r = i / 2 * 4 + i % 2; /* the registers with bit 1 clear: 0, 1, 4, 5 */
-            z[(r & 4) | k << 1 | (r & 1)] = _mm512_permutex2var_epi32(a[r], _mm512_load_si512(steps[1][k]), a[r + 2]);
+            z[(r & 4) | k << 1 | (r & 1)] = _mm512_permutex2var_epi32(t[r], _mm512_load_si512(steps[1][k]), t[r + 2]);
         }
     for (int k = 0; k < 2; k++) /* -> (k2 k1 k0), (j3 j2 j1 j0) */
-        for (int r = 0; r < 8; r += 2) a[r | k] = _mm512_permutex2var_epi32(z[r], _mm512_load_si512(steps[2][k]), z[r + 1]);
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
-    for (int k = 0; k < 8; k++) {
-        _mm512_storeu_si512(out + 64 * k, _mm512_and_si512(a[k], nibble));
-        if (second) _mm512_storeu_si512(out + stride + 64 * k, _mm512_and_si512(_mm512_srli_epi16(a[k], 4), nibble));
+        for (int r = 0; r < 8; r += 2) t[r | k] = _mm512_permutex2var_epi32(z[r], _mm512_load_si512(steps[2][k]), z[r + 1]);
+}
+
+/* One block's pair of groups (packed as for dequant_pair) -> the first group's [8][16 outputs][4
+ * inputs] bytes at out, the second's (if `second`) `stride` bytes further: 4 bits as 0..15; 8 bits
+ * as they are, followed by each output's sum of the group's 32 (int32 [16], see group_vnni). */
+VNNI static inline void unpack_pair_vnni(const uint8_t *w, uint8_t *out, int64_t stride, int second, const int bits) {
+    __m512i z[8], t[8];
+    if (bits == 4) { /* both groups in one byte per input: output j's 32 bytes at 128 + 32 j */
+        for (int p = 0; p < 8; p++) z[p] = _mm512_loadu_si512(w + 128 + 64 * p);
+        transpose16x8(z, t);
+        const __m512i nibble = _mm512_set1_epi8(0x0f);
+        for (int k = 0; k < 8; k++) {
+            _mm512_storeu_si512(out + 64 * k, _mm512_and_si512(t[k], nibble));
+            if (second) _mm512_storeu_si512(out + stride + 64 * k, _mm512_and_si512(_mm512_srli_epi16(t[k], 4), nibble));
+        }
+        return;
+    }
+    for (int h = 0; h < 1 + second; h++) { /* group h of output j: 32 bytes at 64 + 64 j + 32 h */
+        const uint8_t *q = w + 64 + 32 * h;
+        for (int p = 0; p < 8; p++)
+            z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(q + 128 * p))),
+                                      _mm256_loadu_si256((const __m256i *)(q + 128 * p + 64)), 1);
+        transpose16x8(z, t);
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) {
+            _mm512_storeu_si512(out + h * stride + 64 * k, t[k]);
+            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), t[k]);
+        }
+        _mm512_storeu_si512(out + h * stride + VNNI_GROUP, sum);
     }
 }
 
-/* d_w and m_w of group g of the block of outputs from o0, in fp32. */
+/* d_w and (4 bits) m_w of group g of the block of outputs from o0, in fp32. */
 VNNI static inline void load_scales(const Call *c, int64_t o0, int64_t g, __m512 *d, __m512 *m) {
     const uint8_t *scales = c->w + o0 / BLOCK * c->block_bytes + g / 2 * c->pair_bytes + g % 2 * 32;
     *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
-    *m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 64)));
-}
-
-/* One row's 16 outputs after group g, whose exact sums are `sums`: the step every path takes, in
- * this order (see above), so that they give the same bits. */
-VNNI static inline __m512 add_group(__m512 acc, __m512i sums, __m512 d, __m512 m, XScale x) {
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, _mm512_set1_ps(x.d)), acc);
-    return _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), acc);
+    if (m) *m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 64)));
 }
 
 /* R rows (1 or 4) from `row` times NB blocks (1 or 2) from output o0, group g, its weights at `panel`
- * ([block][VNNI_GROUP]): acc[r][b] as the comment above says. R and NB are constants where inlined. */
+ * ([block][VNNI_SLOT]). 4 bits: the weights (0..15) are vpdpbusd's unsigned bytes, x's the signed;
+ * 8 bits: x + 128 is the unsigned (its bits with the sign flipped), the weights the signed, and
+ * 128 times each output's sum of weights comes off again. The integer sums are exact either way;
+ * then acc[r][b] as the comment above says (8 bits: no m_w). R, NB and bits are constants where
+ * inlined. */
 VNNI static inline __attribute__((always_inline)) void group_vnni(const Call *c, const uint8_t *panel, int64_t o0,
                                                                   int64_t g, int64_t row, __m512 acc[4][2], const int R,
-                                                                  const int NB) {
+                                                                  const int NB, const int bits) {
     const int64_t groups = c->in_features / GROUP;
     __m512i sums[4][2];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) sums[r][b] = _mm512_setzero_si512();
     for (int k = 0; k < 8; k++) {
         __m512i w[2];
-        for (int b = 0; b < NB; b++) w[b] = _mm512_loadu_si512(panel + b * VNNI_GROUP + 64 * k);
+        for (int b = 0; b < NB; b++) w[b] = _mm512_loadu_si512(panel + b * VNNI_SLOT(bits) + 64 * k);
         for (int r = 0; r < R; r++) {
-            int32_t four;
+            uint32_t four;
             memcpy(&four, c->xq + (row + r) * c->in_features + g * GROUP + 4 * k, sizeof(four));
-            const __m512i xr = _mm512_set1_epi32(four);
-            for (int b = 0; b < NB; b++) sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], w[b], xr);
+            const __m512i xr = _mm512_set1_epi32((int)(bits == 4 ? four : four ^ 0x80808080u));
+            for (int b = 0; b < NB; b++)
+                sums[r][b] = bits == 4 ? _mm512_dpbusd_epi32(sums[r][b], w[b], xr) : _mm512_dpbusd_epi32(sums[r][b], xr, w[b]);
         }
     }
     for (int b = 0; b < NB; b++) {
         __m512 d, m;
-        load_scales(c, o0 + b * BLOCK, g, &d, &m);
-        for (int r = 0; r < R; r++) acc[r][b] = add_group(acc[r][b], sums[r][b], d, m, c->xs[(row + r) * groups + g]);
+        load_scales(c, o0 + b * BLOCK, g, &d, bits == 4 ? &m : NULL);
+        const __m512i shift = bits == 8 ? _mm512_slli_epi32(_mm512_loadu_si512(panel + b * VNNI_SLOT(bits) + VNNI_GROUP), 7)
+                                        : _mm512_setzero_si512();
+        for (int r = 0; r < R; r++) {
+            const XScale x = c->xs[(row + r) * groups + g];
+            /* the one order every row takes, so that a row's bits depend on the row alone */
+            if (bits == 8) sums[r][b] = _mm512_sub_epi32(sums[r][b], shift);
+            acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][b]), _mm512_mul_ps(d, _mm512_set1_ps(x.d)), acc[r][b]);
+            if (bits == 4) acc[r][b] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), acc[r][b]);
+        }
     }
 }
 
 /* R rows from `row` times NB blocks from o0: the groups in order from `panel` ([group][block]
- * [VNNI_GROUP]), or, for one row (`jit`), each pair of groups unpacked into `panel` just before its
+ * [VNNI_SLOT]), or, for one row (`jit`), each pair of groups unpacked into `panel` just before its
  * products, as narrow_amx does (the row reads each weight once). */
 VNNI static inline __attribute__((always_inline)) void rows_vnni(const Call *c, uint8_t *panel, int64_t o0, int64_t row,
-                                                                 const int R, const int NB, const int jit) {
+                                                                 const int R, const int NB, const int jit, const int bits) {
     const int64_t groups = c->in_features / GROUP;
     __m512 acc[4][2];
     for (int r = 0; r < R; r++)
@@ -547,37 +489,43 @@ VNNI static inline __attribute__((always_inline)) void rows_vnni(const Call *c, 
     for (int64_t g = 0; g < groups; g++) {
         if (jit && g % 2 == 0)
             for (int b = 0; b < NB; b++)
-                unpack_pair4_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes, panel + b * VNNI_GROUP,
-                                  2 * VNNI_GROUP, g + 1 < groups);
-        group_vnni(c, panel + (jit ? g % 2 : g) * 2 * VNNI_GROUP, o0, g, row, acc, R, NB);
+                unpack_pair_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes, panel + b * VNNI_SLOT(bits),
+                                 2 * VNNI_SLOT(bits), g + 1 < groups, bits);
+        group_vnni(c, panel + (jit ? g % 2 : g) * 2 * VNNI_SLOT(bits), o0, g, row, acc, R, NB, bits);
     }
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) write_sums(c, acc[r][b], row + r, 1, o0 + b * BLOCK, BLOCK);
+}
+
+/* rows_vnni with its constants spelled out, so that each combination is compiled on its own */
+VNNI static void rows_vnni_for(const Call *c, uint8_t *panel, int64_t o0, int64_t row, int R, int NB, int jit) {
+#define ROWS(R_, NB_, JIT_)                                                                                            \
+    if (R == R_ && NB == NB_ && jit == JIT_) {                                                                         \
+        if (c->bits == 4) rows_vnni(c, panel, o0, row, R_, NB_, JIT_, 4);                                              \
+        else rows_vnni(c, panel, o0, row, R_, NB_, JIT_, 8);                                                           \
+        return;                                                                                                        \
+    }
+    ROWS(1, 2, 1) ROWS(1, 1, 1) ROWS(4, 2, 0) ROWS(4, 1, 0) ROWS(1, 2, 0) ROWS(1, 1, 0)
+#undef ROWS
 }
 
 /* The 8-bit-activation path for the panels from `first` to `last` (exclusive). */
 VNNI static void run_panels_vnni(const Call *c, int64_t first, int64_t last, uint8_t *panel) {
     const int64_t groups = c->in_features / GROUP;
     for (int64_t p = first; p < last; p++) {
-        const int64_t o0 = p * PANEL, blocks = c->out_features - o0 >= PANEL ? 2 : 1;
+        const int64_t o0 = p * PANEL;
+        const int blocks = c->out_features - o0 >= PANEL ? 2 : 1;
         if (c->rows == 1) {
-            if (blocks == 2) rows_vnni(c, panel, o0, 0, 1, 2, 1);
-            else rows_vnni(c, panel, o0, 0, 1, 1, 1);
+            rows_vnni_for(c, panel, o0, 0, 1, blocks, 1);
             continue;
         }
         for (int64_t b = 0; b < blocks; b++)
             for (int64_t g = 0; g < groups; g += 2)
-                unpack_pair4_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes,
-                                  panel + (g * 2 + b) * VNNI_GROUP, 2 * VNNI_GROUP, g + 1 < groups);
+                unpack_pair_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes,
+                                 panel + (g * 2 + b) * VNNI_SLOT(c->bits), 2 * VNNI_SLOT(c->bits), g + 1 < groups, c->bits);
         int64_t row = 0;
-        for (; row + 4 <= c->rows; row += 4) {
-            if (blocks == 2) rows_vnni(c, panel, o0, row, 4, 2, 0);
-            else rows_vnni(c, panel, o0, row, 4, 1, 0);
-        }
-        for (; row < c->rows; row++) {
-            if (blocks == 2) rows_vnni(c, panel, o0, row, 1, 2, 0);
-            else rows_vnni(c, panel, o0, row, 1, 1, 0);
-        }
+        for (; row + 4 <= c->rows; row += 4) rows_vnni_for(c, panel, o0, row, 4, blocks, 0);
+        for (; row < c->rows; row++) rows_vnni_for(c, panel, o0, row, 1, blocks, 0);
     }
 }
 
@@ -607,9 +555,9 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
               .x_stride = PyLong_AsLongLong(args[5]), .w = PyLong_AsVoidPtr(args[6]),
               .bias = PyLong_AsVoidPtr(args[7]), .y = PyLong_AsVoidPtr(args[8]), .y_stride = PyLong_AsLongLong(args[9]),
               .bits = (int)PyLong_AsLong(args[11])};
-    const int amx = PyObject_IsTrue(args[10]), vnni = !amx && c.bits == 4;
+    const int amx = PyObject_IsTrue(args[10]);
     if (PyErr_Occurred()) return NULL;
-    if (!cpu_supported() || (amx && !amx_supported()) || (vnni && !vnni_supported()) || c.out_features % BLOCK ||
+    if (!cpu_supported() || (amx && !amx_supported()) || (!amx && !vnni_supported()) || c.out_features % BLOCK ||
         c.in_features % GROUP || (c.bits != 4 && c.bits != 8)) {
         PyErr_SetString(PyExc_ValueError, "quantized linear: unsupported CPU, shape or bits");
         return NULL;
@@ -626,8 +574,8 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const size_t panel_bytes = sizeof(bf16) * (size_t)(c.in_features * 2 * PANEL);
     const size_t per_thread = panel_bytes + (amx ? sizeof(float) * TILE_ROWS * TILE_ROWS : 0);
     const size_t xt_bytes = amx ? sizeof(uint32_t) * (size_t)(chunks * pairs * TILE_ROWS) : 0;
-    const size_t xq_bytes = vnni ? (size_t)(c.rows * c.in_features + 63) / 64 * 64 : 0;
-    const size_t xs_bytes = vnni ? sizeof(XScale) * (size_t)(c.rows * (c.in_features / GROUP)) : 0;
+    const size_t xq_bytes = amx ? 0 : (size_t)(c.rows * c.in_features + 63) / 64 * 64;
+    const size_t xs_bytes = amx ? 0 : sizeof(XScale) * (size_t)(c.rows * (c.in_features / GROUP));
     char *scratch = aligned_alloc(64, (team * per_thread + xt_bytes + xq_bytes + xs_bytes + 63) / 64 * 64);
     if (scratch == NULL) return PyErr_NoMemory();
     c.xt = (uint32_t *)(scratch + team * per_thread);
@@ -646,12 +594,10 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #pragma omp for /* one row is read as it lies (narrow_amx) */
             for (int64_t i = 0; i < chunks * parts; i++) pack_x(&c, i / parts, i % parts);
             run_panels_amx(&c, first, last, (bf16 *)mine, (float *)(mine + panel_bytes));
-        } else if (vnni) {
+        } else {
 #pragma omp for
             for (int64_t row = 0; row < c.rows; row++) quantize_row(&c, row);
             run_panels_vnni(&c, first, last, (uint8_t *)mine);
-        } else {
-            run_panels_dp(&c, first, last, (bf16 *)mine);
         }
     }
     Py_END_ALLOW_THREADS

@@ -20,8 +20,8 @@ decode step at 32 sequences took 126 ms that way on a Xeon against 203 ms with o
 4- and 8-bit weights (GGUF's Q4_0/Q4_1/Q8_0 matrices, or any projection with `--quantize int4`): on
 CPUs with AVX512-BF16 in bfloat16, parley/kernels/_quant.c runs them from their bits at every number
 of rows, batch-invariant by construction (see there). A batch-1 decode step reads a quarter of the
-bytes. Without AMX, 4-bit weights multiply activations rounded to 8 bits per 32 inputs, as
-llama.cpp's do (3.8x faster at 512 rows than bf16 on dpbf16; the quality: BENCHMARKS.md).
+bytes. Without AMX, the weights multiply activations rounded to 8 bits per 32 inputs, as
+llama.cpp's do (4-bit, 512 rows: 3.8x faster than bf16 on dpbf16; the quality: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -211,9 +211,8 @@ def linear_then(x: torch.Tensor, weight: torch.Tensor, op: str, other: torch.Ten
 def projection_kernel(weight: torch.Tensor | QuantWeight) -> str:
     """What runs the CPU projections of which `weight` is one, for the start-up log."""
     if isinstance(weight, QuantWeight):
-        if quant_amx():
-            return f"the {weight.bits}-bit kernel on AMX tiles"
-        return "the 4-bit kernel on AVX512-VNNI, 8-bit activations" if weight.bits == 4 else "the 8-bit kernel on AVX512-BF16"
+        where = "AMX tiles" if quant_amx() else "AVX512-VNNI, 8-bit activations"
+        return f"the {weight.bits}-bit kernel on {where}"
     dtype = weight.dtype
     if dtype == torch.float32 and torch.backends.mkldnn.is_available():
         return "oneDNN (float32)"

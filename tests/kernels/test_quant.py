@@ -1,6 +1,6 @@
 """4- and 8-bit matrices (parley/kernels/_quant.c): the weights GGUF's Q4_0/Q4_1/Q8_0 blocks hold, and
-a row's bits whatever rows are beside it, on AMX tiles and on the path without them (AMD's: 4 bits
-times 8-bit activations on VNNI, 8 bits on dpbf16)."""
+a row's bits whatever rows are beside it, on AMX tiles and on the path without them (AMD's: times
+8-bit activations on VNNI)."""
 
 import pytest
 import torch
@@ -75,8 +75,6 @@ def _eight_bit(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * scale).double() * (most / 127).double()).view(x.shape)
 
 
-def _vnni(path: str, bits: int) -> bool:
-    return path == "avx512" and bits == 4
 
 
 @pytest.mark.parametrize("rows", [1, 5, 20, 40])
@@ -85,7 +83,7 @@ def _vnni(path: str, bits: int) -> bool:
 def test_outputs_are_the_sums_of_products_rounded_to_bfloat16(path, rows, in_features, bits):
     weights, x = _rows(80, in_features, seed=2, bits=bits), torch.randn(rows, in_features).bfloat16()
     bias = torch.randn(80).bfloat16()
-    if _vnni(path, bits):  # GGUF's weights as they are, times x in 8 bits
+    if path == "avx512":  # GGUF's weights as they are, times x in 8 bits
         exact = _eight_bit(x) @ weights.dequantize().double().t() + bias.double()
     else:
         exact = x.double() @ weights.dequantize().bfloat16().double().t() + bias.double()
@@ -95,18 +93,21 @@ def test_outputs_are_the_sums_of_products_rounded_to_bfloat16(path, rows, in_fea
     assert not torch.equal(linear(x, pack(weights)).double(), y)  # the bias is added
 
 
-def test_without_amx_4_bit_weights_multiply_activations_rounded_to_8_bits_per_32_inputs(path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_without_amx_weights_multiply_activations_rounded_to_8_bits_per_32_inputs(path, bits):
     if path != "avx512":
         pytest.skip("AMX keeps bf16 activations")
-    rows = _rows(16, 64, seed=4)
-    d = torch.ones_like(rows.d)
-    q, m = torch.zeros_like(rows.q), torch.zeros_like(rows.m)
+    q = torch.zeros(16, 64, dtype=torch.uint8 if bits == 4 else torch.int8)
     q[0, 1] = q[1, 33] = q[2, 34] = 1  # output 0 reads input 1, output 1 input 33, output 2 input 34
+    q[3, 33] = -1 if bits == 8 else 0  # 8 bits: a negative weight
+    d = torch.ones(16, 2).half()
     x = torch.zeros(1, 64)
     x[0, 0], x[0, 1] = 1.0, 0.003  # 0.003 * 127 = 0.38 steps of its group: 0
     x[0, 32], x[0, 33], x[0, 34] = -2.0, 0.5, 0.0078125  # 31.75 steps: 32 (0.5039...); 0.496 steps: 0
-    y = linear(x.bfloat16(), pack(Q4Rows(q, d.half(), m)))
-    assert y[0, :3].tolist() == [0.0, torch.tensor(32 * 2 / 127).bfloat16().item(), 0.0]
+    weights = Q4Rows(q, d, torch.zeros_like(d)) if bits == 4 else Q8Rows(q, d)
+    y = linear(x.bfloat16(), pack(weights))
+    step = torch.tensor(32 * 2 / 127).bfloat16().item()
+    assert y[0, :4].tolist() == [0.0, step, 0.0, -step if bits == 8 else 0.0]
 
 
 def test_quantize_brings_q4_weights_back_to_their_own_grid():
