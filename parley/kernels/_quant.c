@@ -336,8 +336,8 @@ AMX static void run_panels_amx(const Call *c, int64_t first, int64_t last, bf16 
  * instruction, and the default model's projections took ~1 ms a row (bench/quant.py at 512 rows:
  * 527 ms; oneDNN's own bf16 kernel 506 ms), so a prompt could not prefill faster than ~900 tok/s.
  * vpdpbusd does 64 (bytes times bytes into 32-bit sums), and on a Xeon runs 2.6x as many of them a
- * cycle (4.9 against 1.8 a ns a core, measured); Zen 4 runs it at dpbf16's rate, so twice the
- * multiply-adds. llama.cpp multiplies Q4_1 and Q8_0 weights by 8-bit activations on it.
+ * cycle (4.9 against 1.8 a ns a core, measured; on AMD not measured, but twice the work an
+ * instruction). llama.cpp multiplies Q4_1 and Q8_0 weights by 8-bit activations on it.
  *
  * The arithmetic, the same at every number of rows: each row's group of 32 inputs is quantized on
  * its own, d = max |x| / 127, xq = round(x * 127 / max |x|) (to nearest even), s = d * sum(xq);
