@@ -606,7 +606,7 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* dequantize(out_features, in_features, w, out, bits): the weights [out][in] bf16, as the kernel uses them. */
+/* dequantize(out_features, in_features, w, out, bits): the weights [out][in] bf16, as the AMX path uses them. */
 static PyObject *dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 5) {

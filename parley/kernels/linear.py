@@ -150,7 +150,8 @@ def pack(rows: QuantRows) -> QuantWeight:
 
 
 def dequantize_packed(weight: QuantWeight) -> torch.Tensor:
-    """bf16 [out, in]: the weights as the kernel multiplies them."""
+    """bf16 [out, in]: the weights as the kernel multiplies them on AMX tiles (on VNNI it takes d q (+ m)
+    in fp32, before this rounding)."""
     out = torch.empty(weight.shape, dtype=torch.bfloat16)
     _quant.dequantize(*weight.shape, weight.data.data_ptr(), out.data_ptr(), weight.bits)
     return out
