@@ -75,8 +75,6 @@ def _eight_bit(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups * scale).double() * (most / 127).double()).view(x.shape)
 
 
-
-
 @pytest.mark.parametrize("rows", [1, 5, 20, 40])
 @pytest.mark.parametrize("in_features", [1536, 96])
 @pytest.mark.parametrize("bits", [4, 8])
