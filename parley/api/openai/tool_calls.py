@@ -16,6 +16,8 @@ put this way, while it only echoes one wrapped in Hermes' `<tool_response>` tags
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +54,17 @@ class ToolPlan:
     format: ToolFormat = DEFAULT_FORMAT  # how the model writes calls
 
     @classmethod
-    def of(cls, body, engine: Engine | None = None) -> ToolPlan | None:
+    def of(cls, body, engine: Engine | None = None, sent_as: Callable[[str], str] | None = None) -> ToolPlan | None:
         """The plan for a chat body to `engine`'s model (None: the default format); None when it
-        offers no tools or `tool_choice` is "none"."""
+        offers no tools or `tool_choice` is "none". `sent_as`: for a chat body translated from
+        another API's request, a field of chat's `tools`/`tool_choice` -> that API's (`flat_tools`),
+        for the errors to name it as its client sent it."""
         tools, choice = body.tools or [], _tool_choice(body.tool_choice)
         try:
             validate_tools(tools, choice)
         except ToolSpecError as exc:
-            raise validation_error(f"Input validation error: {exc}", exc.field) from exc
+            field = sent_as(exc.field) if sent_as else exc.field
+            raise validation_error(f"Input validation error: {field}: {exc.problem}", field) from exc
         if not tools or choice == "none":
             return None
         # Friendli documents min_tokens with tools as unsupported: masking EOS would force more
@@ -74,6 +79,17 @@ class ToolPlan:
 
     def grammar(self) -> Grammar:
         return tool_call_grammar(self.tools, self.choice, self.parallel, self.format)
+
+
+def flat_tools(schema_field: str) -> Callable[[str], str]:
+    """How an API whose tools are flat, {name, description, <schema_field>, strict} (Anthropic's
+    `input_schema`, the Responses API's `parameters`), and whose named tool_choice is {type, name}
+    names a field of chat's {type, function: {name, description, parameters, strict}}: for
+    `ToolPlan.of`'s `sent_as`."""
+    def sent_as(field: str) -> str:
+        field = re.sub(r"^(tools\[\d+\])\.function\.parameters\b", rf"\1.{schema_field}", field)
+        return re.sub(r"^(tools\[\d+\]|tool_choice)\.function\b", r"\1", field)
+    return sent_as
 
 
 def _tool_choice(raw: str | dict | None) -> ToolChoice:
