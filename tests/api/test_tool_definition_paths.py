@@ -92,8 +92,8 @@ def test_a_named_tool_choice_that_names_no_tool(fake_server):
     openai_error(chat(fake_server, {"tools": [chat_tool("f")],
                                     "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
                  "tool_choice.function.name")
-    anthropic_error(messages(fake_server, {"tools": [anthropic_tool("f")], "tool_choice": {"type": "tool", "name": "nope"}}),
-                    "tool_choice.name")
+    anthropic_error(messages(fake_server, {"tools": [anthropic_tool("f")],
+                                           "tool_choice": {"type": "tool", "name": "nope"}}), "tool_choice.name")
     openai_error(responses(fake_server, {"tools": [responses_tool("f")],
                                          "tool_choice": {"type": "function", "name": "nope"}}), "tool_choice.name")
 
@@ -126,3 +126,12 @@ def test_a_schema_keyword_the_grammar_cannot_take_is_named_tools(server):
         assert r.status_code == (400 if route == "messages" else 422) and error.get("param", "tools") == "tools", r.text
         assert "`tools`: " in error["message"] and "uniqueItems" in error["message"], r.text
         assert "function.parameters" not in error["message"], r.text
+
+
+def test_structured_output_with_tools_names_the_format_as_sent(fake_server):
+    """Chat's `response_format` with tools is a 422: the translated APIs' formats, in their words."""
+    anthropic_error(messages(fake_server, {"tools": [anthropic_tool("f")], "output_config": {
+        "format": {"type": "json_schema", "schema": {"type": "object"}}}}), "`output_config.format` and `tools`")
+    r = responses(fake_server, {"tools": [responses_tool("f")], "text": {"format": {"type": "json_object"}}})
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["param"] == "text.format" and "`text.format` and `tools`" in error["message"]

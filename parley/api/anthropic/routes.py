@@ -21,7 +21,7 @@ from parley.api.dialects import ANTHROPIC, ChatBody, speaking
 from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
-from parley.api.openai.tool_calls import ToolPlan, flat_tools
+from parley.api.openai.tool_calls import ToolPlan, names_as_sent
 from parley.tools.format import ToolFormat
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
@@ -40,7 +40,7 @@ count_router = APIRouter(tags=["Anthropic"], route_class=speaking(StrictJSONRout
 # the chat body's fields -> the Messages API's, where they differ
 WIRE_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
               "thinking_budget": "thinking.budget_tokens", "enable_thinking": "thinking.type"}
-TOOL_FIELDS = flat_tools("input_schema")  # a field of chat's tools or tool_choice -> the Messages API's
+SENT_AS = names_as_sent(WIRE_NAMES, "input_schema")  # a chat field, of its tools too -> the client's
 
 
 def chat_body(body: CountTokensRequest) -> ChatBody:
@@ -128,7 +128,7 @@ def _translated(body: CountTokensRequest, http: Request):
 
 async def messages(body: MessagesRequest, http: Request) -> Response:
     server, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat, engine, TOOL_FIELDS)
+    tools = ToolPlan.of(chat, engine, SENT_AS)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
         shape = MessageShape(server.model_name, tools.format if tools else None,
@@ -142,7 +142,7 @@ async def messages(body: MessagesRequest, http: Request) -> Response:
 async def count_tokens(body: CountTokensRequest, http: Request) -> Response:
     """The prompt's tokens as the chat template renders the messages, system and tools."""
     _, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat, sent_as=TOOL_FIELDS)
+    tools = ToolPlan.of(chat, sent_as=SENT_AS)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
     return JSONBody({"input_tokens": len(request.prompt)})
