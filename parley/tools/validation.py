@@ -22,7 +22,7 @@ class ToolSpecError(ValueError):
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
-        self.field = field
+        self.field, self.problem = field, problem
 
 
 def validate_tools(tools: list[dict[str, Any]], tool_choice: ToolChoice = "auto") -> None:

@@ -21,7 +21,7 @@ from parley.api.dialects import ANTHROPIC, ChatBody, speaking
 from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
-from parley.api.openai.tool_calls import ToolPlan
+from parley.api.openai.tool_calls import ToolPlan, names_as_sent
 from parley.tools.format import ToolFormat
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, StrictJSONRoute, respond
 from parley.api.state import server_of
@@ -40,6 +40,7 @@ count_router = APIRouter(tags=["Anthropic"], route_class=speaking(StrictJSONRout
 # the chat body's fields -> the Messages API's, where they differ
 WIRE_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
               "thinking_budget": "thinking.budget_tokens", "enable_thinking": "thinking.type"}
+SENT_AS = names_as_sent(WIRE_NAMES, "input_schema")  # a chat field, of its tools too -> the client's
 
 
 def chat_body(body: CountTokensRequest) -> ChatBody:
@@ -81,6 +82,8 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
     if choice := body.tool_choice:
         require(choice.type != "tool" or choice.name is not None,
                 'Input validation error: `tool_choice.name` is required with `"type": "tool"`', "tool_choice.name")
+        require(choice.type != "any" or body.tools, 'Input validation error: `tool_choice.type` "any" needs at '
+                "least one tool in `tools`", "tool_choice.type")  # chat's "required" says it in chat's words
         fields["tool_choice"] = TOOL_CHOICES.get(choice.type) or {"type": "function", "function": {"name": choice.name}}
         fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
     if isinstance(body, MessagesRequest):
@@ -125,7 +128,7 @@ def _translated(body: CountTokensRequest, http: Request):
 
 async def messages(body: MessagesRequest, http: Request) -> Response:
     server, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat, engine)
+    tools = ToolPlan.of(chat, engine, SENT_AS)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
         shape = MessageShape(server.model_name, tools.format if tools else None,
@@ -139,7 +142,7 @@ async def messages(body: MessagesRequest, http: Request) -> Response:
 async def count_tokens(body: CountTokensRequest, http: Request) -> Response:
     """The prompt's tokens as the chat template renders the messages, system and tools."""
     _, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat)
+    tools = ToolPlan.of(chat, sent_as=SENT_AS)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
     return JSONBody({"input_tokens": len(request.prompt)})

@@ -16,6 +16,8 @@ put this way, while it only echoes one wrapped in Hermes' `<tool_response>` tags
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,28 +54,45 @@ class ToolPlan:
     format: ToolFormat = DEFAULT_FORMAT  # how the model writes calls
 
     @classmethod
-    def of(cls, body, engine: Engine | None = None) -> ToolPlan | None:
+    def of(cls, body, engine: Engine | None = None, sent_as: Callable[[str], str] | None = None) -> ToolPlan | None:
         """The plan for a chat body to `engine`'s model (None: the default format); None when it
-        offers no tools or `tool_choice` is "none"."""
+        offers no tools or `tool_choice` is "none". `sent_as`: for a chat body translated from
+        another API's request, a chat field -> that API's (`names_as_sent`), for the errors to name
+        it as its client sent it."""
+        sent_as = sent_as or (lambda field: field)
         tools, choice = body.tools or [], _tool_choice(body.tool_choice)
         try:
             validate_tools(tools, choice)
         except ToolSpecError as exc:
-            raise validation_error(f"Input validation error: {exc}", exc.field) from exc
+            field = sent_as(exc.field)
+            raise validation_error(f"Input validation error: {field}: {exc.problem}", field) from exc
         if not tools or choice == "none":
             return None
         # Friendli documents min_tokens with tools as unsupported: masking EOS would force more
         # calls after the ones the model meant to make.
         require(not body.min_tokens, "Input validation error: `min_tokens` cannot be used with `tools`",
                 "min_tokens")
+        response_format = sent_as("response_format")
         require(response_grammar(body.response_format) is None,
-                "Input validation error: `response_format` and `tools` cannot be combined: drop one, or set "
-                '`tool_choice` to "none"', "response_format")
+                f"Input validation error: `{response_format}` and `tools` cannot be combined: drop one, or set "
+                '`tool_choice` to "none"', response_format)
         fmt = DEFAULT_FORMAT if engine is None else engine.info.tool_format
         return cls(tools, choice, body.parallel_tool_calls is not False, body.tool_prompt, fmt)
 
     def grammar(self) -> Grammar:
         return tool_call_grammar(self.tools, self.choice, self.parallel, self.format)
+
+
+def names_as_sent(wire_names: dict[str, str], schema_field: str) -> Callable[[str], str]:
+    """For `ToolPlan.of`'s `sent_as`, on an API translated into chat whose tools are flat, {name,
+    description, <schema_field>, strict} (Anthropic's `input_schema`, the Responses API's
+    `parameters`), and whose named tool_choice is {type, name}: a chat field -> that API's, through
+    its `wire_names` (dialects.translated_chat_body) and the shape of its tools."""
+    def sent_as(field: str) -> str:
+        field = re.sub(r"^(tools\[\d+\])\.function\.parameters\b", rf"\1.{schema_field}", field)
+        field = re.sub(r"^(tools\[\d+\]|tool_choice)\.function\b", r"\1", field)
+        return wire_names.get(field, field)
+    return sent_as
 
 
 def _tool_choice(raw: str | dict | None) -> ToolChoice:

@@ -25,7 +25,7 @@ from parley.api.dialects import OPENAI, ChatBody, speaking
 from parley.api.errors import ERROR_RESPONSES, ApiError, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.openai import convert, reasoning
-from parley.api.openai.tool_calls import ToolPlan
+from parley.api.openai.tool_calls import ToolPlan, names_as_sent
 from parley.tools.format import ToolFormat
 from parley.api.responses.schemas import (FunctionCallItem, FunctionCallOutputItem, MessageItem, ReasoningItem,
                                           ResponsesRequest)
@@ -42,6 +42,7 @@ router = APIRouter(tags=["OpenAI Responses"], route_class=speaking(GenerationRou
 stored_router = APIRouter(tags=["OpenAI Responses"], route_class=speaking(APIRoute, OPENAI), responses=ERROR_RESPONSES)
 # the chat body's fields -> the Responses API's, where they differ
 WIRE_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+SENT_AS = names_as_sent(WIRE_NAMES, "parameters")  # a chat field, of its tools too -> the client's
 
 
 def _new_id(prefix: str) -> str:
@@ -117,7 +118,7 @@ async def create(body: ResponsesRequest, http: Request) -> Response:
     new_messages = input_messages(body, history)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat = chat_body(body, system + history + new_messages)
-    tools = ToolPlan.of(chat, engine)
+    tools = ToolPlan.of(chat, engine, SENT_AS)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
         phase = reasoning.split_phase(request, chat, server.config.reasoning_format == "auto")
