@@ -5,6 +5,7 @@ continue_final_message semantics); the answer holds only the continuation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ from parley.api.dialects import ChatBody
 from parley.config import EngineConfig
 from parley.tokenization.chat_template import ChatTemplate
 from parley.tokenization.tokenizer import load_tokenizer
+from parley.types import Reasoning
 from server import sse_events
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -38,6 +40,15 @@ def test_the_prompt_ends_inside_the_assistant_turn():
     assert rendered_prompt(PREFIXED) == "<|user|>What is the capital of France?\n<|assistant|>" + PREFIX
     unprefixed = [*QUESTION, {"role": "assistant", "content": PREFIX, "prefix": False}, {"role": "user", "content": "?"}]
     assert rendered_prompt(unprefixed).endswith(f"{PREFIX}\n<|user|>?\n<|assistant|>")  # a closed turn, a new one
+
+
+@pytest.mark.parametrize("prefix, phase", [("Sure", "answer"), ("<think>\nFirst,", "thinking")])
+def test_a_thinking_model_continues_the_part_the_prefix_ends_in(prefix, phase):
+    engine = FakeEngine(EngineConfig())
+    engine.info = dataclasses.replace(engine.info, reasoning=Reasoning(start_id=3, end_id=4, close_ids=[4]))
+    body = ChatBody(messages=[*QUESTION, {"role": "assistant", "content": prefix, "prefix": True}])
+    # an answer is not interrupted by a thinking (a new turn "maybe" opens one); a thinking goes on
+    assert asyncio.run(chat_request(body, engine)).reasoning.phase == phase
 
 
 def smollm2_prompt(messages: list[dict]) -> str:

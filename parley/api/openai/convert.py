@@ -11,7 +11,7 @@ from parley.api.openai import reasoning
 from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
 from parley.api.openai.response_format import response_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
-from parley.tokenization.reasoning import prompt_phase
+from parley.tokenization.reasoning import ANSWER, MAYBE, prompt_phase
 from parley.types import Engine, GenerationRequest, SamplingParams, StoppingCriteria
 
 
@@ -72,7 +72,10 @@ async def chat_request(body: ChatRequest, engine: Engine, tools: ToolPlan | None
     request = await generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
     if tools:
         request.grammar = tools.grammar()
-    reasoning.apply_rules(request, body, engine.info, thinking_off, prompt_phase(prompt))
+    phase = prompt_phase(prompt)
+    if continues and phase == MAYBE:  # it goes on with an answer: a thinking cannot open in its middle
+        phase = ANSWER
+    reasoning.apply_rules(request, body, engine.info, thinking_off, phase)
     return request
 
 
