@@ -228,9 +228,10 @@ class Engine(Protocol):
     info: EngineInfo
     failure: str | None  # why the engine loop stopped, if it did
 
-    def render(self, messages: list[dict], **variables) -> str:
-        """The chat template applied to `messages` (with the generation prompt); ValueError when
-        the template refuses them."""
+    def render(self, messages: list[dict], continue_final_message: bool = False, **variables) -> str:
+        """The chat template applied to `messages` (with the generation prompt; or, with
+        `continue_final_message`, ending right after the last message's content, so the model
+        continues that turn); ValueError when the template refuses them."""
 
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """`text`'s token ids; ValidationError about `prompt` when it is empty."""

@@ -178,8 +178,8 @@ class AsyncEngine:
         return token if token in self.tokenizer.special_ids else None
 
     # -- prompts ------------------------------------------------------------------------------
-    def render(self, messages: list[dict], **variables) -> str:
-        return self.chat_template.render(messages, add_generation_prompt=True, **variables)
+    def render(self, messages: list[dict], continue_final_message: bool = False, **variables) -> str:
+        return self.chat_template.render(messages, continue_final_message=continue_final_message, **variables)
 
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         """Off the event loop when long (a 100k-character prompt takes ~30 ms here)."""

@@ -22,8 +22,8 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-# What `render` itself passes to the template (with the special tokens' text).
-RENDER_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+# What `render` itself passes to the template (with the special tokens' text), and its own flag.
+RENDER_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "continue_final_message")
 
 
 class ChatTemplateError(ValueError):
@@ -77,17 +77,33 @@ class ChatTemplate:
         *,
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **extra,
     ) -> str:
+        """`continue_final_message`: the prompt ends inside the last message, right after its content
+        (no end-of-turn, no generation prompt), so the model goes on writing it (transformers' flag)."""
+        messages = [_prepare(m) for m in messages]
         try:
-            return self._template.render(
-                messages=[_prepare(m) for m in messages],
+            text = self._template.render(
+                messages=messages,
                 tools=tools,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
                 **{**self._special_tokens, **extra},
             )
         except (jinja2.TemplateError, TypeError) as e:  # e.g. sandbox violations, None + str
             raise ChatTemplateError(f"chat template failed: {e}") from e
+        return _cut_after(text, messages[-1].get("content") or "") if continue_final_message else text
+
+
+def _cut_after(text: str, content: str) -> str:
+    """`text` up to the end of its last copy of `content`, as transformers cuts for
+    continue_final_message: a template that strips the content's spaces keeps it without them."""
+    if not content.strip() or content.strip() not in text:
+        raise ChatTemplateError("the final message's content is empty or the chat template does not show it as "
+                                "sent, so the answer cannot continue it")
+    start = text.rindex(content.strip())
+    kept = content.lstrip() if text[start:start + len(content.lstrip())] == content.lstrip() else content.strip()
+    return text[:start + len(kept)]
 
 
 def _prepare(message: dict) -> dict:

@@ -78,7 +78,7 @@ class FakeEngine:
     def start(self) -> None:
         self.started = True
 
-    def render(self, messages: list[dict], **variables) -> str:
+    def render(self, messages: list[dict], continue_final_message: bool = False, **variables) -> str:
         parts = []
         for m in messages:
             content = m.get("content") or ""
@@ -87,7 +87,8 @@ class FakeEngine:
                     raise ValueError("image content is not supported: this model is text-only")
                 content = "".join(c["text"] for c in content)
             parts.append(f"<|{m['role']}|>{content}\n")
-        return "".join(parts) + "<|assistant|>"
+        text = "".join(parts)
+        return text.removesuffix("\n") if continue_final_message else text + "<|assistant|>"
 
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         if not text:

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from family_templates import LLAMA32, MISTRAL_V03, QWEN3
 from parley.tokenization.chat_template import ChatTemplate, ChatTemplateError
 from parley.tokenization.tokenizer import load_tokenizer
 
@@ -199,3 +200,27 @@ def test_extra_variables_and_strftime_now():
     )
     assert template.render([], enable_thinking=False) == "False 4 null"
     assert json.loads(template.render([], tools=TOOLS, enable_thinking=1).split(" ", 2)[2]) == TOOLS
+
+
+PREFIXED = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "My favourite colour is "}]
+
+
+@pytest.mark.parametrize("family", ["smollm2", "mistral-v0.3", "llama3.2", "qwen3"])
+def test_continue_final_message_leaves_the_assistant_turn_open_as_transformers_does(tok, hf, family):
+    source = {"smollm2": tok.chat_template, "mistral-v0.3": MISTRAL_V03, "llama3.2": LLAMA32, "qwen3": QWEN3}[family]
+    template = ChatTemplate(source, hf.bos_token, hf.eos_token)
+    expected = hf_render(hf, source, PREFIXED, add_generation_prompt=False, continue_final_message=True)
+    rendered = template.render(PREFIXED, continue_final_message=True)
+    assert rendered == expected
+    # it ends with the text the model continues (its trailing space kept where the template keeps it)
+    assert rendered.rstrip().endswith("My favourite colour is")
+    full = template.render(PREFIXED, add_generation_prompt=False)
+    tail = full[len(rendered):]  # what was cut: the end-of-turn, and no generation prompt was added
+    assert full.startswith(rendered) and any(eot in tail for eot in (hf.eos_token, "<|eot_id|>", "<|im_end|>"))
+
+
+def test_continue_final_message_needs_the_content_shown(template):
+    with pytest.raises(ChatTemplateError, match="final message"):
+        template.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}],
+                        continue_final_message=True)

@@ -11,7 +11,7 @@ from parley.api.openai import reasoning
 from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
 from parley.api.openai.response_format import response_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
-from parley.tokenization.reasoning import prompt_phase
+from parley.tokenization.reasoning import ANSWER, MAYBE, prompt_phase
 from parley.types import Engine, GenerationRequest, SamplingParams, StoppingCriteria
 
 
@@ -58,11 +58,12 @@ async def generation_request(body: SamplingFields, prompt: str, engine: Engine, 
 async def chat_request(body: ChatRequest, engine: Engine, tools: ToolPlan | None = None) -> GenerationRequest:
     """Messages go through the model's chat template; the rendered text already holds any BOS."""
     _check_tool_results(body.messages)
+    continues = _continues_last_message(body.messages, tools)
     messages = [_template_message(m.model_dump(exclude_none=True)) for m in body.messages]
     variables, thinking_off = reasoning.template_variables(body, engine.info)
     messages, template_kwargs = template_inputs(messages, tools, engine.info.chat_template)
     try:
-        prompt = engine.render(messages, **variables, **template_kwargs)
+        prompt = engine.render(messages, continue_final_message=continues, **variables, **template_kwargs)
     except ValueError as exc:  # the template refused the messages (e.g. an image for a text model)
         raise validation_error(f"Input validation error: `messages`: {exc}", "messages") from exc
     require(body.logprobs or not body.top_logprobs,
@@ -71,7 +72,10 @@ async def chat_request(body: ChatRequest, engine: Engine, tools: ToolPlan | None
     request = await generation_request(body, prompt, engine, add_special_tokens=False, top_n_tokens=top_n)
     if tools:
         request.grammar = tools.grammar()
-    reasoning.apply_rules(request, body, engine.info, thinking_off, prompt_phase(prompt))
+    phase = prompt_phase(prompt)
+    if continues and phase == MAYBE:  # it goes on with an answer: a thinking cannot open in its middle
+        phase = ANSWER
+    reasoning.apply_rules(request, body, engine.info, thinking_off, phase)
     return request
 
 
@@ -104,6 +108,28 @@ def _check_tool_results(messages: list[ChatMessage]) -> None:
                 f"the assistant's tool calls ({', '.join(sorted(calls))})", f"messages.{i}.tool_call_id")
 
 
+def _continues_last_message(messages: list[ChatMessage], tools: ToolPlan | None) -> bool:
+    """Mistral's `prefix`: true on the last message, an assistant's with text, makes the prompt end
+    inside that turn, so the model continues it. Mistral's documents (the seed) do not say whether the
+    answer repeats the prefix; it holds only the newly generated text, as Mistral's platform answers."""
+    for i, message in enumerate(messages):
+        if not message.prefix:
+            continue
+        where = f"messages.{i}.prefix"
+        require(i == len(messages) - 1 and message.role == "assistant", f"Input validation error: `{where}`: only "
+                "the last message, an assistant's, can be a prefix for the answer to continue", where)
+        require(not message.tool_calls, f"Input validation error: `{where}`: an assistant message with "
+                "`tool_calls` cannot be continued", where)
+        content = message.content if isinstance(message.content, str) else \
+            "".join(part.text or "" for part in message.content or [])
+        require(content.strip(), f"Input validation error: `messages.{i}.content`: a prefix needs text to continue",
+                f"messages.{i}.content")
+        require(tools is None, f"Input validation error: `{where}` cannot be combined with `tools` (a tool call "
+                'cannot continue a text answer): drop one, or set `tool_choice` to "none"', where)
+        return True
+    return False
+
+
 def _template_message(message: dict) -> dict:
     if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know "system"
         message["role"] = "system"
@@ -113,7 +139,7 @@ def _template_message(message: dict) -> dict:
     if refusal and not message.get("content"):  # what that answer said
         message["content"] = refusal
     message.pop("annotations", None)  # empty (the schema allows no other)
-    message.pop("prefix", None)  # false (the schema allows no other)
+    message.pop("prefix", None)  # chat_request's continue_final_message
     return message
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # a u64 as TGI's; torch's generators take 64 bits
@@ -58,16 +58,8 @@ class ChatMessage(BaseModel):
     refusal: str | None = Field(None, description="OpenAI: what an earlier answer said instead of content; the "
                                 "template sees it as that turn's content")
     annotations: Citations = Field(None, description="OpenAI echoes an answer's citations: only an empty list")
-    prefix: bool | None = Field(None, description="Mistral: only false (continuing an assistant message is not "
-                                "supported yet)")
-
-    @field_validator("prefix")
-    @classmethod
-    def _no_prefix(cls, value):
-        if value:
-            raise ValueError("true (continue this assistant message) is not supported; end the conversation with "
-                             "the user's turn, or send the text so far to /v1/completions")
-        return value
+    prefix: bool | None = Field(None, description="Mistral: true on the last message, an assistant's, to have the "
+                                "model continue it (the answer holds only the continuation)")
 
 
 class SamplingFields(BaseModel):
