@@ -1,6 +1,7 @@
 """Mistral's `prefix`: true on the last message, an assistant's, and the model continues that message.
 The prompt ends inside the assistant turn (the chat template rendered with transformers'
-continue_final_message semantics); the answer holds only the continuation."""
+continue_final_message semantics); the answer is the prefix and its continuation, as Mistral's guide
+shows (docs.mistral.ai/guides/prefix: "Oh!" -> "Oh! Hello there! ...")."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def test_the_answer_is_the_continuation_of_the_prefix(http):
     # the same greedy tokens as the raw prompt's, and no repetition of the prefix
     raw = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0}).json()
     assert answer["usage"]["prompt_tokens"] == raw["usage"]["prompt_tokens"]
-    assert answer["choices"][0]["message"]["content"] == raw["choices"][0]["text"]
-    assert not answer["choices"][0]["message"]["content"].startswith(PREFIX)
+    assert answer["choices"][0]["message"]["content"] == PREFIX + raw["choices"][0]["text"]
+    assert all(c["message"]["content"].startswith(PREFIX) for c in chat(http, PREFIXED, n=2).json()["choices"])
     # a new turn would start differently: the prefix changed what the model says
     assert chat(http, QUESTION).json()["choices"][0]["message"]["content"] != answer["choices"][0]["message"]["content"]
 
@@ -79,16 +80,17 @@ def test_streaming_sends_the_same_continuation(http):
                                                            "stream": True}) as r:
         events = [json.loads(e) for e in sse_events(r) if e != "[DONE]"]
     streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
-    assert streamed == whole["message"]["content"]
-    # logprobs are the continuation's tokens (and the end-of-turn that ended it)
-    assert "".join(t["token"] for t in whole["logprobs"]["content"]).startswith(whole["message"]["content"])
+    assert streamed == whole["message"]["content"] and streamed.startswith(PREFIX)
+    # logprobs are the continuation's tokens (and the end-of-turn that ended it), not the prefix's
+    generated = whole["message"]["content"][len(PREFIX):]
+    assert "".join(t["token"] for t in whole["logprobs"]["content"]).startswith(generated)
 
 
 def test_stop_sequences_and_max_tokens_apply_to_the_continuation(http):
     content = chat(http, PREFIXED).json()["choices"][0]["message"]["content"]
-    word = content.split()[0]
+    word = content[len(PREFIX):].split()[0]  # the continuation's first word
     stopped = chat(http, PREFIXED, stop=[word]).json()["choices"][0]
-    assert stopped["finish_reason"] == "stop" and word not in stopped["message"]["content"]
+    assert stopped["finish_reason"] == "stop" and word not in stopped["message"]["content"][len(PREFIX):]
     assert chat(http, PREFIXED, max_tokens=1).json()["usage"]["completion_tokens"] == 1
 
 

@@ -108,10 +108,19 @@ def _check_tool_results(messages: list[ChatMessage]) -> None:
                 f"the assistant's tool calls ({', '.join(sorted(calls))})", f"messages.{i}.tool_call_id")
 
 
+def answer_prefix(messages: list[ChatMessage]) -> str:
+    """The text of the assistant message the answer continues (`prefix`, checked by chat_request), which
+    Mistral's answer starts with: its guide's example sends "Oh!" and gets "Oh! Hello there! ..."
+    (docs.mistral.ai/guides/prefix). "" without one."""
+    last = messages[-1] if messages else None
+    if last is None or not last.prefix:
+        return ""
+    return last.content if isinstance(last.content, str) else "".join(p.text or "" for p in last.content or [])
+
+
 def _continues_last_message(messages: list[ChatMessage], tools: ToolPlan | None) -> bool:
     """Mistral's `prefix`: true on the last message, an assistant's with text, makes the prompt end
-    inside that turn, so the model continues it. Mistral's documents (the seed) do not say whether the
-    answer repeats the prefix; it holds only the newly generated text, as Mistral's platform answers."""
+    inside that turn, so the model continues it (its answer repeats the prefix: answer_prefix)."""
     for i, message in enumerate(messages):
         if not message.prefix:
             continue
@@ -120,10 +129,8 @@ def _continues_last_message(messages: list[ChatMessage], tools: ToolPlan | None)
                 "the last message, an assistant's, can be a prefix for the answer to continue", where)
         require(not message.tool_calls, f"Input validation error: `{where}`: an assistant message with "
                 "`tool_calls` cannot be continued", where)
-        content = message.content if isinstance(message.content, str) else \
-            "".join(part.text or "" for part in message.content or [])
-        require(content.strip(), f"Input validation error: `messages.{i}.content`: a prefix needs text to continue",
-                f"messages.{i}.content")
+        require(answer_prefix(messages).strip(), f"Input validation error: `messages.{i}.content`: a prefix needs "
+                "text to continue", f"messages.{i}.content")
         require(tools is None, f"Input validation error: `{where}` cannot be combined with `tools` (a tool call "
                 'cannot continue a text answer): drop one, or set `tool_choice` to "none"', where)
         return True

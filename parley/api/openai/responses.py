@@ -72,13 +72,17 @@ class ChatShape:
     tools = None  # ToolChatShape: the format the model writes tool calls in
 
     def __init__(self, token_bytes: Callable[[int], bytes], logprobs: bool, phase: str | None = None,
-                 include_reasoning: bool = True):
-        """`token_bytes`: a token's bytes (the engine's), for the logprobs' `bytes`."""
+                 include_reasoning: bool = True, answer_prefix: str = ""):
+        """`token_bytes`: a token's bytes (the engine's), for the logprobs' `bytes`. `answer_prefix`:
+        the text each choice's content starts with before the generated text (Mistral's `prefix`: its
+        answer repeats the assistant message it continues, as Mistral's own guide shows)."""
         self.token_bytes = token_bytes
         self.logprobs = logprobs
         self.phase = phase
         self.include_reasoning = include_reasoning
+        self.answer_prefix = answer_prefix
         self._outputs: dict[int, OutputEvents] = {}  # per choice, when its text must be parsed
+        self._prefixed: set[int] = set()  # choices whose stream has sent answer_prefix
 
     def _entry(self, t: Token) -> dict:
         return {"token": t.text, "logprob": t.logprob, "bytes": list(self.token_bytes(t.id)),
@@ -93,7 +97,7 @@ class ChatShape:
             tops = final.top_tokens or [[] for _ in final.tokens]
             logprobs = {"content": [self._logprob(t, top) for t, top in zip(final.tokens, tops)]}
         reasoning, content = split_reasoning(final.text, self.phase) if self.phase else (None, final.text)
-        message = {"role": "assistant", "content": content, "tool_calls": None}
+        message = {"role": "assistant", "content": self.answer_prefix + content, "tool_calls": None}
         if self.phase and self.include_reasoning:
             message["reasoning_content"] = reasoning
         return {"index": index, "message": message, "logprobs": logprobs,
@@ -109,12 +113,16 @@ class ChatShape:
 
     def _delta(self, index: int, event: TokenEvent | FinalEvent) -> dict:
         """One chunk's delta: content, and the reasoning and tool-call pieces when they are parsed."""
+        prefix = ""
+        if self.answer_prefix and index not in self._prefixed:  # the choice's first chunk
+            self._prefixed.add(index)
+            prefix = self.answer_prefix
         if self.phase is None and not self.tools:
             text = event.text if isinstance(event, TokenEvent) else event.text_tail
-            return {"role": "assistant", "content": text, "tool_calls": None}
+            return {"role": "assistant", "content": prefix + text, "tool_calls": None}
         events = self._outputs.setdefault(index, OutputEvents(self.tools, self.phase)).of(event)
         calls = self._call_deltas(index, events)
-        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        content = prefix + "".join(e.text for e in events if isinstance(e, ContentDelta))
         reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
         delta = {"role": "assistant", "content": content or (None if calls or reasoning else ""),
                  "tool_calls": calls or None}

@@ -16,6 +16,7 @@ from parley.api.openai.schemas import CompletionRequest, SamplingFields
 from parley.api.openai.tool_calls import ToolChatShape, ToolPlan
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, respond
 from parley.api.state import server_of
+from parley.tokenization.reasoning import THINKING
 from parley.types import GenerationRequest
 
 # SDK-WIRE §1.2: openai/hf/mistral, azure (endpoint=URL), azure (endpoint=URL/models), friendli; and
@@ -51,7 +52,10 @@ async def chat_completions(body: ChatBody, http: Request) -> Response:
         request = await convert.chat_request(body, engine, tools)
         phase = reasoning.split_phase(request, body, server.config.reasoning_format == "auto")
         args = (engine.token_bytes, bool(body.logprobs), phase, body.include_reasoning is not False)
-        shape = dialects.response_shape(ToolChatShape(tools.format, *args) if tools else ChatShape(*args), http)
+        # a prefix that opened a thinking goes on as reasoning: the content does not start with it
+        prefix = convert.answer_prefix(body.messages) if phase != THINKING else ""
+        shape = ToolChatShape(tools.format, *args) if tools else ChatShape(*args, prefix)
+        shape = dialects.response_shape(shape, http)
         return await _respond(http, body, [request], shape)
 
 
