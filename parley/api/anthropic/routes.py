@@ -74,6 +74,7 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
             messages.append({"role": message.role, "content": text or None, "tool_calls": calls or None,
                              "reasoning_content": thought or None})
         called = {call["id"] for call in calls}
+    _prefill(body, messages)
     fields = {"messages": messages, **_thinking_fields(body.thinking, getattr(body, "max_tokens", None))}
     if body.tools:
         fields["tools"] = [{"type": "function", "function": {
@@ -93,6 +94,22 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
             fields["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": body.output_config.format.schema_}}
     return dialects.translated_chat_body(fields, WIRE_NAMES)
+
+
+def _prefill(body: CountTokensRequest, messages: list[dict]) -> None:
+    """A last message of the assistant's with text is Anthropic's prefill: the answer continues it
+    (chat's `prefix`, the prompt ending inside that turn) and holds only the new text. Rendered as a
+    finished turn, a new one would start after it. With tools the continuation could not be a tool
+    call the grammar parses: refused, naming the message as sent."""
+    last = messages[-1] if messages else None
+    if not (body.messages and body.messages[-1].role == "assistant" and last and last["role"] == "assistant"
+            and not last.get("tool_calls") and (last["content"] or "").strip()):
+        return
+    where = f"messages.{len(body.messages) - 1}.content"
+    require(not body.tools or (body.tool_choice is not None and body.tool_choice.type == "none"),
+            f"Input validation error: `{where}`: a prefilled assistant message (the last one) cannot be combined "
+            'with `tools` here: drop one, or set `tool_choice` to {"type": "none"}', where)
+    last["prefix"] = True
 
 
 def _thinking_fields(thinking: ThinkingConfig | None, max_tokens: int | None) -> dict:
