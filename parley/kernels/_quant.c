@@ -149,16 +149,10 @@ TARGET static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* y[row + r][o0 + j] = bf16(sums[r * n + j] + bias) for r < rows, j < n (16, 8 or 4; rows * n <= 16). */
-TARGET static inline void write_sums(const Call *c, __m512 sums, int64_t row, int64_t rows, int64_t o0, int n) {
-    if (c->bias) {
-        bf16 b[16];
-        for (int i = 0; i < 16; i++) b[i] = c->bias[o0 + i % n];
-        sums = _mm512_add_ps(sums, load_bf16(b));
-    }
-    bf16 out[16];
-    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(sums));
-    for (int64_t r = 0; r < rows; r++) memcpy(c->y + (row + r) * c->y_stride + o0, out + r * n, n * sizeof(bf16));
+/* y[row][o0 + j] = bf16(sums[j] + bias) for the 16 outputs of a block. */
+TARGET static inline void write_sums(const Call *c, __m512 sums, int64_t row, int64_t o0) {
+    if (c->bias) sums = _mm512_add_ps(sums, load_bf16(c->bias + o0));
+    store_bf16(c->y + row * c->y_stride + o0, sums);
 }
 
 /* x's rows from 16 * chunk, pairs 16 * part.. + 16, into xt: [chunk][pair][16 rows] (rows past the
@@ -213,14 +207,14 @@ AMX static inline void store_tile(int t, float *sums, int64_t stride) {
 AMX static void write_tile(const Call *c, int t, float *sums, int64_t row, int64_t rows, int64_t o0) {
     if (rows == 1) {
         store_tile(t, sums, sizeof(float));
-        write_sums(c, _mm512_load_ps(sums), row, 1, o0, BLOCK);
+        write_sums(c, _mm512_load_ps(sums), row, o0);
         return;
     }
     store_tile(t, sums, TILE_ROWS * sizeof(float));
     __m512i r[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512(sums + 16 * i);
     transpose16(r);
-    for (int64_t i = 0; i < rows; i++) write_sums(c, _mm512_castsi512_ps(r[i]), row + i, 1, o0, BLOCK);
+    for (int64_t i = 0; i < rows; i++) write_sums(c, _mm512_castsi512_ps(r[i]), row + i, o0);
 }
 
 /* The 32-row chunk `chunk` (`count` rows) times one panel, on the wide tiles. */
@@ -494,7 +488,7 @@ VNNI static inline __attribute__((always_inline)) void rows_vnni(const Call *c, 
         group_vnni(c, panel + (jit ? g % 2 : g) * 2 * VNNI_SLOT(bits), o0, g, row, acc, R, NB, bits);
     }
     for (int r = 0; r < R; r++)
-        for (int b = 0; b < NB; b++) write_sums(c, acc[r][b], row + r, 1, o0 + b * BLOCK, BLOCK);
+        for (int b = 0; b < NB; b++) write_sums(c, acc[r][b], row + r, o0 + b * BLOCK);
 }
 
 /* rows_vnni with its constants spelled out, so that each combination is compiled on its own */
