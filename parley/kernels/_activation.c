@@ -31,9 +31,24 @@ TARGET static void silu_mul_row(const bf16 *gate, const bf16 *up, bf16 *out, int
 }
 #endif
 
-/* silu_mul(threads, rows, inter, gate_up, stride, out): gate_up rows of `stride` elements (gate at
- * 0, up at inter), out contiguous [rows][inter]; pointers as ints. The caller checks shapes
- * (parley/kernels/activation.py). */
+/* gate_up rows of `stride` elements (gate at 0, up at inter), out contiguous [rows][inter]. NULL, or
+ * what went wrong (see cpu.h's entry points). */
+static const char *silu_mul_rows(int threads, int64_t rows, int64_t inter, const bf16 *gate_up, int64_t stride,
+                                 bf16 *out) {
+    if (!cpu_supported() || stride < 2 * inter) return "silu_mul: unsupported CPU or layout";
+#if PARLEY_SIMD
+    /* one thread below ~64k elements: a fork and join costs more than the work */
+    const int team = rows * inter >= 65536 && threads > 1 ? threads : 1;
+#pragma omp parallel for num_threads(team) if (team > 1)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * stride, gate_up + r * stride + inter, out + r * inter, inter);
+#else
+    (void)threads, (void)rows, (void)gate_up, (void)out;
+#endif
+    return NULL;
+}
+
+/* silu_mul(threads, rows, inter, gate_up, stride, out): silu_mul_rows's arguments, pointers as ints.
+ * The caller checks shapes (parley/kernels/activation.py). */
 static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 6) {
@@ -46,21 +61,11 @@ static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t narg
     const int64_t stride = PyLong_AsLongLong(args[4]);
     bf16 *out = PyLong_AsVoidPtr(args[5]);
     if (PyErr_Occurred()) return NULL;
-    if (!cpu_supported() || stride < 2 * inter) {
-        PyErr_SetString(PyExc_ValueError, "silu_mul: unsupported CPU or layout");
-        return NULL;
-    }
-#if PARLEY_SIMD
-    /* one thread below ~64k elements: a fork and join costs more than the work */
-    const int team = rows * inter >= 65536 && threads > 1 ? threads : 1;
+    const char *error;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel for num_threads(team) if (team > 1)
-    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * stride, gate_up + r * stride + inter, out + r * inter, inter);
+    error = silu_mul_rows(threads, rows, inter, gate_up, stride, out);
     Py_END_ALLOW_THREADS
-#else
-    (void)threads, (void)rows, (void)gate_up, (void)out;
-#endif
-    Py_RETURN_NONE;
+    return kernel_result(error);
 }
 
 static PyMethodDef methods[] = {
@@ -71,4 +76,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_activation", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__activation(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__activation(void) {
+    SiluMul entry = silu_mul_rows; /* the type checks the signature */
+    return export_entry(PyModule_Create(&module), "c_silu_mul", "parley.kernels._activation.c_silu_mul", (void *)entry);
+}

@@ -45,27 +45,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 32 /* query heads per KV head */
 
-typedef struct {
-    int64_t rows, heads, kv_heads, head_dim, num_blocks, block_size, sequences, table_stride;
-    const bf16 *q;
-    int64_t q_stride; /* elements between rows; a row's heads are contiguous */
-    bf16 *out;
-    int64_t out_stride;
-    bf16 *k_cache, *v_cache;
-    const int64_t *tables;
-    const int32_t *seq, *keys;
-    float scale;
-    const bf16 *k_new, *v_new; /* each row's own key and value, written into the cache first */
-    int64_t k_stride, v_stride; /* elements between rows; a row's heads are contiguous */
-    const int64_t *slots;       /* each new token's slot: block * block_size + offset */
-    int amx;                    /* units run on AMX tiles (attend_unit_amx) */
-    int64_t window;             /* > 0: a row sees only its last `window` keys (itself included) */
-    float softcap;              /* > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2) */
-    const bf16 *cos, *sin;      /* RoPE tables [rope_positions][rope_half], or NULL: no rotation */
-    const int64_t *positions;   /* each row's position, the table row it is rotated by */
-    int64_t rope_half, rope_positions;
-    float *parts;               /* the split units' partial results (see Unit), PART_FLOATS each */
-} Call;
+typedef AttendCall Call; /* cpu.h */
 
 #define UNIT_ROWS 4  /* rows of one sequence attended together */
 #define KEY_TILE 128 /* tokens whose keys (or values) all of a unit's rows use before the next ones */
@@ -530,61 +510,32 @@ static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scrat
 }
 #endif
 
-/* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
- *        num_blocks, block_size, tables, sequences, table_stride, seq, keys, scale,
- *        k_new, k_stride, v_new, v_stride, slots, amx, window, softcap, cos, sin, rope_positions, rope_half,
- *        positions): pointers as ints, strides in elements; where cos is not 0, q and the new keys are
- * rotated first, in place; then the `rows` new tokens' keys and values are written. The caller
- * checks shapes (parley/kernels/attention.py). */
-static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 32) {
-        PyErr_SetString(PyExc_TypeError, "attend takes 32 arguments");
-        return NULL;
-    }
-    const int threads = (int)PyLong_AsLong(args[0]);
-    Call c = {.rows = PyLong_AsLongLong(args[1]), .heads = PyLong_AsLongLong(args[2]),
-              .kv_heads = PyLong_AsLongLong(args[3]), .head_dim = PyLong_AsLongLong(args[4]),
-              .q = PyLong_AsVoidPtr(args[5]), .q_stride = PyLong_AsLongLong(args[6]),
-              .out = PyLong_AsVoidPtr(args[7]), .out_stride = PyLong_AsLongLong(args[8]),
-              .k_cache = PyLong_AsVoidPtr(args[9]), .v_cache = PyLong_AsVoidPtr(args[10]),
-              .num_blocks = PyLong_AsLongLong(args[11]), .block_size = PyLong_AsLongLong(args[12]),
-              .tables = PyLong_AsVoidPtr(args[13]), .sequences = PyLong_AsLongLong(args[14]),
-              .table_stride = PyLong_AsLongLong(args[15]), .seq = PyLong_AsVoidPtr(args[16]),
-              .keys = PyLong_AsVoidPtr(args[17]), .scale = (float)PyFloat_AsDouble(args[18]),
-              .k_new = PyLong_AsVoidPtr(args[19]), .k_stride = PyLong_AsLongLong(args[20]),
-              .v_new = PyLong_AsVoidPtr(args[21]), .v_stride = PyLong_AsLongLong(args[22]),
-              .slots = PyLong_AsVoidPtr(args[23]), .amx = PyObject_IsTrue(args[24]),
-              .window = PyLong_AsLongLong(args[25]), .softcap = (float)PyFloat_AsDouble(args[26]),
-              .cos = PyLong_AsVoidPtr(args[27]), .sin = PyLong_AsVoidPtr(args[28]),
-              .rope_positions = PyLong_AsLongLong(args[29]), .rope_half = PyLong_AsLongLong(args[30]),
-              .positions = PyLong_AsVoidPtr(args[31])};
-    if (PyErr_Occurred()) return NULL;
+/* Every row's attention, on `threads`: where c.cos is set, q and the new keys are rotated first, in
+ * place; then the rows' new keys and values are written, and each row attends. NULL, or what went
+ * wrong (see cpu.h's entry points). */
+static const char *attend_rows(Call c, int threads) {
     const int64_t group = c.heads / c.kv_heads;
     if (c.head_dim % 32 || c.head_dim > MAX_HEAD_DIM || group > MAX_GROUP || group * c.kv_heads != c.heads ||
         c.block_size % 16 || (c.amx && (group > 16 || !amx_supported())) || c.window < 0 || !(c.softcap >= 0) ||
         (c.cos && (c.sin == NULL || c.positions == NULL || c.rope_half < 1 || 2 * c.rope_half > c.head_dim))) {
-        PyErr_SetString(PyExc_ValueError, "unsupported head layout");
-        return NULL;
+        return "unsupported head layout";
     }
     /* what the kernel reads and writes stays inside the caches, whatever the caller passes */
     for (int64_t r = 0; r < c.rows; r++) {
         if (c.seq[r] < 0 || c.seq[r] >= c.sequences || c.keys[r] < 1 || c.keys[r] > c.table_stride * c.block_size || c.slots[r] < 0 ||
             c.slots[r] >= c.num_blocks * c.block_size || (c.cos && (c.positions[r] < 0 || c.positions[r] >= c.rope_positions))) {
-            PyErr_SetString(PyExc_ValueError, "attend: a row's keys, table, slot or position is out of range");
-            return NULL;
+            return "attend: a row's keys, table, slot or position is out of range";
         }
     }
     for (int64_t i = 0; i < c.sequences * c.table_stride; i++)
         if (c.tables[i] < 0 || c.tables[i] >= c.num_blocks) {
-            PyErr_SetString(PyExc_ValueError, "attend: a block table names a block outside the cache");
-            return NULL;
+            return "attend: a block table names a block outside the cache";
         }
     /* units of up to `cap` consecutive rows of one sequence, either all split into parts or none */
     int64_t longest = 1, count = 0, splits = 0, parts = 0;
     const int64_t cap = c.amx && 16 / group < UNIT_ROWS ? 16 / group : UNIT_ROWS; /* AMX: rows x group <= 16 */
     Split *rows_of = malloc(sizeof(Split) * (size_t)(c.rows + 1));
-    if (rows_of == NULL) return PyErr_NoMemory();
+    if (rows_of == NULL) return KERNEL_NO_MEMORY;
     for (int64_t r = 0; r < c.rows; r++) {
         longest = c.keys[r] > longest ? c.keys[r] : longest;
         const int split = c.keys[r] - first_key(&c, r) > PART_KEYS;
@@ -609,7 +560,7 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     float *partials = parts ? malloc(sizeof(float) * (size_t)(parts * c.kv_heads * PART_FLOATS(&c))) : NULL;
     if (units == NULL || split_rows == NULL || (parts && partials == NULL)) {
         free(rows_of), free(units), free(split_rows), free(partials);
-        return PyErr_NoMemory();
+        return KERNEL_NO_MEMORY;
     }
     c.parts = partials;
     for (int64_t i = 0, u = 0, sp = 0; i < count; i++) {
@@ -630,9 +581,8 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     float *scratch = malloc(sizeof(float) * (size_t)(team * per_thread));
     if (scratch == NULL) {
         free(units), free(split_rows), free(partials);
-        return PyErr_NoMemory();
+        return KERNEL_NO_MEMORY;
     }
-    Py_BEGIN_ALLOW_THREADS
     if (c.cos) {
         rotate_rows(&c, (bf16 *)c.q, c.q_stride, c.heads);
         rotate_rows(&c, (bf16 *)c.k_new, c.k_stride, c.kv_heads);
@@ -650,10 +600,46 @@ static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < splits * c.kv_heads; w++) combine(&c, split_rows[w / c.kv_heads], w % c.kv_heads);
     }
-    Py_END_ALLOW_THREADS
     free(units), free(split_rows), free(partials);
     free(scratch);
-    Py_RETURN_NONE;
+    return NULL;
+}
+
+/* attend(threads, rows, heads, kv_heads, head_dim, q, q_stride, out, out_stride, k_cache, v_cache,
+ *        num_blocks, block_size, tables, sequences, table_stride, seq, keys, scale,
+ *        k_new, k_stride, v_new, v_stride, slots, amx, window, softcap, cos, sin, rope_positions, rope_half,
+ *        positions): pointers as ints, strides in elements; where cos is not 0, q and the new keys are
+ * rotated first, in place; then the `rows` new tokens' keys and values are written. The caller
+ * checks shapes (parley/kernels/attention.py); attend_rows does the work. */
+static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 32) {
+        PyErr_SetString(PyExc_TypeError, "attend takes 32 arguments");
+        return NULL;
+    }
+    const int threads = (int)PyLong_AsLong(args[0]);
+    Call c = {.rows = PyLong_AsLongLong(args[1]), .heads = PyLong_AsLongLong(args[2]),
+              .kv_heads = PyLong_AsLongLong(args[3]), .head_dim = PyLong_AsLongLong(args[4]),
+              .q = PyLong_AsVoidPtr(args[5]), .q_stride = PyLong_AsLongLong(args[6]),
+              .out = PyLong_AsVoidPtr(args[7]), .out_stride = PyLong_AsLongLong(args[8]),
+              .k_cache = PyLong_AsVoidPtr(args[9]), .v_cache = PyLong_AsVoidPtr(args[10]),
+              .num_blocks = PyLong_AsLongLong(args[11]), .block_size = PyLong_AsLongLong(args[12]),
+              .tables = PyLong_AsVoidPtr(args[13]), .sequences = PyLong_AsLongLong(args[14]),
+              .table_stride = PyLong_AsLongLong(args[15]), .seq = PyLong_AsVoidPtr(args[16]),
+              .keys = PyLong_AsVoidPtr(args[17]), .scale = (float)PyFloat_AsDouble(args[18]),
+              .k_new = PyLong_AsVoidPtr(args[19]), .k_stride = PyLong_AsLongLong(args[20]),
+              .v_new = PyLong_AsVoidPtr(args[21]), .v_stride = PyLong_AsLongLong(args[22]),
+              .slots = PyLong_AsVoidPtr(args[23]), .amx = PyObject_IsTrue(args[24]),
+              .window = PyLong_AsLongLong(args[25]), .softcap = (float)PyFloat_AsDouble(args[26]),
+              .cos = PyLong_AsVoidPtr(args[27]), .sin = PyLong_AsVoidPtr(args[28]),
+              .rope_positions = PyLong_AsLongLong(args[29]), .rope_half = PyLong_AsLongLong(args[30]),
+              .positions = PyLong_AsVoidPtr(args[31])};
+    if (PyErr_Occurred()) return NULL;
+    const char *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = attend_rows(c, threads);
+    Py_END_ALLOW_THREADS
+    return kernel_result(error);
 }
 
 static PyMethodDef methods[] = {
@@ -665,4 +651,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attention", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__attention(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__attention(void) {
+    Attend entry = attend_rows; /* the type checks the signature */
+    return export_entry(PyModule_Create(&module), "c_attend", "parley.kernels._attention.c_attend", (void *)entry);
+}

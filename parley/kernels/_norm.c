@@ -34,8 +34,23 @@ TARGET static void norm_row(const bf16 *delta, const bf16 *hidden, bf16 *total, 
 }
 #endif
 
-/* rms_norm(rows, width, delta, hidden or 0, total, out, weight, eps): contiguous rows, pointers as
- * ints; the caller checks shapes (parley/kernels/norm.py). */
+/* Every row's residual add and norm: contiguous rows; total may be hidden (each 16 are read before
+ * written). NULL, or what went wrong (see cpu.h's entry points). */
+static const char *rms_norm_rows(int64_t rows, int64_t width, const bf16 *delta, const bf16 *hidden, bf16 *total,
+                                 bf16 *out, const bf16 *weight, float eps) {
+    if (!cpu_supported() || width % 16) return "rms_norm: unsupported CPU or width";
+#if PARLEY_SIMD
+    for (int64_t r = 0; r < rows; r++)
+        norm_row(delta + r * width, hidden ? hidden + r * width : NULL, total + r * width, out + r * width, weight,
+                 width, eps);
+#else
+    (void)rows, (void)delta, (void)hidden, (void)total, (void)out, (void)weight, (void)eps;
+#endif
+    return NULL;
+}
+
+/* rms_norm(rows, width, delta, hidden or 0, total, out, weight, eps): rms_norm_rows's arguments,
+ * pointers as ints; the caller checks shapes (parley/kernels/norm.py). */
 static PyObject *rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 8) {
@@ -48,16 +63,7 @@ static PyObject *rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t narg
     const bf16 *weight = PyLong_AsVoidPtr(args[6]);
     const float eps = (float)PyFloat_AsDouble(args[7]);
     if (PyErr_Occurred()) return NULL;
-    if (!cpu_supported() || width % 16) {
-        PyErr_SetString(PyExc_ValueError, "rms_norm: unsupported CPU or width");
-        return NULL;
-    }
-#if PARLEY_SIMD
-    for (int64_t r = 0; r < rows; r++)
-        norm_row(delta + r * width, hidden ? hidden + r * width : NULL, total + r * width, out + r * width, weight,
-                 width, eps);
-#endif
-    Py_RETURN_NONE;
+    return kernel_result(rms_norm_rows(rows, width, delta, hidden, total, out, weight, eps));
 }
 
 static PyMethodDef methods[] = {
@@ -68,4 +74,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_norm", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__norm(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__norm(void) {
+    RmsNorm entry = rms_norm_rows; /* the type checks the signature */
+    return export_entry(PyModule_Create(&module), "c_rms_norm", "parley.kernels._norm.c_rms_norm", (void *)entry);
+}

@@ -535,27 +535,16 @@ static int vnni_supported(void) {
 #endif
 }
 
-/* linear(threads, rows, out_features, in_features, x, x_stride, w, bias or 0, y, y_stride, amx, bits):
- * pointers as ints, strides in elements. The caller checks shapes (parley/kernels/linear.py). */
-static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "linear takes 12 arguments");
-        return NULL;
-    }
-    const int threads = (int)PyLong_AsLong(args[0]);
-    Call c = {.rows = PyLong_AsLongLong(args[1]), .out_features = PyLong_AsLongLong(args[2]),
-              .in_features = PyLong_AsLongLong(args[3]), .x = PyLong_AsVoidPtr(args[4]),
-              .x_stride = PyLong_AsLongLong(args[5]), .w = PyLong_AsVoidPtr(args[6]),
-              .bias = PyLong_AsVoidPtr(args[7]), .y = PyLong_AsVoidPtr(args[8]), .y_stride = PyLong_AsLongLong(args[9]),
-              .bits = (int)PyLong_AsLong(args[11])};
-    const int amx = PyObject_IsTrue(args[10]);
-    if (PyErr_Occurred()) return NULL;
+/* y = x W^T (+ bias): pointers, strides in elements; the caller checks shapes (parley/kernels/linear.py).
+ * NULL, or what went wrong (see cpu.h's entry points). */
+static const char *quant_linear(int threads, int64_t rows, int64_t out_features, int64_t in_features, const bf16 *x,
+                                int64_t x_stride, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t y_stride,
+                                int amx, int bits) {
+    Call c = {.rows = rows, .out_features = out_features, .in_features = in_features, .x = x, .x_stride = x_stride,
+              .w = w, .bias = bias, .y = y, .y_stride = y_stride, .bits = bits};
     if (!cpu_supported() || (amx && !amx_supported()) || (!amx && !vnni_supported()) || c.out_features % BLOCK ||
-        c.in_features % GROUP || (c.bits != 4 && c.bits != 8)) {
-        PyErr_SetString(PyExc_ValueError, "quantized linear: unsupported CPU, shape or bits");
-        return NULL;
-    }
+        c.in_features % GROUP || (c.bits != 4 && c.bits != 8))
+        return "quantized linear: unsupported CPU, shape or bits";
     c.pair_bytes = c.bits == 8 ? Q8_PAIR : Q4_PAIR;
     c.block_bytes = (c.in_features / GROUP + 1) / 2 * c.pair_bytes;
 #if PARLEY_SIMD
@@ -571,11 +560,10 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const size_t xq_bytes = amx ? 0 : (size_t)(c.rows * c.in_features + 63) / 64 * 64;
     const size_t xs_bytes = amx ? 0 : sizeof(XScale) * (size_t)(c.rows * (c.in_features / GROUP));
     char *scratch = aligned_alloc(64, (team * per_thread + xt_bytes + xq_bytes + xs_bytes + 63) / 64 * 64);
-    if (scratch == NULL) return PyErr_NoMemory();
+    if (scratch == NULL) return KERNEL_NO_MEMORY;
     c.xt = (uint32_t *)(scratch + team * per_thread);
     c.xq = (int8_t *)(scratch + team * per_thread + xt_bytes);
     c.xs = (XScale *)(scratch + team * per_thread + xt_bytes + xq_bytes);
-    Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(team) if (team > 1)
     {
         int me = 0;
@@ -594,10 +582,35 @@ static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             run_panels_vnni(&c, first, last, (uint8_t *)mine);
         }
     }
-    Py_END_ALLOW_THREADS
     free(scratch);
+#else
+    (void)threads;
 #endif
-    Py_RETURN_NONE;
+    return NULL;
+}
+
+/* linear(threads, rows, out_features, in_features, x, x_stride, w, bias or 0, y, y_stride, amx, bits):
+ * quant_linear's arguments, pointers as ints. */
+static PyObject *linear(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "linear takes 12 arguments");
+        return NULL;
+    }
+    const int threads = (int)PyLong_AsLong(args[0]);
+    const int64_t rows = PyLong_AsLongLong(args[1]), out_features = PyLong_AsLongLong(args[2]),
+                  in_features = PyLong_AsLongLong(args[3]), x_stride = PyLong_AsLongLong(args[5]),
+                  y_stride = PyLong_AsLongLong(args[9]);
+    const bf16 *x = PyLong_AsVoidPtr(args[4]), *bias = PyLong_AsVoidPtr(args[7]);
+    const uint8_t *w = PyLong_AsVoidPtr(args[6]);
+    bf16 *y = PyLong_AsVoidPtr(args[8]);
+    const int amx = PyObject_IsTrue(args[10]), bits = (int)PyLong_AsLong(args[11]);
+    if (PyErr_Occurred()) return NULL;
+    const char *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = quant_linear(threads, rows, out_features, in_features, x, x_stride, w, bias, y, y_stride, amx, bits);
+    Py_END_ALLOW_THREADS
+    return kernel_result(error);
 }
 
 /* dequantize(out_features, in_features, w, out, bits): the weights [out][in] bf16, as the AMX path uses them. */
@@ -641,4 +654,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_quant", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__quant(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__quant(void) {
+    QuantLinear entry = quant_linear; /* the type checks the signature */
+    return export_entry(PyModule_Create(&module), "c_linear", "parley.kernels._quant.c_linear", (void *)entry);
+}

@@ -6,6 +6,7 @@
 #define PARLEY_CPU_H
 
 #include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -96,6 +97,63 @@ static PyObject *supported(PyObject *self, PyObject *unused) {
 __attribute__((unused)) static PyObject *amx(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
     return PyBool_FromLong(amx_supported());
+}
+
+/* Entry points for C callers (_decoder.c runs a stack of decoder layers in one call): a kernel's
+ * Python function parses its arguments and calls a plain C function, which touches no Python
+ * object (it runs without the GIL) and returns NULL, or what went wrong: KERNEL_NO_MEMORY or the
+ * text of a ValueError. Each module exports it as a capsule (export_entry), whose name says its type. */
+#define KERNEL_NO_MEMORY "out of memory"
+
+/* _attention.c: paged attention of a flat batch (the fields: there), on `threads`. */
+typedef struct {
+    int64_t rows, heads, kv_heads, head_dim, num_blocks, block_size, sequences, table_stride;
+    const bf16 *q;
+    int64_t q_stride; /* elements between rows; a row's heads are contiguous */
+    bf16 *out;
+    int64_t out_stride;
+    bf16 *k_cache, *v_cache;
+    const int64_t *tables;
+    const int32_t *seq, *keys;
+    float scale;
+    const bf16 *k_new, *v_new; /* each row's own key and value, written into the cache first */
+    int64_t k_stride, v_stride; /* elements between rows; a row's heads are contiguous */
+    const int64_t *slots;       /* each new token's slot: block * block_size + offset */
+    int amx;                    /* units run on AMX tiles (attend_unit_amx) */
+    int64_t window;             /* > 0: a row sees only its last `window` keys (itself included) */
+    float softcap;              /* > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2) */
+    const bf16 *cos, *sin;      /* RoPE tables [rope_positions][rope_half], or NULL: no rotation */
+    const int64_t *positions;   /* each row's position, the table row it is rotated by */
+    int64_t rope_half, rope_positions;
+    float *parts;               /* the kernel's own: the split units' partial results (see Unit) */
+} AttendCall;
+typedef const char *(*Attend)(AttendCall, int);
+/* _quant.c: y = x W^T (+ bias) for 4- or 8-bit W (threads, rows, out, in, x, x_stride, w, bias, y, y_stride, amx, bits). */
+typedef const char *(*QuantLinear)(int, int64_t, int64_t, int64_t, const bf16 *, int64_t, const uint8_t *, const bf16 *,
+                                   bf16 *, int64_t, int, int);
+/* _norm.c: residual add and RMSNorm (rows, width, delta, hidden or NULL, total, out, weight, eps). */
+typedef const char *(*RmsNorm)(int64_t, int64_t, const bf16 *, const bf16 *, bf16 *, bf16 *, const bf16 *, float);
+/* _activation.c: silu(gate) * up (threads, rows, inter, gate_up, stride, out). */
+typedef const char *(*SiluMul)(int, int64_t, int64_t, const bf16 *, int64_t, bf16 *);
+
+/* Python's None, or the exception `error` names. */
+__attribute__((unused)) static PyObject *kernel_result(const char *error) {
+    if (error == NULL) Py_RETURN_NONE;
+    if (strcmp(error, KERNEL_NO_MEMORY) == 0) return PyErr_NoMemory();
+    PyErr_SetString(PyExc_ValueError, error);
+    return NULL;
+}
+
+/* `module` with the capsule `name` (its full name `capsule`, as PyCapsule_Import finds it) holding `entry`. */
+__attribute__((unused)) static PyObject *export_entry(PyObject *module, const char *name, const char *capsule, void *entry) {
+    if (module == NULL) return NULL;
+    PyObject *object = PyCapsule_New(entry, capsule, NULL);
+    if (object == NULL || PyModule_AddObject(module, name, object) < 0) {
+        Py_XDECREF(object);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }
 #endif
 
