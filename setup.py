@@ -1,5 +1,6 @@
 """The compiled parts of Parley (parley/kernels/*.c): multi-LoRA, paged attention, 4- and 8-bit
-projections, the residual add and norm, the gated MLP's activation, the sampled rows' draw.
+projections, the residual add and norm, the gated MLP's activation, the sampled rows' draw, and a
+stack of decoder layers calling those in one call a step.
 
 All are optional: where they cannot be built (no C compiler) the install goes on, and where they
 cannot run (another architecture, no AVX512-BF16) each one's Python module (parley/kernels/*.py)
@@ -15,4 +16,4 @@ def kernel(name: str) -> Extension:
                      extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_quant"), kernel("_norm"), kernel("_activation"), kernel("_sample")])
+setup(ext_modules=[kernel("_lora"), kernel("_attention"), kernel("_quant"), kernel("_norm"), kernel("_activation"), kernel("_sample"), kernel("_stack")])

@@ -8,7 +8,9 @@ rotary, norms, sampling, and the rest (the engine's Python, the scheduler, small
 Each batch runs as many sampled requests (temperature 0.7, top_p 0.95, as bench/run.py) with
 exactly 200 new tokens, and times steps 40 to 160, when every sequence decodes. The parts are
 timed by wrapping the model's functions with perf_counter on the engine thread: wall time,
-nested parts inside "forward" excluded from its own line. Run it on a quiet machine.
+nested parts inside "forward" excluded from its own line. Where the decoder layers run in one kernel
+call a step (parley/kernels/stack.py), the parts are timed with the layers called one by one, as
+they are elsewhere, and the last column is the step as served, in one call. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ def instrument(timers: Timers) -> None:
     runner.ModelRunner.execute = timers.wrap("runner", counted)
 
 
-async def profile(timers: Timers, batch: int, args) -> dict[str, float]:
+async def profile(timers: Timers, batch: int, args, one_call: bool) -> dict[str, float]:
     from parley.config import EngineConfig
     from parley.engine.async_engine import AsyncEngine
     from parley.types import GenerationRequest, SamplingParams, StoppingCriteria
 
+    from parley.models.layers import decoder
+
+    decoder.STACK_CALL = one_call
     timers.totals.clear()
     timers.steps, timers.on = 0, False
     engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
@@ -112,18 +117,19 @@ def main() -> None:
     print(f"CPU: {cpu} ({'AMX' if amx else 'no AMX'}), torch {torch.__version__}, {args.dtype}, "
           f"{args.threads} threads; ms per decode step (steps {FIRST}-{LAST})")
     parts = ["projections", "lm_head", "attention", "rotary", "norms", "other model ops", "sampling",
-             "engine outside the runner", "step (wall)"]
+             "engine outside the runner", "step (wall)", "step, layers in one call"]
     print("| batch | " + " | ".join(parts) + " |")
     print("|---" * (len(parts) + 1) + "|")
     timers = Timers()
     instrument(timers)
     for batch in args.batch:
-        t = asyncio.run(profile(timers, batch, args))
+        t = asyncio.run(profile(timers, batch, args, one_call=False))
+        served = asyncio.run(profile(timers, batch, args, one_call=True))["wall"]
         inner = sum(t.get(k, 0.0) for k in ("projections", "lm_head", "attention", "rotary", "norms"))
         # lm_head runs in the runner, outside forward; norms include the final norm inside forward
         other_model = t["forward"] - (inner - t.get("lm_head", 0.0))
         row = [t.get("projections", 0.0), t.get("lm_head", 0.0), t.get("attention", 0.0), t.get("rotary", 0.0),
-               t.get("norms", 0.0), other_model, t.get("sampling", 0.0), t["wall"] - t["runner"], t["wall"]]
+               t.get("norms", 0.0), other_model, t.get("sampling", 0.0), t["wall"] - t["runner"], t["wall"], served]
         print(f"| {batch} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
 
 

@@ -34,7 +34,7 @@ def use_amx() -> bool:
 
 
 _amx: bool | None = None
-_checked: tuple = ()  # the last step's row tensors attend() checked (see there)
+_checked: tuple = ()  # the last step's row tensors check_step() checked (see there)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -49,24 +49,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     softcap) (Gemma 2); rope: anything with cos and sin tables [positions, R/2] bf16 and positions
     int64 [N] (parley/models/layers/rotary.py's Rope): q and k are rotated first, in place. Returns
     [N, H, D]."""
-    global _checked
     rows, heads, head_dim = q.shape
     kv_heads, num_blocks, block_size = k_cache.shape[:3]
     if not (q.stride(2) == k.stride(2) == v.stride(2) == 1 and q.stride(1) == k.stride(1) == v.stride(1) == head_dim
             and k.shape == v.shape == (rows, kv_heads, head_dim) and q.dtype == k.dtype == v.dtype == k_cache.dtype
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("attend: unexpected layout")
-    step = (slots, tables, seq, keys, rope)  # the same objects for every layer of a step: checked once
-    if not (len(_checked) == 5 and all(a is b for a, b in zip(step, _checked))):
-        if not (tables.dtype == slots.dtype == torch.int64 and tables.stride(1) == 1 and slots.is_contiguous()
-                and seq.dtype == keys.dtype == torch.int32 and seq.is_contiguous() and keys.is_contiguous()
-                and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows
-                and (rope is None or (rope.cos.dtype == rope.sin.dtype == q.dtype and rope.cos.is_contiguous()
-                                      and rope.sin.is_contiguous() and rope.cos.shape == rope.sin.shape
-                                      and rope.positions.dtype == torch.int64 and rope.positions.is_contiguous()
-                                      and rope.positions.shape == (rows,)))):
-            raise ValueError("attend: unexpected layout")
-        _checked = step
+    check_step(rows, slots, tables, seq, keys, rope, q.dtype)
     cos, sin, positions = (rope.cos, rope.sin, rope.positions) if rope is not None else (None, None, None)
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     _attention.attend(torch.get_num_threads(), rows, heads, kv_heads, head_dim, q.data_ptr(), q.stride(0),
@@ -77,3 +66,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
                       0 if sin is None else sin.data_ptr(), 0 if cos is None else cos.shape[0],
                       0 if cos is None else cos.shape[1], 0 if positions is None else positions.data_ptr())
     return out
+
+
+def check_step(rows: int, slots: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor, keys: torch.Tensor, rope,
+               dtype: torch.dtype) -> None:
+    """ValueError unless a step's row tensors (see attend) are as the kernel reads them; the same
+    objects serve every layer of a step, so they are checked once."""
+    global _checked
+    step = (slots, tables, seq, keys, rope)
+    if len(_checked) == 5 and all(a is b for a, b in zip(step, _checked)):
+        return
+    if not (tables.dtype == slots.dtype == torch.int64 and tables.stride(1) == 1 and slots.is_contiguous()
+            and seq.dtype == keys.dtype == torch.int32 and seq.is_contiguous() and keys.is_contiguous()
+            and seq.shape[0] == keys.shape[0] == slots.shape[0] == rows
+            and (rope is None or (rope.cos.dtype == rope.sin.dtype == dtype and rope.cos.is_contiguous()
+                                  and rope.sin.is_contiguous() and rope.cos.shape == rope.sin.shape
+                                  and rope.positions.dtype == torch.int64 and rope.positions.is_contiguous()
+                                  and rope.positions.shape == (rows,)))):
+        raise ValueError("attend: unexpected layout")
+    _checked = step

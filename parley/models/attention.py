@@ -62,7 +62,7 @@ class AttentionMetadata:
     # a block table above -> the cache rows holding its blocks (see `_gather`), computed by the
     # first layer that needs them and reused by the others (tensors hash by identity)
     gather_rows: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict, repr=False)
-    # every row's table and visible keys as the kernel reads them (`_kernel_rows`), built once a step
+    # every row's table and visible keys as the kernel reads them (`kernel_rows`), built once a step
     kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # sliding window -> decode_bias with the keys before each decode token's window hidden too
     window_bias: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -90,7 +90,7 @@ def paged_attention(
     if window is not None and meta.window_meta is not None:
         meta = meta.window_meta
     if use_kernel(q, k_cache):
-        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *_kernel_rows(meta), scale, window, softcap,
+        return kernel.attend(q, k, v, k_cache, v_cache, meta.slot_mapping, *kernel_rows(meta), scale, window, softcap,
                              rope)
     if rope is not None:
         q, k = rope.apply(q), rope.apply(k)
@@ -142,13 +142,19 @@ def use_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     and costs one call a layer: at 32 decode rows the torch path below was a third of the step.
     The kernel lays each block out its own way: a cache is only ever used by one of the two paths
     (the choice depends only on the model, its dtype and device, and the block size)."""
-    key = (q.device, q.dtype, q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2])
+    return kernel_serves(q.device, q.dtype, q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2])
+
+
+def kernel_serves(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                  block_size: int) -> bool:
+    """use_kernel, from the model's shapes."""
+    key = (device, dtype, heads, kv_heads, head_dim, block_size)
     if key not in _KERNEL_OK:
         _KERNEL_OK[key] = kernel.available(*key)
     return _KERNEL_OK[key]
 
 
-def _kernel_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kernel_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tables int64 [decodes + chunks, W], seq int32 [N]: each row's table, keys int32 [N]: how many
     of its sequence's first tokens each row sees), built by the first layer and kept in `meta`."""
     if meta.kernel_rows is None:
