@@ -594,9 +594,14 @@ static const char *attend_rows(Call c, int threads) {
 #ifdef _OPENMP
         mine += (int64_t)omp_get_thread_num() * per_thread;
 #endif
+        /* KV head outermost: a thread's next unit is most often another unit of the same KV head, of
+           the same sequence in a prompt chunk, whose keys and values its L2 still holds (SmolLM2 at
+           4,000 tokens: 1 MB a head, 3 MB for all three, more than the 2 MB L2 of the Xeon of these
+           notes). With heads innermost, a 512-row chunk at 4,000 tokens took 23 ms on one thread on
+           AMX, this way 14.6 ms (K/V came from L3 for every unit of 4 rows). */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < work; w++)
-            (c.amx ? attend_unit_amx : attend_unit)(&c, units[w / c.kv_heads], w % c.kv_heads, mine, stride);
+            (c.amx ? attend_unit_amx : attend_unit)(&c, units[w % units_count], w / units_count, mine, stride);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < splits * c.kv_heads; w++) combine(&c, split_rows[w / c.kv_heads], w % c.kv_heads);
     }
