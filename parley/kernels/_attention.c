@@ -18,7 +18,8 @@
  * reads its sequence's keys and values (1 MB a KV head) and writes and re-reads its own fp32 scores
  * (192 KB); the tile ops themselves are ~2 ms of it (their count times a tile op's measured 4-5 ns).
  * Taking the KV heads outermost in the work order keeps a head's K/V in L2 from one unit to the
- * next (23 -> 14.6 ms), and the AMX unit takes its softmax's maxima as it finishes the tile
+ * next (23 -> 14.6 ms; at 8,000 tokens, where a head's K/V is 2 MB, units go part by part too, see
+ * by_keys), and the AMX unit takes its softmax's maxima as it finishes the tile
  * products and its numerators 16 keys ahead of their tile ops, with the next tile ops in flight
  * (-> 10.3-11.7 ms; see attend_unit_amx). Not kept, as measured no faster: units of 5 rows (15 of
  * 16 tile rows), and units of 32 rows whose 6 tiles share each key and value tile but recompute the
@@ -601,6 +602,13 @@ static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *scrat
 }
 #endif
 
+/* Units by their first key, then their first row: a thread's next unit most often reads the keys
+ * and values the last one read (see attend_rows). */
+static int by_keys(const void *a, const void *b) {
+    const Unit *x = a, *y = b;
+    return x->lo != y->lo ? (x->lo < y->lo ? -1 : 1) : (x->first > y->first) - (x->first < y->first);
+}
+
 /* Every row's attention, on `threads`: where c.cos is set, q and the new keys are rotated first, in
  * place; then the rows' new keys and values are written, and each row attends. NULL, or what went
  * wrong (see cpu.h's entry points). */
@@ -666,6 +674,7 @@ static const char *attend_rows(Call c, int threads) {
             units[u++] = (Unit){g.first, g.rows, (from + k) * PART_KEYS, (from + k + 1) * PART_KEYS, g.part + k};
     }
     free(rows_of);
+    qsort(units, (size_t)units_count, sizeof(Unit), by_keys);
     const int64_t stride = (longest + 15) / 16 * 16, work = units_count * c.kv_heads;
     const int64_t per_thread = UNIT_ROWS * group * (stride + c.head_dim) + (c.amx ? 16 * c.head_dim + 768 : 0);
     const int team = threads < 1 ? 1 : (work < threads ? (int)work : threads);
@@ -685,11 +694,13 @@ static const char *attend_rows(Call c, int threads) {
 #ifdef _OPENMP
         mine += (int64_t)omp_get_thread_num() * per_thread;
 #endif
-        /* KV head outermost: a thread's next unit is most often another unit of the same KV head, of
-           the same sequence in a prompt chunk, whose keys and values its L2 still holds (SmolLM2 at
-           4,000 tokens: 1 MB a head, 3 MB for all three, more than the 2 MB L2 of the Xeon of these
-           notes). With heads innermost, a 512-row chunk at 4,000 tokens took 23 ms on one thread on
-           AMX, this way 14.6 ms (K/V came from L3 for every unit of 4 rows). */
+        /* KV head outermost, then the units by their first key (by_keys): a thread's next unit is
+           most often another unit of the same KV head and part of a prompt chunk, whose keys and
+           values its L2 still holds (SmolLM2 at 4,000 tokens: 1 MB a head, 3 MB for all three, more
+           than the 2 MB L2 of the Xeon of these notes). With heads innermost, a 512-row chunk at
+           4,000 tokens took 23 ms on one thread on AMX, this way 14.6 ms (K/V came from L3 for every
+           unit of 4 rows); at 8,000 tokens (2 MB a head), going part by part: 45 -> 22 ms on one
+           thread, 21 -> 12 ms on two (with attend_unit_amx's own changes). */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < work; w++)
             (c.amx ? attend_unit_amx : attend_unit)(&c, units[w % units_count], w / units_count, mine, stride);
