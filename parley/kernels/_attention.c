@@ -504,7 +504,10 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
                 const __m512 s = finish(_mm512_loadu_ps(tile + 16 * i), scale, softcap);
                 _mm512_storeu_ps(scratch + i * stride + t, s);
                 const __mmask16 valid = valid_lanes(firsts[i], ends[i], wholes[i], t);
-                if (valid) _mm512_storeu_ps(high_lanes + 16 * i, _mm512_mask_max_ps(_mm512_loadu_ps(high_lanes + 16 * i), valid, _mm512_loadu_ps(high_lanes + 16 * i), s));
+                if (valid) {
+                    const __m512 high = _mm512_loadu_ps(high_lanes + 16 * i);
+                    _mm512_storeu_ps(high_lanes + 16 * i, _mm512_mask_max_ps(high, valid, high, s));
+                }
             }
     }
     for (int64_t i = 0; i < m; i++) {
@@ -523,7 +526,8 @@ AMX static void attend_unit_amx(const Call *c, Unit u, int64_t kv_head, float *s
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-#define NUMERATORS(t) numerators(scratch, stride, m, t, (t) >= inner_from && (t) + 16 <= inner_to, firsts, ends, wholes, top, sum_lanes)
+#define NUMERATORS(t) \
+    numerators(scratch, stride, m, t, (t) >= inner_from && (t) + 16 <= inner_to, firsts, ends, wholes, top, sum_lanes)
         if (d0 == 0) NUMERATORS(lowest);
         for (int64_t t = lowest; t < longest; t += 16) {
             if (d0 == 0 && t + 16 < longest) NUMERATORS(t + 16);
