@@ -15,7 +15,13 @@ reading the blocks in place (laid out its own way), on AMX tiles where the CPU h
 dpbf16 elsewhere. Measured on a Xeon with AMX against the torch path: a decode step's attention at
 32 rows of ~200 tokens 22.0 -> 8.9 ms, at one row 6.8 -> 1.4 ms (bench/profile_step.py); prefill
 of 166 / 666 / 1,330 / 2,662 tokens 1783 / 1764 / 1404 / 665 -> 2261 / 2725 / 2696 / 2409 tok/s
-(bench/prefill.py; dpbf16 alone: 2143 / 2028 / 1616 / 1052). Elsewhere, and in float32, the torch
+(bench/prefill.py; dpbf16 alone: 2143 / 2028 / 1616 / 1052). Long prompts on AMX since the kernel
+keeps each KV head's keys and values in L2 from one unit to the next and takes its softmax where
+the data already is (see _attention.c's top comment), same bits: prefill of 166 / 2,662 / 4,000 /
+8,000 tokens 2811-3162 / 2329-2600 / 1819-2116 / 1190-1211 -> 2825-2924 / 2633-2831 / 2103-2318 /
+1411-1474 tok/s (bench/prefill.py with the input limit raised to 8,100 tokens, runs alternated, on
+a 2-core "Intel(R) Xeon(R) Processor" shared with other work; at 166 tokens attention is a small
+part and the spread is noise). Elsewhere, and in float32, the torch
 path below runs.
 
 The torch path is plain matmul attention: on CPU it beats scaled_dot_product_attention with a GQA mask for the
