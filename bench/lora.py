@@ -96,7 +96,7 @@ async def bench(args) -> None:
     for _ in range(args.rounds):
         for mode, adapter_of in modes.items():
             step_times.clear()
-            samples, wall = await run_wave(one_for(adapter_of), args.concurrency, args.requests_per_client)
+            samples, wall, _ = await run_wave(one_for(adapter_of), args.concurrency, args.requests_per_client)
             rates[mode].append(sum(s.tokens for s in samples) / wall)
             steps[mode].append(statistics.median(step_times))
     await engine.shutdown()

@@ -5,6 +5,7 @@ the first to the last).
 
     python bench/prefill.py                       # 166 to 4,000 tokens, bf16, 2 threads
     python bench/prefill.py --lengths 512 2048 --dtype float32
+    python bench/prefill.py --lengths 8000 --max-total-tokens 8192   # past the default limit
 
 Run it on a quiet machine.
 """
@@ -46,13 +47,15 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[166, 666, 1330, 2662, 4000])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-total-tokens", type=int, default=None,
+                        help="the server's --max-total-tokens (default: min(context, 4096), so prompts up to 4,095)")
     args = parser.parse_args()
 
     from parley.config import EngineConfig
     from parley.engine.async_engine import AsyncEngine
     from parley.kernels.linear import projection_kernel
 
-    engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
+    engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads, max_total_tokens=args.max_total_tokens))
     engine.start()
     try:
         prefill, decode = asyncio.run(measure(engine, args.lengths))

@@ -10,6 +10,9 @@ concurrency 1, 8 and 32, for the engine alone and for the server over HTTP (stre
 starts them, from `../shared/peers/setup.sh DIR`), prints one table with Parley's ratio to each and
 draws bench/peers.png (tok/s and TTFT against concurrency; needs matplotlib).
 
+Over HTTP the benchmark's own clients run on the same cores as the server (streaming, each chunk
+parsed): "client CPU" says how much of one core they took, which the server did not have.
+
 Run it on a quiet machine: two compute threads collapse when anything else runs.
 """
 
@@ -82,6 +85,7 @@ class Row:
     itl_mean: float
     rss_mb: float
     requests: int
+    client_cpu: float | None = None  # over HTTP: this process's CPU time (the clients') / wall, in % of one core
 
 
 def summarize(mode, concurrency, samples, wall, rss_mb) -> Row:
@@ -97,13 +101,15 @@ def requests_per_client(args, concurrency: int) -> int:
     return args.requests_per_client or max(1, 8 // concurrency)
 
 
-async def run_wave(one, concurrency: int, requests_per_client: int) -> tuple[list[Sample], float]:
+async def run_wave(one, concurrency: int, requests_per_client: int) -> tuple[list[Sample], float, float]:
+    """The samples, the wall time and the CPU this process used meanwhile, in % of one core."""
     async def client(c):
         return [await one(c * requests_per_client + i) for i in range(requests_per_client)]
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = await asyncio.gather(*(client(c) for c in range(concurrency)))
-    return [s for r in results for s in r], time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return [s for r in results for s in r], wall, (time.process_time() - cpu) / wall * 100
 
 
 # -- engine only -------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ async def bench_engine(args) -> list[Row]:
     rows = []
     await one(0)  # warm-up
     for concurrency in args.concurrency:
-        samples, wall = await run_wave(one, concurrency, requests_per_client(args, concurrency))
+        samples, wall, _ = await run_wave(one, concurrency, requests_per_client(args, concurrency))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(summarize("engine", concurrency, samples, wall, rss))
         print_row(rows[-1])
@@ -264,8 +270,9 @@ async def bench_server(server: Server, args) -> list[Row]:
 
             await one(0)
             for concurrency in args.concurrency:
-                samples, wall = await run_wave(one, concurrency, requests_per_client(args, concurrency))
+                samples, wall, client_cpu = await run_wave(one, concurrency, requests_per_client(args, concurrency))
                 rows.append(summarize(server.name, concurrency, samples, wall, tree_rss_mb(process.pid)))
+                rows[-1].client_cpu = client_cpu
                 print_row(rows[-1])
     except (httpx.HTTPError, RuntimeError) as exc:  # one server failing leaves the others' figures
         log.seek(0)
@@ -332,8 +339,9 @@ def cpu_name() -> str:
 
 
 def print_row(r: Row) -> None:
+    client = "-" if r.client_cpu is None else f"{r.client_cpu:.0f}%"
     print(f"| {r.mode:6} | {r.concurrency:4} | {r.tokens_per_s:8.1f} | {r.ttft_p50 * 1000:8.0f} | "
-          f"{r.ttft_p90 * 1000:8.0f} | {r.itl_mean * 1000:7.1f} | {r.rss_mb:7.0f} |", flush=True)
+          f"{r.ttft_p90 * 1000:8.0f} | {r.itl_mean * 1000:7.1f} | {r.rss_mb:7.0f} | {client:>10} |", flush=True)
 
 
 def main() -> None:
@@ -357,8 +365,8 @@ def main() -> None:
     else:
         print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} "
               f"quantize={args.quantize} threads={args.threads} max_tokens={args.max_tokens}")
-    print("| mode   | conc | tok/s    | TTFT p50 | TTFT p90 | ITL ms  | RSS MB  |")
-    print("|--------|------|----------|----------|----------|---------|---------|")
+    print("| mode   | conc | tok/s    | TTFT p50 | TTFT p90 | ITL ms  | RSS MB  | client CPU |")
+    print("|--------|------|----------|----------|----------|---------|---------|------------|")
     if args.mode in ("engine", "both"):
         asyncio.run(bench_engine(args))
     if args.mode in ("http", "both"):

@@ -6,10 +6,12 @@
  * Why: from Python a layer is ~25 calls (the kernels' wrappers, their checks, views, allocations).
  * Measured on a Xeon with AMX, one decode step of the default model replayed 100 times (2 threads):
  * one row 8.7-9.1 -> 4.1-4.2 ms, 32 rows 19.8-20.1 -> 15.1-15.4 ms. More than the Python itself
- * (~2 ms a step with the kernels stubbed out): called one by one from Python, the projections alone
- * took 4.3 ms of the one-row step (cProfile), against 4.1 ms for all the layers here; OMP_WAIT_POLICY
- * (active or passive) did not close the gap. Here a step is one call, without the GIL (the
- * server's event loop runs meanwhile), its buffers allocated once.
+ * (~2 ms a step with the kernels stubbed out): the kernels run faster back to back. Called one by
+ * one from Python the projections alone took 4.3 ms of the one-row step (cProfile), against 4.1 ms
+ * for all the layers here; bench/quant.py's one-row shapes took 4.2 ms back to back and 4.9 ms with
+ * 30 us between calls (BENCHMARKS.md, ninth session: the VM's shared L3 keeps less of the weights
+ * the longer a step takes); OMP_WAIT_POLICY (active or passive) did not close the gap. Here a step
+ * is one call, without the GIL (the server's event loop runs meanwhile), its buffers allocated once.
  *
  * layers: int64 [num_layers][LAYER_FIELDS] (pointers as ints; parley/kernels/stack.py builds it).
  */
