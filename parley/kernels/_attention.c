@@ -7,11 +7,13 @@
  * padded width, and runs a dozen ops of ~10 us each before any work; at 32 decode rows it was a third
  * of the step, and a prompt chunk's cost grew with the whole padded context.
  *
- * Batch invariance by construction: one unit of work is one row and one KV head (its query heads
- * together, sharing each key and value load), computed by one thread start to end, in key order,
- * from nothing but that row's query and its sequence's first `keys` keys and values. So a row gets
- * the same bits alone, beside other rows, as a decode token or inside a prompt chunk of any size,
- * on any number of threads.
+ * Batch invariance by construction: one unit of work is up to UNIT_ROWS consecutive rows of one
+ * sequence and one KV head (the rows' query heads together, sharing each key and value load),
+ * computed by one thread start to end, in key order. Each row's sums take nothing but that row's
+ * query and its sequence's first `keys` keys and values, in an order fixed by key positions alone
+ * (a row's keys beside another row's are masked to exact zeros). So a row gets the same bits
+ * alone, beside other rows, as a decode token or inside a prompt chunk of any size, on any number
+ * of threads.
  *
  * Long prompts on AMX (measured on a 2-core Xeon, lscpu "Intel(R) Xeon(R) Processor", 2 MB of L2 a
  * core; a 512-row chunk of SmolLM2's attention at 4,000 tokens, one thread): each unit of 4 rows
