@@ -1,6 +1,7 @@
-/* What the C kernels (_attention.c, _quant.c, _norm.c, _activation.c, _lora.c) share: the bf16 type, the target
- * attributes of their AVX512-BF16 and AMX paths, AMX's tile configuration, bf16 loads and stores, a
- * vector exp, and whether this CPU and process run them.
+/* What the C kernels (_attention.c, _quant.c, _norm.c, _activation.c, _lora.c, _sample.c, _stack.c) share: the
+ * bf16 type, the target attributes of their AVX512-BF16 and AMX paths, AMX's tile configuration, bf16
+ * loads and stores, a vector exp, whether this CPU and process run them, and the entry points C
+ * callers use.
  * Off x86-64 (or built with -DPARLEY_NO_SIMD) PARLEY_SIMD is 0 and they say unsupported. */
 #ifndef PARLEY_CPU_H
 #define PARLEY_CPU_H
@@ -99,10 +100,11 @@ __attribute__((unused)) static PyObject *amx(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(amx_supported());
 }
 
-/* Entry points for C callers (_decoder.c runs a stack of decoder layers in one call): a kernel's
+/* Entry points for C callers (_stack.c runs a stack of decoder layers in one call): a kernel's
  * Python function parses its arguments and calls a plain C function, which touches no Python
  * object (it runs without the GIL) and returns NULL, or what went wrong: KERNEL_NO_MEMORY or the
- * text of a ValueError. Each module exports it as a capsule (export_entry), whose name says its type. */
+ * text of a ValueError. Each module exports it as a capsule (export_entry); the types below are
+ * their signatures. */
 #define KERNEL_NO_MEMORY "out of memory"
 
 /* _attention.c: paged attention of a flat batch (the fields: there), on `threads`. */
