@@ -13,7 +13,8 @@
  * same file had before). Packed per 16 outputs and two groups of 32 inputs as 640 bytes: d [2][16]
  * and m [2][16] fp16, then per output 32 bytes, byte i holding input i of the first group (low
  * nibble) and of the second (high nibble) (parley/kernels/linear.py packs it; an odd last group has
- * an empty second).
+ * an empty second). That is the AMX path's layout; the VNNI path's keeps d and m so and lays the
+ * values out for vpdpbusd (see there).
  *
  * Dequantizing is most of a one-row call, so it is a table lookup: an output's 32 inputs of a group
  * take one of 16 values, computed once (one fma for all 16, one rounding to bf16), and one vpermw
@@ -50,7 +51,8 @@
 #define TILE_ROWS 16
 
 typedef struct {
-    float d, s; /* VNNI: a row's group of inputs is d * xq, and s = d * sum(xq) (see quantize_row) */
+    float d, s;  /* VNNI: a row's group of inputs is d * xq, and s = d * sum(xq) (see quantize_row) */
+    int32_t sum; /* sum(xq) */
 } XScale;
 
 typedef struct {
@@ -330,8 +332,8 @@ AMX static void run_panels_amx(const Call *c, int64_t first, int64_t last, bf16 
  * instruction, and the default model's projections took ~1 ms a row (bench/quant.py at 512 rows:
  * 527 ms; oneDNN's own bf16 kernel 506 ms), so a prompt could not prefill faster than ~900 tok/s.
  * vpdpbusd does 64 (bytes times bytes into 32-bit sums), and on a Xeon runs 2.6x as many of them a
- * cycle (4.9 against 1.8 a ns a core, measured; on AMD not measured, but twice the work an
- * instruction). llama.cpp multiplies Q4_1 and Q8_0 weights by 8-bit activations on it.
+ * cycle (4.9 against 1.8 a ns a core, measured). llama.cpp multiplies Q4_1 and Q8_0 weights by
+ * 8-bit activations on it.
  *
  * The arithmetic, the same at every number of rows: each row's group of 32 inputs is quantized on
  * its own, d = max |x| / 127, xq = round(x * 127 / max |x|) (to nearest even), s = d * sum(xq);
@@ -343,23 +345,18 @@ AMX static void run_panels_amx(const Call *c, int64_t first, int64_t last, bf16 
  * fp32, not rounded to bf16 as on AMX; x is rounded to 8 bits per group, as llama.cpp's activations
  * are (quality against the bf16 path: BENCHMARKS.md).
  *
- * vpdpbusd wants, per 32-bit lane, 4 consecutive inputs of one output: a block's pair of groups is
- * transposed from [16 outputs][32 bytes] to [8][16 outputs][4 bytes] (unpack_pair_vnni) into a
- * panel per call, or just before its products for one row. */
+ * vpdpbusd wants, per 32-bit lane, 4 consecutive inputs of one output, one operand unsigned: the
+ * weights are laid out so at load (parley/kernels/linear.py's pack, in a process without AMX), a
+ * block's group as [8][16 outputs][4 inputs] bytes, so that each 64-byte load is an operand as it
+ * is. 4 bits: a pair's two groups in the low and high nibbles of one such 512 bytes; 8 bits: q + 128,
+ * the pair's groups one after the other, and 128 times the row's sum of the group's xq comes off
+ * again. Before, the weights were kept as for AMX and transposed in every call (24 permutes for a
+ * block's pair of groups). Measured on an AMD EPYC (Zen 5, 2 cores), old and new one after the
+ * other: bench/quant.py, a step's projections at 1 / 8 / 32 rows 3.27 / 4.83 / 9.91 -> 2.41 / 4.35 /
+ * 9.09 ms; served over HTTP at concurrency 1 (bench/run.py, three runs each) 97-113 -> 138-193
+ * tok/s. The same integer sums, so the same bits. */
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
-#define VNNI_GROUP 512 /* bytes of one block's group in the panel: [8][16 outputs][4 inputs] */
-#define VNNI_SLOT(bits) (VNNI_GROUP + ((bits) == 8) * 64) /* and, for 8 bits, each output's sum of the group's weights */
-
-/* The transposition in three steps, each swapping a bit of the register's number with a bit of the
- * lane's (see transpose16x8); index bit 4 picks the second source. */
-#define BIT(i, b) (((i) >> (b)) & 1)
-#define STEP1(K, i) (BIT(i, 2) << 4 | BIT(i, 3) << 3 | (K) << 2 | BIT(i, 1) << 1 | BIT(i, 0))
-#define STEP2(K, i) (BIT(i, 1) << 4 | BIT(i, 3) << 3 | BIT(i, 2) << 2 | (K) << 1 | BIT(i, 0))
-#define STEP3(K, i) (BIT(i, 1) << 4 | BIT(i, 0) << 3 | BIT(i, 3) << 2 | BIT(i, 2) << 1 | (K))
-#define LANES(F, K) {F(K, 0), F(K, 1), F(K, 2), F(K, 3), F(K, 4), F(K, 5), F(K, 6), F(K, 7), F(K, 8), F(K, 9), \
-                     F(K, 10), F(K, 11), F(K, 12), F(K, 13), F(K, 14), F(K, 15)}
-static const int32_t steps[3][2][16] __attribute__((aligned(64))) = {
-    {LANES(STEP1, 0), LANES(STEP1, 1)}, {LANES(STEP2, 0), LANES(STEP2, 1)}, {LANES(STEP3, 0), LANES(STEP3, 1)}};
+#define VNNI_GROUP 512 /* bytes of one block's group: [8][16 outputs][4 inputs] */
 
 /* x's row quantized to 8 bits per group of 32, as described above, into c->xq and c->xs. */
 VNNI static void quantize_row(const Call *c, int64_t row) {
@@ -375,53 +372,9 @@ VNNI static void quantize_row(const Call *c, int64_t row) {
         const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, scale)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale));
         _mm_storeu_si128((__m128i *)(q + g * GROUP), _mm512_cvtsepi32_epi8(qlo));
         _mm_storeu_si128((__m128i *)(q + g * GROUP + 16), _mm512_cvtsepi32_epi8(qhi));
+        s[g].sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
         s[g].d = most / 127.0f;
-        s[g].s = s[g].d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-    }
-}
-
-/* The 16 x 8 matrix of 32-bit words in z (word k of row j in register j / 2, lane 8 (j % 2) + k)
- * transposed into t (word k of row j in register k, lane j): three rounds of two-source permutes,
- * each swapping a bit of the register's number with a bit of the lane's. */
-VNNI static inline void transpose16x8(__m512i z[8], __m512i t[8]) {
-    for (int k = 0; k < 2; k++) /* register (j3 j2 j1), lane (j0 k2 k1 k0) -> (k2 j2 j1), (j0 j3 k1 k0) */
-        for (int p = 0; p < 4; p++) t[4 * k + p] = _mm512_permutex2var_epi32(z[p], _mm512_load_si512(steps[0][k]), z[p + 4]);
-    for (int k = 0; k < 2; k++) /* -> (k2 k1 j1), (j0 j3 j2 k0) */
-        for (int i = 0; i < 4; i++) {
-            const int r = i / 2 * 4 + i % 2; /* the registers with bit 1 clear: 0, 1, 4, 5 */
-            z[(r & 4) | k << 1 | (r & 1)] = _mm512_permutex2var_epi32(t[r], _mm512_load_si512(steps[1][k]), t[r + 2]);
-        }
-    for (int k = 0; k < 2; k++) /* -> (k2 k1 k0), (j3 j2 j1 j0) */
-        for (int r = 0; r < 8; r += 2) t[r | k] = _mm512_permutex2var_epi32(z[r], _mm512_load_si512(steps[2][k]), z[r + 1]);
-}
-
-/* One block's pair of groups (packed as for dequant_pair) -> the first group's [8][16 outputs][4
- * inputs] bytes at out, the second's (if `second`) `stride` bytes further: 4 bits as 0..15; 8 bits
- * as they are, followed by each output's sum of the group's 32 (int32 [16], see group_vnni). */
-VNNI static inline void unpack_pair_vnni(const uint8_t *w, uint8_t *out, int64_t stride, int second, const int bits) {
-    __m512i z[8], t[8];
-    if (bits == 4) { /* both groups in one byte per input: output j's 32 bytes at 128 + 32 j */
-        for (int p = 0; p < 8; p++) z[p] = _mm512_loadu_si512(w + 128 + 64 * p);
-        transpose16x8(z, t);
-        const __m512i nibble = _mm512_set1_epi8(0x0f);
-        for (int k = 0; k < 8; k++) {
-            _mm512_storeu_si512(out + 64 * k, _mm512_and_si512(t[k], nibble));
-            if (second) _mm512_storeu_si512(out + stride + 64 * k, _mm512_and_si512(_mm512_srli_epi16(t[k], 4), nibble));
-        }
-        return;
-    }
-    for (int h = 0; h < 1 + second; h++) { /* group h of output j: 32 bytes at 64 + 64 j + 32 h */
-        const uint8_t *q = w + 64 + 32 * h;
-        for (int p = 0; p < 8; p++)
-            z[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(q + 128 * p))),
-                                      _mm256_loadu_si256((const __m256i *)(q + 128 * p + 64)), 1);
-        transpose16x8(z, t);
-        __m512i sum = _mm512_setzero_si512();
-        for (int k = 0; k < 8; k++) {
-            _mm512_storeu_si512(out + h * stride + 64 * k, t[k]);
-            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), t[k]);
-        }
-        _mm512_storeu_si512(out + h * stride + VNNI_GROUP, sum);
+        s[g].s = s[g].d * (float)s[g].sum;
     }
 }
 
@@ -432,94 +385,80 @@ VNNI static inline void load_scales(const Call *c, int64_t o0, int64_t g, __m512
     if (m) *m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 64)));
 }
 
-/* R rows (1 or 4) from `row` times NB blocks (1 or 2) from output o0, group g, its weights at `panel`
- * ([block][VNNI_SLOT]). 4 bits: the weights (0..15) are vpdpbusd's unsigned bytes, x's the signed;
- * 8 bits: x + 128 is the unsigned (its bits with the sign flipped), the weights the signed, and
- * 128 times each output's sum of weights comes off again. The integer sums are exact either way;
- * then acc[r][b] as the comment above says (8 bits: no m_w). R, NB and bits are constants where
- * inlined. */
-VNNI static inline __attribute__((always_inline)) void group_vnni(const Call *c, const uint8_t *panel, int64_t o0,
-                                                                  int64_t g, int64_t row, __m512 acc[4][2], const int R,
-                                                                  const int NB, const int bits) {
+/* R rows (1 or 4) from `row` times NB blocks (1 or 2) from output o0, group g, read where the weights
+ * lie: the weights are vpdpbusd's unsigned bytes, x's the signed. The integer sums are exact; then
+ * acc[r][b] as the comment above says (8 bits: no m_w). R, NB and bits are constants where inlined. */
+VNNI static inline __attribute__((always_inline)) void group_vnni(const Call *c, int64_t o0, int64_t g, int64_t row,
+                                                                  __m512 acc[4][2], const int R, const int NB,
+                                                                  const int bits) {
     const int64_t groups = c->in_features / GROUP;
+    const int high = bits == 4 && g % 2; /* 4 bits: the pair's second group, in the high nibbles */
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    const uint8_t *w[2];
+    for (int b = 0; b < NB; b++)
+        w[b] = c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes + (bits == 4 ? 128 : 64 + g % 2 * VNNI_GROUP);
     __m512i sums[4][2];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) sums[r][b] = _mm512_setzero_si512();
     for (int k = 0; k < 8; k++) {
-        __m512i w[2];
-        for (int b = 0; b < NB; b++) w[b] = _mm512_loadu_si512(panel + b * VNNI_SLOT(bits) + 64 * k);
+        __m512i wk[2];
+        for (int b = 0; b < NB; b++) {
+            wk[b] = _mm512_loadu_si512(w[b] + 64 * k);
+            if (bits == 4) wk[b] = _mm512_and_si512(high ? _mm512_srli_epi16(wk[b], 4) : wk[b], nibble);
+        }
         for (int r = 0; r < R; r++) {
-            uint32_t four;
+            int32_t four;
             memcpy(&four, c->xq + (row + r) * c->in_features + g * GROUP + 4 * k, sizeof(four));
-            const __m512i xr = _mm512_set1_epi32((int)(bits == 4 ? four : four ^ 0x80808080u));
-            for (int b = 0; b < NB; b++)
-                sums[r][b] = bits == 4 ? _mm512_dpbusd_epi32(sums[r][b], w[b], xr) : _mm512_dpbusd_epi32(sums[r][b], xr, w[b]);
+            const __m512i xr = _mm512_set1_epi32(four);
+            for (int b = 0; b < NB; b++) sums[r][b] = _mm512_dpbusd_epi32(sums[r][b], wk[b], xr);
         }
     }
     for (int b = 0; b < NB; b++) {
         __m512 d, m;
         load_scales(c, o0 + b * BLOCK, g, &d, bits == 4 ? &m : NULL);
-        const __m512i shift = bits == 8 ? _mm512_slli_epi32(_mm512_loadu_si512(panel + b * VNNI_SLOT(bits) + VNNI_GROUP), 7)
-                                        : _mm512_setzero_si512();
         for (int r = 0; r < R; r++) {
             const XScale x = c->xs[(row + r) * groups + g];
             /* the one order every row takes, so that a row's bits depend on the row alone */
-            if (bits == 8) sums[r][b] = _mm512_sub_epi32(sums[r][b], shift);
+            if (bits == 8) sums[r][b] = _mm512_sub_epi32(sums[r][b], _mm512_set1_epi32(128 * x.sum));
             acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][b]), _mm512_mul_ps(d, _mm512_set1_ps(x.d)), acc[r][b]);
             if (bits == 4) acc[r][b] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), acc[r][b]);
         }
     }
 }
 
-/* R rows from `row` times NB blocks from o0: the groups in order from `panel` ([group][block]
- * [VNNI_SLOT]), or, for one row (`jit`), each pair of groups unpacked into `panel` just before its
- * products, as narrow_amx does (the row reads each weight once). */
-VNNI static inline __attribute__((always_inline)) void rows_vnni(const Call *c, uint8_t *panel, int64_t o0, int64_t row,
-                                                                 const int R, const int NB, const int jit, const int bits) {
+/* R rows from `row` times NB blocks from o0, the groups in order. */
+VNNI static inline __attribute__((always_inline)) void rows_vnni(const Call *c, int64_t o0, int64_t row, const int R,
+                                                                 const int NB, const int bits) {
     const int64_t groups = c->in_features / GROUP;
     __m512 acc[4][2];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        if (jit && g % 2 == 0)
-            for (int b = 0; b < NB; b++)
-                unpack_pair_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes, panel + b * VNNI_SLOT(bits),
-                                 2 * VNNI_SLOT(bits), g + 1 < groups, bits);
-        group_vnni(c, panel + (jit ? g % 2 : g) * 2 * VNNI_SLOT(bits), o0, g, row, acc, R, NB, bits);
-    }
+    for (int64_t g = 0; g < groups; g++) group_vnni(c, o0, g, row, acc, R, NB, bits);
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) write_sums(c, acc[r][b], row + r, o0 + b * BLOCK);
 }
 
 /* rows_vnni with its constants spelled out, so that each combination is compiled on its own */
-VNNI static void rows_vnni_for(const Call *c, uint8_t *panel, int64_t o0, int64_t row, int R, int NB, int jit) {
-#define ROWS(R_, NB_, JIT_)                                                                                            \
-    if (R == R_ && NB == NB_ && jit == JIT_) {                                                                         \
-        if (c->bits == 4) rows_vnni(c, panel, o0, row, R_, NB_, JIT_, 4);                                              \
-        else rows_vnni(c, panel, o0, row, R_, NB_, JIT_, 8);                                                           \
+VNNI static void rows_vnni_for(const Call *c, int64_t o0, int64_t row, int R, int NB) {
+#define ROWS(R_, NB_)                                                                                                  \
+    if (R == R_ && NB == NB_) {                                                                                        \
+        if (c->bits == 4) rows_vnni(c, o0, row, R_, NB_, 4);                                                           \
+        else rows_vnni(c, o0, row, R_, NB_, 8);                                                                        \
         return;                                                                                                        \
     }
-    ROWS(1, 2, 1) ROWS(1, 1, 1) ROWS(4, 2, 0) ROWS(4, 1, 0) ROWS(1, 2, 0) ROWS(1, 1, 0)
+    ROWS(4, 2) ROWS(4, 1) ROWS(1, 2) ROWS(1, 1)
 #undef ROWS
 }
 
-/* The 8-bit-activation path for the panels from `first` to `last` (exclusive). */
-VNNI static void run_panels_vnni(const Call *c, int64_t first, int64_t last, uint8_t *panel) {
-    const int64_t groups = c->in_features / GROUP;
+/* The 8-bit-activation path for the panels from `first` to `last` (exclusive): every row through a
+ * panel's weights, which stay in L1 from one rows' pass to the next. */
+VNNI static void run_panels_vnni(const Call *c, int64_t first, int64_t last) {
     for (int64_t p = first; p < last; p++) {
         const int64_t o0 = p * PANEL;
         const int blocks = c->out_features - o0 >= PANEL ? 2 : 1;
-        if (c->rows == 1) {
-            rows_vnni_for(c, panel, o0, 0, 1, blocks, 1);
-            continue;
-        }
-        for (int64_t b = 0; b < blocks; b++)
-            for (int64_t g = 0; g < groups; g += 2)
-                unpack_pair_vnni(c->w + (o0 / BLOCK + b) * c->block_bytes + g / 2 * c->pair_bytes,
-                                 panel + (g * 2 + b) * VNNI_SLOT(c->bits), 2 * VNNI_SLOT(c->bits), g + 1 < groups, c->bits);
         int64_t row = 0;
-        for (; row + 4 <= c->rows; row += 4) rows_vnni_for(c, panel, o0, row, 4, blocks, 0);
-        for (; row < c->rows; row++) rows_vnni_for(c, panel, o0, row, 1, blocks, 0);
+        for (; row + 4 <= c->rows; row += 4) rows_vnni_for(c, o0, row, 4, blocks);
+        for (; row < c->rows; row++) rows_vnni_for(c, o0, row, 1, blocks);
     }
 }
 
@@ -551,11 +490,10 @@ static const char *quant_linear(int threads, int64_t rows, int64_t out_features,
     const int64_t panels = (c.out_features + PANEL - 1) / PANEL, pairs = c.in_features / 2;
     const int64_t chunks = c.rows > 1 ? (c.rows + TILE_ROWS - 1) / TILE_ROWS : 0, parts = pairs / 16;
     const int team = threads < 1 ? 1 : (panels < threads ? (int)panels : threads);
-    /* per thread: the panel ([in / 32][64][32] bf16, two panels, see configure_narrow; on VNNI
-     * [in / 32][2][VNNI_GROUP]), then AMX's sums [16][16] fp32; then AMX's x pairs, or VNNI's x in 8
-     * bits and its scales */
+    /* per thread, on AMX: the panel ([in / 32][64][32] bf16, two panels, see configure_narrow), then
+     * the sums [16][16] fp32; then AMX's x pairs, or VNNI's x in 8 bits and its scales */
     const size_t panel_bytes = sizeof(bf16) * (size_t)(c.in_features * 2 * PANEL);
-    const size_t per_thread = panel_bytes + (amx ? sizeof(float) * TILE_ROWS * TILE_ROWS : 0);
+    const size_t per_thread = amx ? panel_bytes + sizeof(float) * TILE_ROWS * TILE_ROWS : 0;
     const size_t xt_bytes = amx ? sizeof(uint32_t) * (size_t)(chunks * pairs * TILE_ROWS) : 0;
     const size_t xq_bytes = amx ? 0 : (size_t)(c.rows * c.in_features + 63) / 64 * 64;
     const size_t xs_bytes = amx ? 0 : sizeof(XScale) * (size_t)(c.rows * (c.in_features / GROUP));
@@ -579,7 +517,7 @@ static const char *quant_linear(int threads, int64_t rows, int64_t out_features,
         } else {
 #pragma omp for
             for (int64_t row = 0; row < c.rows; row++) quantize_row(&c, row);
-            run_panels_vnni(&c, first, last, (uint8_t *)mine);
+            run_panels_vnni(&c, first, last);
         }
     }
     free(scratch);

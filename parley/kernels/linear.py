@@ -92,6 +92,7 @@ class QuantWeight:
     data: torch.Tensor  # uint8 [out / 16, ceil(in / 64), 640 (4 bits) or 1088 (8 bits)]
     in_features: int
     bits: int
+    amx: bool  # laid out for the AMX tiles, else for VNNI: the path every call on it takes (see `pack`)
     # what each call passes, kept: a one-row step makes 121 calls, Python's share of it counts
     out_features: int = field(init=False)
     ptr: int = field(init=False)
@@ -125,20 +126,31 @@ def can_pack(weight: torch.Tensor) -> bool:
             and _quant.supported())
 
 
-def pack(rows: QuantRows) -> QuantWeight:
-    """In the kernel's order: per block of 16 outputs and pair of groups of 32 inputs, d [2][16]
-    (and for 4 bits m [2][16]) fp16, then per output the pair's values: 4 bits as 32 bytes, byte i
-    holding input i of the first group in its low nibble and of the second in its high; 8 bits as
-    64 bytes, the first group's then the second's. An odd last group pairs with an empty one."""
+def pack(rows: QuantRows, amx: bool | None = None) -> QuantWeight:
+    """In the kernel's order for its AMX path, or for VNNI (by default the path this process takes,
+    `quant_amx`): per block of 16 outputs and pair of groups of 32 inputs, d [2][16] (and for 4 bits
+    m [2][16]) fp16, then the pair's values. For AMX per output: 4 bits as 32 bytes, byte i holding
+    input i of the first group in its low nibble and of the second in its high; 8 bits as 64 bytes,
+    the first group's then the second's. For VNNI as vpdpbusd takes them: per group [8][16 outputs]
+    [4 inputs] bytes, 4 bits with the pair's groups in the low and high nibbles of the same bytes,
+    8 bits as q + 128 (unsigned), the first group's 512 bytes then the second's. An odd last group
+    pairs with an empty one."""
+    amx = quant_amx() if amx is None else amx
     out_features, in_features = rows.q.shape
     blocks, groups = out_features // BLOCK, in_features // GROUP
     pairs = (groups + 1) // 2
     q = F.pad(rows.q, (0, (2 * pairs - groups) * GROUP)).view(blocks, BLOCK, pairs, 2, GROUP)
     if isinstance(rows, Q4Rows):  # q[block, output, pair, half, input] -> [block, pair, output, input]
         values = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(1, 2)
+        if not amx:  # -> [block, pair, input / 4, output, input % 4]
+            values = values.reshape(blocks, pairs, BLOCK, 8, 4).transpose(2, 3)
         scales = [rows.d, rows.m]
     else:
-        values = q.view(torch.uint8).transpose(1, 2)
+        values = q.view(torch.uint8)
+        if amx:  # -> [block, pair, output, half, input]
+            values = values.transpose(1, 2)
+        else:  # -> [block, pair, half, input / 4, output, input % 4]
+            values = (values ^ 128).view(blocks, BLOCK, pairs, 2, 8, 4).permute(0, 2, 3, 4, 1, 5)
         scales = [rows.d]
 
     def per_block(scale: torch.Tensor) -> torch.Tensor:  # [out, groups] fp16 -> [blocks, pairs, 64] bytes
@@ -146,12 +158,43 @@ def pack(rows: QuantRows) -> QuantWeight:
         return scale.permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(blocks, pairs, 4 * BLOCK)
 
     parts = [per_block(scale) for scale in scales] + [values.reshape(blocks, pairs, -1)]
-    return QuantWeight(torch.cat(parts, dim=-1).contiguous(), in_features, 4 if isinstance(rows, Q4Rows) else 8)
+    return QuantWeight(torch.cat(parts, dim=-1).contiguous(), in_features, 4 if isinstance(rows, Q4Rows) else 8, amx)
+
+
+def unpack(weight: QuantWeight) -> QuantRows:
+    """The rows `pack` packed, from either layout."""
+    blocks, pairs, _ = weight.data.shape
+    out_features, groups = weight.out_features, weight.in_features // GROUP
+    data = weight.data
+
+    def scale(i: int) -> torch.Tensor:  # per_block's inverse: [blocks, pairs, half, output] -> [out, groups]
+        half = data[:, :, 64 * i : 64 * (i + 1)].contiguous().view(torch.float16).view(blocks, pairs, 2, BLOCK)
+        return half.permute(0, 3, 1, 2).reshape(out_features, 2 * pairs)[:, :groups].contiguous()
+
+    def as_rows(q: torch.Tensor) -> torch.Tensor:  # [out, pairs, half, input] -> [out, in]
+        return q.reshape(out_features, 2 * pairs * GROUP)[:, : weight.in_features].contiguous()
+
+    if weight.bits == 4:
+        values = data[:, :, 128:].reshape(blocks, pairs, -1)
+        if weight.amx:  # [block, pair, output, input]
+            values = values.view(blocks, pairs, BLOCK, GROUP).permute(0, 2, 1, 3)
+        else:  # [block, pair, input / 4, output, input % 4]
+            values = values.view(blocks, pairs, 8, BLOCK, 4).permute(0, 3, 1, 2, 4)
+        values = values.reshape(out_features, pairs, 1, GROUP)
+        return Q4Rows(as_rows(torch.cat([values & 15, values >> 4], dim=2)), scale(0), scale(1))
+    values = data[:, :, 64:].reshape(blocks, pairs, -1)
+    if weight.amx:  # [block, pair, output, half, input]
+        values = values.view(blocks, pairs, BLOCK, 2, GROUP).permute(0, 2, 1, 3, 4)
+    else:  # [block, pair, half, input / 4, output, input % 4]
+        values = (values ^ 128).view(blocks, pairs, 2, 8, BLOCK, 4).permute(0, 4, 1, 2, 3, 5)
+    return Q8Rows(as_rows(values).view(torch.int8), scale(0))
 
 
 def dequantize_packed(weight: QuantWeight) -> torch.Tensor:
     """bf16 [out, in]: the weights as the kernel multiplies them on AMX tiles (on VNNI it takes d q (+ m)
     in fp32, before this rounding)."""
+    if not weight.amx:
+        return unpack(weight).dequantize().bfloat16()
     out = torch.empty(weight.shape, dtype=torch.bfloat16)
     _quant.dequantize(*weight.shape, weight.data.data_ptr(), out.data_ptr(), weight.bits)
     return out
@@ -285,7 +328,7 @@ def _linear_quant(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | Non
     if rows:
         _quant.linear(torch.get_num_threads(), rows, out_features, weight.in_features, x.data_ptr(), x.stride(0),
                       weight.ptr, 0 if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
-                      _quant_amx if _quant_amx is not None else quant_amx(), weight.bits)
+                      weight.amx, weight.bits)
     return y
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch  # before _stack, as for the other kernels
 
 from parley.kernels import attention
-from parley.kernels.linear import QuantWeight, quant_amx
+from parley.kernels.linear import QuantWeight
 
 try:
     from parley.kernels import _stack
@@ -59,6 +59,9 @@ class LayerStack:
                 raise ValueError("LayerStack: unexpected layer layout")
         if not (final_norm.dtype == torch.bfloat16 and final_norm.is_contiguous()):
             raise ValueError("LayerStack: unexpected final norm")
+        layouts = {getattr(layer, name).amx for layer in layers for name in weights}
+        if len(layouts) != 1:
+            raise ValueError("LayerStack: projections packed for both the AMX and the VNNI path")
 
         def address(t):
             return 0 if t is None else t.data_ptr()
@@ -70,6 +73,7 @@ class LayerStack:
         self.layers, self.final_norm = layers, final_norm  # the tensors the table points into, kept alive
         self.shape = (hidden, inter, heads, kv_heads, head_dim)
         self.eps, self.scale, self.softcap = eps, scale, softcap or 0.0
+        self.quant_amx = layouts.pop()
         self.num_blocks, self.block_size = cache.shape[1], cache.shape[2]
 
     def __call__(self, embeddings: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor,
@@ -82,7 +86,7 @@ class LayerStack:
         attention.check_step(rows, slots, tables, seq, keys, rope, torch.bfloat16)
         out = torch.empty(rows, hidden, dtype=torch.bfloat16)
         _stack.forward(torch.get_num_threads(), rows, hidden, inter, heads, kv_heads, head_dim, self.eps, self.scale,
-                         self.softcap, quant_amx(), attention.use_amx(), self.table.data_ptr(), len(self.layers),
+                         self.softcap, self.quant_amx, attention.use_amx(), self.table.data_ptr(), len(self.layers),
                          self.num_blocks, self.block_size, embeddings.data_ptr(), self.final_norm.data_ptr(),
                          out.data_ptr(), tables.data_ptr(), tables.shape[0], tables.stride(0), seq.data_ptr(),
                          keys.data_ptr(), slots.data_ptr(), rope.cos.data_ptr(), rope.sin.data_ptr(), rope.cos.shape[0],

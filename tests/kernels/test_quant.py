@@ -7,7 +7,7 @@ import torch
 
 from parley.kernels import linear as module
 from parley.kernels.linear import (Q4Rows, Q8Rows, QuantRows, QuantWeight, can_pack, dequantize_packed, linear, pack,
-                                   projection_kernel, quantize_q4)
+                                   projection_kernel, quantize_q4, unpack)
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(16, 32, dtype=torch.bfloat16)),
                                 reason="the quantized kernel needs AVX512-BF16")
@@ -33,11 +33,12 @@ def _rows(out_features: int, in_features: int, seed: int = 0, bits: int = 4) -> 
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_the_kernel_multiplies_by_the_weights_gguf_dequantizes_to(bits):
+def test_the_kernel_multiplies_by_the_weights_gguf_dequantizes_to(path, bits):
     rows = _rows(48, 96, bits=bits)
-    weight = pack(rows)
+    weight = pack(rows)  # laid out for this process's path
     # per 32 weights 20 bytes (Q4_1's) or 34 (Q8_0's); an odd last group padded
     assert isinstance(weight, QuantWeight) and weight.shape == (48, 96) and weight.bits == bits
+    assert weight.amx == (path == "amx")
     assert weight.data.numel() == 48 * 128 // 32 * (20 if bits == 4 else 34)
     assert torch.equal(dequantize_packed(weight), rows.dequantize().bfloat16())
     assert projection_kernel(weight).startswith(f"the {bits}-bit kernel")  # as the start-up log says
@@ -105,6 +106,20 @@ def test_without_amx_weights_multiply_activations_rounded_to_8_bits_per_32_input
     y = linear(x.bfloat16(), pack(weights))
     step = torch.tensor(32 * 2 / 127).bfloat16().item()
     assert y[0, :4].tolist() == [0.0, step, 0.0, -step if bits == 8 else 0.0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_each_layout_holds_the_rows_it_was_packed_from(bits):
+    rows = _rows(80, 96, seed=4, bits=bits)  # an odd number of groups: the last pairs with an empty one
+    amx, vnni = pack(rows, amx=True), pack(rows, amx=False)
+    assert amx.data.shape == vnni.data.shape and not torch.equal(amx.data, vnni.data)
+    for weight in (amx, vnni):
+        again = unpack(weight)
+        assert all(torch.equal(getattr(again, f), getattr(rows, f)) for f in rows.__dataclass_fields__)
+    # VNNI: output 1's inputs 4..7 of the first group are bytes 4..7 of the 16 outputs' inputs 4..7 (8 bits: q + 128)
+    first = vnni.data[0, 0, (128 if bits == 4 else 64) + 64 + 4 : (128 if bits == 4 else 64) + 64 + 8]
+    expected = rows.q[1, 4:8].view(torch.uint8)
+    assert torch.equal(first & 15 if bits == 4 else first ^ 128, expected)
 
 
 def test_quantize_brings_q4_weights_back_to_their_own_grid():
