@@ -229,21 +229,47 @@ TARGET static inline __m512 finish(__m512 dots, float scale, float softcap) {
 
 TARGET static inline __m512 finish_scores(const Call *c, __m512 dots) { return finish(dots, c->scale, c->softcap); }
 
-/* q_g . k_t * scale for the 16 tokens from t (one key group), for one row's `group` heads: four
- * sums over every fourth dimension pair (four chains of dpbf16, which one chain's latency would
- * otherwise bound), added as (0 + 1) + (2 + 3). */
-TARGET static inline void score_group(const Call *c, const int32_t *q, const bf16 *k, float *scores, int64_t stride,
-                                      int64_t group) {
-    const int64_t dim = c->head_dim, pair_stride = 2 * c->block_size;
-    for (int64_t g = 0; g < group; g++) {
-        const int32_t *qg = q + g * dim / 2;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t p = 0; p < dim / 2; p += 4)
-            for (int j = 0; j < 4; j++)
-                acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32(qg[p + j]),
-                                          (__m512bh)_mm512_loadu_si512(k + (p + j) * pair_stride));
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_storeu_ps(scores + g * stride, finish_scores(c, sum));
+/* q_g . k_t * scale for the 16 tokens from t (one key group), for R rows (q[r], scores[r]) and
+ * their heads g0 .. g0 + G - 1: per row and head four sums over every fourth dimension pair (four
+ * chains of dpbf16, which one chain's latency would otherwise bound), added as (0 + 1) + (2 + 3).
+ * Each key load serves every row and head of the call (R x G x 4 <= 24 sums in registers): one row
+ * and head at a time, a key load a dpbf16 held the loop to the loads' rate (perf annotate on an
+ * AMD EPYC, Zen 5). With weigh_heads' two rows, a 512-row chunk at 4,000 tokens, a layer on two
+ * threads, alternated with the code before: 11.8-17.8 -> 8.7-12.3 ms (at 8,000: 25.8-34.7 ->
+ * 19.3-23.1 ms). Inlined where R and G are constants. */
+TARGET static inline __attribute__((always_inline)) void score_heads(const Call *c, const int32_t *const q[2],
+                                                                     const bf16 *k, float *const scores[2], int64_t stride,
+                                                                     int64_t g0, const int R, const int G) {
+    const int64_t half = c->head_dim / 2, pair_stride = 2 * c->block_size;
+    __m512 acc[2][3][4];
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < 4; j++) acc[r][g][j] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < half; p += 4)
+        for (int j = 0; j < 4; j++) {
+            const __m512bh keys = (__m512bh)_mm512_loadu_si512(k + (p + j) * pair_stride);
+            for (int r = 0; r < R; r++)
+                for (int g = 0; g < G; g++)
+                    acc[r][g][j] = _mm512_dpbf16_ps(acc[r][g][j], (__m512bh)_mm512_set1_epi32(q[r][(g0 + g) * half + p + j]), keys);
+        }
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++) {
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][g][0], acc[r][g][1]), _mm512_add_ps(acc[r][g][2], acc[r][g][3]));
+            _mm512_storeu_ps(scores[r] + (g0 + g) * stride, finish_scores(c, sum));
+        }
+}
+
+/* score_heads for R (1 or 2) rows and all `group` heads, three at a time. */
+TARGET static void score_group(const Call *c, const int32_t *const q[2], const bf16 *k, float *const scores[2],
+                               int64_t stride, int64_t group, int R) {
+    for (int64_t g0 = 0; g0 < group; g0 += 3) {
+        const int64_t G = group - g0 < 3 ? group - g0 : 3;
+#define SCORE(R_, G_) score_heads(c, q, k, scores, stride, g0, R_, G_)
+        if (R == 2)
+            G == 3 ? SCORE(2, 3) : G == 2 ? SCORE(2, 2) : SCORE(2, 1);
+        else
+            G == 3 ? SCORE(1, 3) : G == 2 ? SCORE(1, 2) : SCORE(1, 1);
+#undef SCORE
     }
 }
 
@@ -276,45 +302,62 @@ TARGET static void softmax_row(float *scores, int64_t stride, int64_t group, int
     }
 }
 
-/* weigh_values for heads g0 .. g0 + gn - 1, inlined where gn and vecs (head_dim / 16) are
- * constants: then the sums and the loaded values stay in registers; compiled for any gn and vecs
- * they went through the stack at every token pair (perf annotate: the spills of the loaded values
- * were the loop's hottest instructions). The same operations in the same order: the same bits.
- * Measured as the prefetch below (one thread, 4,000 tokens from DRAM, alternated 3x): 421-436 ->
- * 395-405 us a layer. */
+/* weigh_values for R rows (probs[r], acc[r]) and heads g0 .. g0 + gn - 1, inlined where R, gn and
+ * vecs (head_dim / 16) are constants: then the sums and the loaded values stay in registers;
+ * compiled for any gn and vecs they went through the stack at every token pair (perf annotate: the
+ * spills of the loaded values were the loop's hottest instructions). The same operations in the same
+ * order: the same bits. Measured as the prefetch below (one thread, 4,000 tokens from DRAM,
+ * alternated 3x): 421-436 -> 395-405 us a layer. Two rows share each value load where the sums fit
+ * in registers (head_dim 64, up to 3 heads); the value pointer steps within a block, where
+ * value_pair's division took an idiv per token pair (both seen in perf annotate on an AMD EPYC). */
 TARGET static inline __attribute__((always_inline)) void weigh_heads(
-    const Call *c, int64_t kv_head, const int64_t *table, const bf16 *probs, int64_t stride, int64_t g0,
-    const int64_t gn, const int64_t vecs, int64_t from, int64_t to, int64_t keys, float *acc) {
-    const int64_t dim = 16 * vecs;
-    __m512 sums[4][MAX_HEAD_DIM / 16];
-    for (int64_t g = 0; g < gn; g++)
-        for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_loadu_ps(acc + (g0 + g) * dim + 16 * d);
-    for (int64_t t = from; t < to; t += 2) {
-        const bf16 *v = value_pair(c, kv_head, table, t);
-        if (g0 == 0 && t % 16 == 0 && t + PREFETCH_TOKENS < keys) prefetch_values(c, kv_head, table, t + PREFETCH_TOKENS);
-        /* past the last key: its probability is zero, and its value (whatever the slot holds) is
-           read as zero too, so that no stale inf or NaN gets in */
-        const __mmask32 take = t + 1 < keys ? 0xFFFFFFFFu : 0x55555555u;
-        __m512bh vv[MAX_HEAD_DIM / 16];
-        for (int64_t d = 0; d < vecs; d++) vv[d] = (__m512bh)_mm512_maskz_loadu_epi16(take, v + 32 * d);
-        for (int64_t g = 0; g < gn; g++) {
-            int32_t pair;
-            memcpy(&pair, probs + (g0 + g) * 2 * stride + t, sizeof pair);
-            const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
-            for (int64_t d = 0; d < vecs; d++) sums[g][d] = _mm512_dpbf16_ps(sums[g][d], p, vv[d]);
+    const Call *c, int64_t kv_head, const int64_t *table, const bf16 *const probs[2], int64_t stride, int64_t g0,
+    const int R, const int64_t gn, const int64_t vecs, int64_t from, int64_t to, int64_t keys, float *const acc[2]) {
+    const int64_t dim = 16 * vecs, bs = c->block_size;
+    __m512 sums[2][4][MAX_HEAD_DIM / 16];
+    for (int r = 0; r < R; r++)
+        for (int64_t g = 0; g < gn; g++)
+            for (int64_t d = 0; d < vecs; d++) sums[r][g][d] = _mm512_loadu_ps(acc[r] + (g0 + g) * dim + 16 * d);
+    for (int64_t t = from; t < to;) {
+        const int64_t end = (t / bs + 1) * bs < to ? (t / bs + 1) * bs : to; /* within t's block */
+        for (const bf16 *v = value_pair(c, kv_head, table, t); t < end; t += 2, v += 2 * dim) {
+            if (g0 == 0 && t % 16 == 0 && t + PREFETCH_TOKENS < keys) prefetch_values(c, kv_head, table, t + PREFETCH_TOKENS);
+            /* past the last key: its probability is zero, and its value (whatever the slot holds) is
+               read as zero too, so that no stale inf or NaN gets in */
+            const __mmask32 take = t + 1 < keys ? 0xFFFFFFFFu : 0x55555555u;
+            __m512bh vv[MAX_HEAD_DIM / 16];
+            for (int64_t d = 0; d < vecs; d++) vv[d] = (__m512bh)_mm512_maskz_loadu_epi16(take, v + 32 * d);
+            for (int r = 0; r < R; r++)
+                for (int64_t g = 0; g < gn; g++) {
+                    int32_t pair;
+                    memcpy(&pair, probs[r] + (g0 + g) * 2 * stride + t, sizeof pair);
+                    const __m512bh p = (__m512bh)_mm512_set1_epi32(pair);
+                    for (int64_t d = 0; d < vecs; d++) sums[r][g][d] = _mm512_dpbf16_ps(sums[r][g][d], p, vv[d]);
+                }
         }
     }
-    for (int64_t g = 0; g < gn; g++)
-        for (int64_t d = 0; d < vecs; d++) _mm512_storeu_ps(acc + (g0 + g) * dim + 16 * d, sums[g][d]);
+    for (int r = 0; r < R; r++)
+        for (int64_t g = 0; g < gn; g++)
+            for (int64_t d = 0; d < vecs; d++) _mm512_storeu_ps(acc[r] + (g0 + g) * dim + 16 * d, sums[r][g][d]);
 }
 
-/* acc[g][dim] += sum over tokens t in [from, to) of p_g[t] v_t, two tokens a dpbf16, heads taken
- * up to 4 at a time to share each value load. `probs`: bf16 [group][2 * stride]. */
-TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *table, const bf16 *probs,
-                                int64_t stride, int64_t group, int64_t from, int64_t to, int64_t keys, float *acc) {
+/* acc[r][g][dim] += sum over tokens t in [from, to) of p_rg[t] v_t, two tokens a dpbf16, for one
+ * row or (R = 2, head_dim 64 only) two, heads taken up to 4 at a time (3 for two rows) to share
+ * each value load. `probs[r]`: bf16 [group][2 * stride]. Two rows: every pair in [from, to) is
+ * whole for both (to <= either's keys, even). */
+TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *table, const bf16 *const probs[2],
+                                int64_t stride, int64_t group, int R, int64_t from, int64_t to, int64_t keys,
+                                float *const acc[2]) {
     const int64_t vecs = c->head_dim / 16;
-#define WEIGH(gn, vecs) weigh_heads(c, kv_head, table, probs, stride, g0, gn, vecs, from, to, keys, acc)
-#define WEIGH_ANY_GN(vecs) (gn == 4 ? WEIGH(4, vecs) : gn == 3 ? WEIGH(3, vecs) : gn == 2 ? WEIGH(2, vecs) : WEIGH(1, vecs))
+#define WEIGH(R, gn, vecs) weigh_heads(c, kv_head, table, probs, stride, g0, R, gn, vecs, from, to, keys, acc)
+#define WEIGH_ANY_GN(vecs) (gn == 4 ? WEIGH(1, 4, vecs) : gn == 3 ? WEIGH(1, 3, vecs) : gn == 2 ? WEIGH(1, 2, vecs) : WEIGH(1, 1, vecs))
+    if (R == 2) {
+        for (int64_t g0 = 0; g0 < group; g0 += 3) {
+            const int64_t gn = group - g0 < 3 ? group - g0 : 3;
+            gn == 3 ? WEIGH(2, 3, 4) : gn == 2 ? WEIGH(2, 2, 4) : WEIGH(2, 1, 4);
+        }
+        return;
+    }
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const int64_t gn = group - g0 < 4 ? group - g0 : 4;
         if (vecs == 4) /* head_dim 64 */
@@ -322,10 +365,49 @@ TARGET static void weigh_values(const Call *c, int64_t kv_head, const int64_t *t
         else if (vecs == 8) /* 128 */
             WEIGH_ANY_GN(8);
         else
-            WEIGH(gn, vecs);
+            WEIGH(1, gn, vecs);
     }
 #undef WEIGH_ANY_GN
 #undef WEIGH
+}
+
+/* The weighted values of the unit's rows r (and r + 1 where `two`) over the tile's keys: the pairs
+ * whole for both rows together, each row's others (before and after) on its own, every row's tokens
+ * still in order. */
+TARGET static void weigh_tile(const Call *c, Unit u, int64_t kv_head, const int64_t *table, const float *scratch,
+                              int64_t stride, int64_t tile, int64_t r, int two, float *acc) {
+    const int64_t group = c->heads / c->kv_heads, dim = c->head_dim;
+    int64_t from[2], to[2], keys[2];
+    const bf16 *probs[2];
+    float *sums[2];
+    for (int i = 0; i <= two; i++) {
+        const int64_t row = u.first + r + i, start = row_start(c, u, row);
+        keys[i] = row_end(c, u, row);
+        from[i] = tile > start ? tile : start;
+        to[i] = keys[i] < tile + KEY_TILE ? keys[i] : tile + KEY_TILE;
+        probs[i] = (const bf16 *)(scratch + (r + i) * group * stride);
+        sums[i] = acc + (r + i) * group * dim;
+    }
+    int64_t lo = 0, hi = 0; /* the pairs whole for both */
+    int joint = 0;
+    if (two) {
+        lo = from[0] > from[1] ? from[0] : from[1];
+        hi = (to[0] < to[1] ? to[0] : to[1]) / 2 * 2;
+        joint = hi > lo;
+    }
+    for (int i = 0; i <= two; i++) {
+        const bf16 *const p[2] = {probs[i], NULL};
+        float *const a[2] = {sums[i], NULL};
+        const int64_t before = joint ? lo : to[i];
+        if (from[i] < before) weigh_values(c, kv_head, table, p, stride, group, 1, from[i], before, keys[i], a);
+    }
+    if (!joint) return;
+    weigh_values(c, kv_head, table, probs, stride, group, 2, lo, hi, keys[0] < keys[1] ? keys[0] : keys[1], sums);
+    for (int i = 0; i < 2; i++) {
+        const bf16 *const p[2] = {probs[i], NULL};
+        float *const a[2] = {sums[i], NULL};
+        if (hi < to[i]) weigh_values(c, kv_head, table, p, stride, group, 1, hi, to[i], keys[i], a);
+    }
 }
 
 /* The unit's rows' outputs: their weighted values `acc` [rows][group][head_dim] times 1 / each
@@ -364,13 +446,26 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
     float *acc = scratch + UNIT_ROWS * group * stride, sums[UNIT_ROWS][MAX_GROUP], highs[UNIT_ROWS][MAX_GROUP];
     const int64_t longest = unit_keys(c, u), lowest = unit_first_group(c, u);
 
+    /* two rows at a time, over the groups either sees: a row's scores past its own keys (at most the
+       one group where the rows' last keys differ) land in its scratch, within stride, and are never
+       read (softmax_row and weigh_values take the row's own keys only) */
     for (int64_t tile = lowest; tile < longest; tile += KEY_TILE)
-        for (int64_t r = 0; r < u.rows; r++) {
-            const int64_t row = u.first + r, keys = row_end(c, u, row), start = row_start(c, u, row);
-            const int32_t *q = (const int32_t *)(c->q + row * c->q_stride + kv_head * group * dim);
+        for (int64_t r = 0; r < u.rows; r += 2) {
+            const int R = u.rows - r < 2 ? 1 : 2;
+            const int32_t *q[2] = {NULL, NULL};
+            float *scores[2] = {NULL, NULL};
+            int64_t keys = 0, start = INT64_MAX;
+            for (int i = 0; i < R; i++) {
+                const int64_t row = u.first + r + i;
+                q[i] = (const int32_t *)(c->q + row * c->q_stride + kv_head * group * dim);
+                scores[i] = scratch + (r + i) * group * stride;
+                keys = row_end(c, u, row) > keys ? row_end(c, u, row) : keys;
+                start = row_start(c, u, row) < start ? row_start(c, u, row) : start;
+            }
             for (int64_t t = tile > start ? tile : start; t < keys && t < tile + KEY_TILE; t += 16) {
                 if (r == 0 && t + PREFETCH_TOKENS < longest) prefetch_keys(c, kv_head, table, t + PREFETCH_TOKENS);
-                score_group(c, q, key_block(c, kv_head, table, t), scratch + r * group * stride + t, stride, group);
+                float *const at[2] = {scores[0] + t, R == 2 ? scores[1] + t : NULL};
+                score_group(c, q, key_block(c, kv_head, table, t), at, stride, group, R);
             }
         }
     for (int64_t r = 0; r < u.rows; r++)
@@ -378,12 +473,9 @@ TARGET static void attend_unit(const Call *c, Unit u, int64_t kv_head, float *sc
                     sums[r], highs[r]);
     memset(acc, 0, sizeof(float) * (size_t)(u.rows * group * dim));
     for (int64_t tile = lowest; tile < longest; tile += KEY_TILE)
-        for (int64_t r = 0; r < u.rows; r++) {
-            const int64_t keys = row_end(c, u, u.first + r), start = row_start(c, u, u.first + r);
-            if (tile < keys && tile + KEY_TILE > start)
-                weigh_values(c, kv_head, table, (const bf16 *)(scratch + r * group * stride), stride, group,
-                             tile > start ? tile : start, keys < tile + KEY_TILE ? keys : tile + KEY_TILE, keys,
-                             acc + r * group * dim);
+        for (int64_t r = 0, two; r < u.rows; r += 1 + two) {
+            two = r + 1 < u.rows && dim == 64;
+            weigh_tile(c, u, kv_head, table, scratch, stride, tile, r, (int)two, acc);
         }
     write_out(c, u, kv_head, acc, sums, highs);
 }
