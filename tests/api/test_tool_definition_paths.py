@@ -1,7 +1,8 @@
 """A tool definition (or named tool_choice) that breaks a rule is refused naming the field as the
 client sent it, in each API's own shape of a tool: chat's `tools[0].function.parameters`, Anthropic's
-`tools[0].input_schema`, the Responses API's flat `tools[0].parameters`. The rules are checked once,
-on the chat body the other APIs translate into (parley.tools.validation); the name is translated back."""
+`tools.0.input_schema` (its list indices as its own errors write them), the Responses API's flat
+`tools[0].parameters`. The rules are checked once, on the chat body the other APIs translate into
+(parley.tools.validation); the name is translated back."""
 
 from __future__ import annotations
 
@@ -28,15 +29,15 @@ def responses_tool(name, parameters=PROPS, **extra) -> dict:
 # (name, the request's tools/tool_choice per route, the field as each route's client sent it)
 CASES = [
     ("bad name", lambda tool: {"tools": [tool("get weather!")]},
-     ("tools[0].function.name", "tools[0].name", "tools[0].name")),
+     ("tools[0].function.name", "tools.0.name", "tools[0].name")),
     ("schema not an object", lambda tool: {"tools": [tool("f"), tool("g", NOT_AN_OBJECT)]},
-     ("tools[1].function.parameters.type", "tools[1].input_schema.type", "tools[1].parameters.type")),
+     ("tools[1].function.parameters.type", "tools.1.input_schema.type", "tools[1].parameters.type")),
     ("strict schema left open", lambda tool: {"tools": [tool("f", OPEN, strict=True)]},
      ("tools[0].function.parameters.properties.a.additionalProperties",
-      "tools[0].input_schema.properties.a.additionalProperties",
+      "tools.0.input_schema.properties.a.additionalProperties",
       "tools[0].parameters.properties.a.additionalProperties")),
     ("duplicate name", lambda tool: {"tools": [tool("f"), tool("f")]},
-     ("tools[1].function.name", "tools[1].name", "tools[1].name")),
+     ("tools[1].function.name", "tools.1.name", "tools[1].name")),
 ]
 
 

@@ -9,6 +9,7 @@ its 400 where Parley says 422; `x-api-key` is a key like the others (auth.py).""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import AsyncIterator
 
@@ -40,7 +41,13 @@ count_router = APIRouter(tags=["Anthropic"], route_class=speaking(StrictJSONRout
 # the chat body's fields -> the Messages API's, where they differ
 WIRE_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
               "thinking_budget": "thinking.budget_tokens", "enable_thinking": "thinking.type"}
-SENT_AS = names_as_sent(WIRE_NAMES, "input_schema")  # a chat field, of its tools too -> the client's
+_AS_WIRE_NAME = names_as_sent(WIRE_NAMES, "input_schema")
+
+
+def sent_as(field: str) -> str:
+    """A chat field, of its tools too -> the client's, with list indices as the Messages API's own
+    errors and this route's schema errors write them: `tools.0.name`, not chat's `tools[0].name`."""
+    return re.sub(r"\[(\d+)\]", r".\1", _AS_WIRE_NAME(field))
 
 
 def chat_body(body: CountTokensRequest) -> ChatBody:
@@ -145,7 +152,7 @@ def _translated(body: CountTokensRequest, http: Request):
 
 async def messages(body: MessagesRequest, http: Request) -> Response:
     server, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat, engine, SENT_AS)
+    tools = ToolPlan.of(chat, engine, sent_as)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
         shape = MessageShape(server.model_name, tools.format if tools else None,
@@ -159,7 +166,7 @@ async def messages(body: MessagesRequest, http: Request) -> Response:
 async def count_tokens(body: CountTokensRequest, http: Request) -> Response:
     """The prompt's tokens as the chat template renders the messages, system and tools."""
     _, engine, chat = _translated(body, http)
-    tools = ToolPlan.of(chat, sent_as=SENT_AS)
+    tools = ToolPlan.of(chat, sent_as=sent_as)
     with fields_named(dialects.engine_names(chat, WIRE_NAMES, tools=tools is not None)):
         request = await convert.chat_request(chat, engine, tools)
     return JSONBody({"input_tokens": len(request.prompt)})
