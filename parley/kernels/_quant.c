@@ -13,8 +13,8 @@
  * same file had before). Packed per 16 outputs and two groups of 32 inputs as 640 bytes: d [2][16]
  * and m [2][16] fp16, then per output 32 bytes, byte i holding input i of the first group (low
  * nibble) and of the second (high nibble) (parley/kernels/linear.py packs it; an odd last group has
- * an empty second). That is the AMX path's layout; the VNNI path's keeps d and m so and lays the
- * values out for vpdpbusd (see there).
+ * an empty second). That is the AMX path's layout; the VNNI path's has d and m where they are and
+ * the values laid out for vpdpbusd (see there).
  *
  * Dequantizing is most of a one-row call, so it is a table lookup: an output's 32 inputs of a group
  * take one of 16 values, computed once (one fma for all 16, one rounding to bf16), and one vpermw
