@@ -116,15 +116,15 @@ static inline int64_t row_first(const Call *c, Unit u, int64_t row) {
 
 static inline int64_t row_start(const Call *c, Unit u, int64_t row) { return row_first(c, u, row) / 16 * 16; }
 
-/* The most keys any of the unit's rows sees. */
-static int64_t unit_keys(const Call *c, Unit u) {
+/* The most keys any of the unit's rows sees (unused in a build without SIMD, as the next). */
+__attribute__((unused)) static int64_t unit_keys(const Call *c, Unit u) {
     int64_t longest = 0;
     for (int64_t r = 0; r < u.rows; r++) longest = row_end(c, u, u.first + r) > longest ? row_end(c, u, u.first + r) : longest;
     return longest;
 }
 
 /* The first group any of the unit's rows starts at. */
-static int64_t unit_first_group(const Call *c, Unit u) {
+__attribute__((unused)) static int64_t unit_first_group(const Call *c, Unit u) {
     int64_t lowest = row_start(c, u, u.first);
     for (int64_t r = 1; r < u.rows; r++) lowest = row_start(c, u, u.first + r) < lowest ? row_start(c, u, u.first + r) : lowest;
     return lowest;

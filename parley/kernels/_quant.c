@@ -578,6 +578,8 @@ static PyObject *dequantize(PyObject *self, PyObject *const *args, Py_ssize_t na
                 memcpy(out + (b * BLOCK + j) * in_features + g * GROUP, panel + (g * BLOCK + j) * GROUP, GROUP * sizeof(bf16));
     }
     free(panel);
+#else
+    (void)w, (void)out;
 #endif
     Py_RETURN_NONE;
 }

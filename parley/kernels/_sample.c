@@ -37,7 +37,7 @@ typedef struct {
     int32_t id;
 } Candidate;
 
-static int by_value(const void *a, const void *b) {
+__attribute__((unused)) static int by_value(const void *a, const void *b) { /* unused in a build without SIMD */
     const Candidate *x = a, *y = b;
     return x->y > y->y ? -1 : x->y < y->y ? 1 : (x->id > y->id) - (x->id < y->id);
 }
