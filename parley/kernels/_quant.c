@@ -462,10 +462,10 @@ VNNI static void rows_vnni_for(const Call *c, int64_t o0, int64_t row, int R, in
 /* The 8-bit-activation path for the panels from `first` to `last` (exclusive): every row through a
  * panel's weights, which stay in L1 from one rows' pass to the next. The next panel's weights are
  * prefetched as a panel starts: a call streams 0.3-1.1 MB of weights (a decode step ~75 MB), and
- * the hardware prefetchers alone left a few rows waiting on DRAM. Both builds alternated in one
- * process on an AMD EPYC (bench/quant.py's step, lm_head included): 1 row 3.12-3.20 -> 2.22-2.55
- * ms, 4 rows 4.95-5.83 -> 3.08-3.78, 32 rows 11.4-12.5 -> 10.3-10.7, 512 rows unchanged (134);
- * two panels ahead, or into L2 only (T1), gained less. */
+ * with the hardware prefetchers alone a call of a few rows waited on DRAM. Both builds alternated
+ * in one process on an AMD EPYC (bench/quant.py's step, lm_head included): 1 row 3.12-3.22 ->
+ * 2.22-2.56 ms, 4 rows 4.95-5.83 -> 3.08-3.78, 32 rows 11.4-12.5 -> 10.3-10.7, 512 rows unchanged
+ * (134); two panels ahead, or into L2 only (T1), gained less. */
 VNNI static void run_panels_vnni(const Call *c, int64_t first, int64_t last) {
     for (int64_t p = first; p < last; p++) {
         const int64_t o0 = p * PANEL;
