@@ -11,7 +11,8 @@ starts them, from `../shared/peers/setup.sh DIR`), prints one table with Parley'
 draws bench/peers.png (tok/s and TTFT against concurrency; needs matplotlib).
 
 Over HTTP the benchmark's own clients run on the same cores as the server (streaming, each chunk
-parsed): "client CPU" says how much of one core they took, which the server did not have.
+parsed, through aiohttp: the `bench` extra, also installed with the test extra's text-generation):
+"client CPU" says how much of one core they took, which the server did not have.
 
 Run it on a quiet machine: two compute threads collapse when anything else runs.
 """
