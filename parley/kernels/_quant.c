@@ -459,6 +459,15 @@ VNNI static void rows_vnni_for(const Call *c, int64_t o0, int64_t row, int R, in
 #undef ROWS
 }
 
+/* The outputs of panel p: 2 blocks, or 1 for a last odd one. */
+static inline int panel_blocks(const Call *c, int64_t p) { return c->out_features - p * PANEL >= PANEL ? 2 : 1; }
+
+/* Panel p's weights on their way into the caches (its one or two blocks lie one after the other). */
+static inline void prefetch_panel(const Call *c, int64_t p) {
+    const char *panel = (const char *)c->w + p * 2 * c->block_bytes;
+    for (int64_t at = 0; at < panel_blocks(c, p) * c->block_bytes; at += 64) _mm_prefetch(panel + at, _MM_HINT_T0);
+}
+
 /* The 8-bit-activation path for the panels from `first` to `last` (exclusive): every row through a
  * panel's weights, which stay in L1 from one rows' pass to the next. The next panel's weights are
  * prefetched as a panel starts: a call streams 0.3-1.1 MB of weights (a decode step ~75 MB), and
@@ -469,12 +478,8 @@ VNNI static void rows_vnni_for(const Call *c, int64_t o0, int64_t row, int R, in
 VNNI static void run_panels_vnni(const Call *c, int64_t first, int64_t last) {
     for (int64_t p = first; p < last; p++) {
         const int64_t o0 = p * PANEL;
-        const int blocks = c->out_features - o0 >= PANEL ? 2 : 1;
-        if (p + 1 < last) { /* the next panel's weights (its one or two blocks lie one after the other) */
-            const char *next = (const char *)c->w + (p + 1) * 2 * c->block_bytes;
-            const int64_t bytes = (c->out_features - (o0 + PANEL) >= PANEL ? 2 : 1) * c->block_bytes;
-            for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
-        }
+        const int blocks = panel_blocks(c, p);
+        if (p + 1 < last) prefetch_panel(c, p + 1);
         int64_t row = 0;
         for (; row + 4 <= c->rows; row += 4) rows_vnni_for(c, o0, row, 4, blocks);
         for (; row < c->rows; row++) rows_vnni_for(c, o0, row, 1, blocks);
@@ -536,9 +541,7 @@ static const char *quant_linear(int threads, int64_t rows, int64_t out_features,
         } else {
             /* this thread's first panel on its way while the rows are quantized (run_panels_vnni
                prefetches the next ones): a step's projections at 1 and 4 rows 2-3% faster */
-            const int64_t blocks = c.out_features / BLOCK - 2 * first < 2 ? c.out_features / BLOCK - 2 * first : 2;
-            for (int64_t at = 0; at < blocks * c.block_bytes; at += 64)
-                _mm_prefetch((const char *)c.w + first * 2 * c.block_bytes + at, _MM_HINT_T0);
+            prefetch_panel(&c, first);
 #pragma omp for
             for (int64_t row = 0; row < c.rows; row++) quantize_row(&c, row);
             run_panels_vnni(&c, first, last);
