@@ -1,6 +1,7 @@
 """The attention kernel alone at a given context: one decode row per layer, SmolLM2-135M's attention
 (9 heads, 3 KV heads of 64, 30 layers), the K/V rotated over 6 copies of every layer's cache
-(~780 MB at 4,000 tokens, more than the L3) so that they come from DRAM as in the engine.
+(~780 MB at 4,000 tokens, more than the L3) so that they come from DRAM as in the engine;
+`--batch N`: N such rows, each of its own sequence, as a decode step of N requests.
 
     PYTHONPATH=. python bench/attention_context.py --context 4000 --threads 1            # AMX where the CPU has it
     PYTHONPATH=. python bench/attention_context.py --context 4000 --threads 1 --no-amx   # the dpbf16 path (AMD's)
@@ -29,20 +30,22 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-amx", action="store_true", help="the dpbf16 path, as on AMD")
+    parser.add_argument("--batch", type=int, default=1, help="decode rows, each its own sequence")
     parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()
     keep_freed_memory()  # as the engine: the kernel's scratch stays in the heap
     torch.set_num_threads(args.threads)
     kernel._amx = kernel.use_amx() and not args.no_amx
+    n = args.batch
     blocks = -(-(args.context + 1) // BLOCK)
-    shape = (KV_HEADS, blocks + 2, BLOCK, HEAD_DIM)
+    shape = (KV_HEADS, n * blocks + 2, BLOCK, HEAD_DIM)
     copies = [[(torch.full(shape, 0.01, dtype=torch.bfloat16), torch.full(shape, 0.02, dtype=torch.bfloat16))
                for _ in range(LAYERS)] for _ in range(COPIES)]
-    table = torch.arange(1, 1 + blocks).view(1, -1)
-    q = torch.randn(1, HEADS, HEAD_DIM).to(torch.bfloat16)
-    k = v = torch.randn(1, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
-    slots = torch.tensor([BLOCK + args.context])
-    seq, keys = torch.zeros(1, dtype=torch.int32), torch.tensor([args.context + 1], dtype=torch.int32)
+    table = torch.arange(1, 1 + n * blocks).view(n, blocks)
+    q = torch.randn(n, HEADS, HEAD_DIM).to(torch.bfloat16)
+    k = v = torch.randn(n, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
+    slots = table[:, args.context // BLOCK] * BLOCK + args.context % BLOCK
+    seq, keys = torch.arange(n, dtype=torch.int32), torch.full((n,), args.context + 1, dtype=torch.int32)
 
     def step(i: int) -> None:
         for k_cache, v_cache in copies[i % COPIES]:
@@ -55,8 +58,8 @@ def main() -> None:
         step(i)
     calls = args.steps * LAYERS
     wall, cpu = (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
-    gigabytes = 2 * KV_HEADS * (args.context + 1) * HEAD_DIM * 2 / 1e9
-    print(f"context {args.context}, {args.threads} thread(s), {'AMX' if kernel._amx else 'dpbf16'}: "
+    gigabytes = n * 2 * KV_HEADS * (args.context + 1) * HEAD_DIM * 2 / 1e9
+    print(f"context {args.context}, {n} row(s), {args.threads} thread(s), {'AMX' if kernel._amx else 'dpbf16'}: "
           f"{wall * 1e6:.0f} us a layer (CPU {cpu * 1e6:.0f} us), K/V read at {gigabytes / wall:.1f} GB/s")
 
 
