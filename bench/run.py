@@ -345,7 +345,8 @@ def rounds_summary(rounds: list[list[Row]], mine: str) -> list[Row]:
         tok = [{(r.mode, r.concurrency): r.tokens_per_s for r in rows} for rows in rounds]
         for c in dict.fromkeys(r.concurrency for r in rows):
             each = [t[(mine, c)] / t[(other, c)] for t in tok if (mine, c) in t and (other, c) in t]
-            print(f"concurrency {c}: {mine} / {other} per round " + ", ".join(f"{x:.2f}" for x in each))
+            print(f"concurrency {c}: {mine} / {other} per round " + ", ".join(f"{x:.2f}" for x in each)
+                  + (f"; median {statistics.median(each):.2f}" if each else ""))
     return rows
 
 
