@@ -81,7 +81,8 @@ async def profile(timers: Timers, batch: int, args, one_call: bool) -> dict[str,
     decoder.STACK_CALL = one_call
     timers.totals.clear()
     timers.steps, timers.on = 0, False
-    engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
+    # every step on --threads: a probe of fewer threads (engine/threads.py) would land in the steps timed
+    engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads, adapt_threads=False))
     engine.start()
     prompt = engine.chat_template.render([{"role": "user", "content": "Tell me about the history of printing."}])
     if args.context:  # a long prompt of distinct words, cut to about that many tokens

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Callable
 
-from parley.config import EngineConfig, ServerConfig, parse_lora_adapters
+from parley.config import EngineConfig, ServerConfig, parse_bool, parse_lora_adapters
 
 log = logging.getLogger("parley")
 
@@ -21,6 +21,9 @@ ENGINE_FLAGS = {
     "--dtype": (str, "bfloat16 | float16 | float32"),
     "--device": (str, "torch device, e.g. cpu or cuda"),
     "--num-threads": (int, "torch threads for the engine (default: all cores)"),
+    "--adapt-threads": (parse_bool, "true (default): while other processes hold cores, decode on fewer threads when "
+                                    "that is measured faster (4- and 8-bit bfloat16 models, whose outputs do not "
+                                    "depend on it) | false: always --num-threads"),
     "--max-concurrent-requests": (int, "requests in flight before answering 429"),
     "--max-queued-tokens": (int, "prompt tokens waiting for prefill before answering 429 (default 32768; a "
                                  "request arriving to an empty queue is always taken)"),

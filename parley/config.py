@@ -119,6 +119,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads; None: all cores
+    adapt_threads: bool = True  # fewer of them while other processes hold cores (engine/threads.py)
     block_size: int = 16
     max_concurrent_requests: int = 128
     # prompt tokens accepted and not yet prefilled before answering 429: ~16 s of prefill at the
@@ -149,6 +150,7 @@ class EngineConfig:
             dtype=_env("DTYPE", cls.dtype),
             device=_env("DEVICE", cls.device),
             num_threads=_env("NUM_THREADS", None, int),
+            adapt_threads=_env("ADAPT_THREADS", cls.adapt_threads, parse_bool),
             max_concurrent_requests=_env("MAX_CONCURRENT_REQUESTS", cls.max_concurrent_requests, int),
             max_queued_tokens=_env("MAX_QUEUED_TOKENS", cls.max_queued_tokens, int),
             max_input_tokens=_env("MAX_INPUT_TOKENS", None, int),

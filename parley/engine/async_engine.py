@@ -31,8 +31,11 @@ from parley.engine.request import PreparedRequest, Sink
 from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory, release_freed_memory
 from parley.engine.scheduler import Scheduler
+from parley.engine.threads import ThreadTuner
 from parley.engine.validation import Limits, prepare, tokenize_prompt
-from parley.kernels.linear import projection_kernel
+from parley.kernels.linear import QuantWeight, projection_kernel
+from parley.models.attention import kernel_serves
+from parley.models.layers.decoder import DecoderLayer
 from parley.models.loader import default_model_path, load_model
 from parley.sampling.sampler import Sampler
 from parley.structured import GrammarCompiler
@@ -48,6 +51,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 DEFAULT_KV_CACHE_TOKENS = 32768  # 720 MiB for SmolLM2 in bf16: 8 full-length sequences
 LONG_PROMPT_CHARS = 10_000  # tokenized off the event loop beyond this (~3 ms here; 100k: 30 ms)
+
+
+def _bits_free_of_threads(model, model_config: ModelConfig, config: EngineConfig, lora: LoRABatcher) -> bool:
+    """Whether a step's outputs keep their bits on any number of threads: where every projection
+    (the lm_head too) runs on the 4/8-bit kernel and the attention and LoRA on theirs, in bfloat16,
+    each of which computes a row on one thread; not through oneDNN or torch, whose bits were only
+    checked against the number of rows (parley/kernels/linear.py)."""
+    projections = [getattr(layer, name, None) for layer in model.layers for name in DecoderLayer.PROJECTIONS]
+    dtype, device = DTYPES[config.dtype], torch.device(config.device)
+    return (dtype == torch.bfloat16 and lora.segmented
+            and all(isinstance(w, QuantWeight) for w in [*projections, model.lm_head_packed])
+            and kernel_serves(device, dtype, model_config.num_heads, model_config.num_kv_heads, model_config.head_dim,
+                              config.block_size))
 
 
 def served_model_id(config: EngineConfig, model_path: str) -> str:
@@ -148,12 +164,15 @@ class AsyncEngine:
         scheduler = Scheduler(BlockManager(num_blocks, config.block_size, layout), max_batch_size=config.max_batch_size,
                               max_batch_prefill_tokens=config.max_batch_prefill_tokens)
         grammar_compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, model_config.vocab_size)
-        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters)
+        tuner = ThreadTuner(threads) if config.adapt_threads and threads > 1 and _bits_free_of_threads(
+            model, model_config, config, runner.lora) else None
+        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters, tuner)
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
-        log.info("engine ready in %.1fs: %s (%s%s, %s, %d threads), KV cache %d blocks x %d tokens (%.0f MiB), "
+        log.info("engine ready in %.1fs: %s (%s%s, %s, %d threads%s), KV cache %d blocks x %d tokens (%.0f MiB), "
                  "projections on %s, LoRA on %s", time.monotonic() - started, path, config.dtype,
-                 ", int4 projections" if config.quantize else "", device, threads, num_blocks,
+                 ", int4 projections" if config.quantize else "", device, threads,
+                 ", fewer while other processes hold cores" if tuner else "", num_blocks,
                  config.block_size, runner.kv_cache_bytes / 2**20, projection_kernel(model.layers[0].qkv_weight),
                  "the CPU kernel" if runner.lora.segmented else "stacked matmuls")
         engine = cls(config, core, tokenizer, chat_template, model_config, limits, path, grammar_compiler)

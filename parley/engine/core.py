@@ -32,6 +32,7 @@ from parley.engine.runner import ModelRunner
 from parley.engine.scheduler import Scheduler
 from parley.engine.sequence import Sequence
 from parley.engine.thinking import ThinkingState
+from parley.engine.threads import ThreadTuner
 from parley.tokenization.detokenizer import IncrementalDetokenizer
 from parley.types import GenerationError, NotFoundError, RequestTimeoutError
 
@@ -40,8 +41,9 @@ log = logging.getLogger("parley.engine")
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, vocab_size: int,
-                 adapters: LoRARegistry | None = None):
+                 adapters: LoRARegistry | None = None, threads: ThreadTuner | None = None):
         self.scheduler = scheduler
+        self.threads = threads  # how many compute threads each step gets; None: always run_forever's
         self.runner = runner
         self.adapters = adapters
         self.tokenizer = tokenizer
@@ -130,6 +132,9 @@ class EngineCore:
             return
         if sched.is_empty:
             return
+        shape = (len(sched.decodes), sum(s.num_new_tokens for s in sched.prefills))
+        if self.threads is not None and (count := self.threads.threads_for(shape)) != torch.get_num_threads():
+            torch.set_num_threads(count)
         started = time.monotonic()
         sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
         filled = None
@@ -145,6 +150,8 @@ class EngineCore:
             if filled is not None:
                 filled.exception()  # the matchers advance below: their mask must be done with them
         self.num_steps += 1
+        if self.threads is not None:
+            self.threads.observe(shape, time.monotonic() - started)
         self.scheduler.update(sched)
         self.output.update_from_output(sched, sampling, result, started)
 

@@ -42,6 +42,16 @@ def test_environment_variables_and_flags_win(monkeypatch):
     assert server.api_key == "from-env" and server.cors_allow_origin == ("http://x",)
 
 
+def test_adapt_threads_flag(monkeypatch):
+    assert parse()[0].adapt_threads is True
+    assert parse("--adapt-threads", "false")[0].adapt_threads is False
+    monkeypatch.setenv("ADAPT_THREADS", "0")
+    assert parse()[0].adapt_threads is False
+    assert parse("--adapt-threads", "yes")[0].adapt_threads is True
+    with pytest.raises(SystemExit):
+        parse("--adapt-threads", "sometimes")
+
+
 def test_served_model_names(monkeypatch):
     assert parse()[1].served_model_names == ()  # the model's id (api/state.py)
     assert parse("--served-model-name", "a", "--served-model-name", "b/c")[1].served_model_names == ("a", "b/c")

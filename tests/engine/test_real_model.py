@@ -93,3 +93,52 @@ def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
         asyncio.run(scenario())
     finally:
         engine.core.stop()
+
+
+class EveryStepTheOtherCount:
+    """In place of engine/threads.py's ThreadTuner, which may change the count at any decode step:
+    1 and 2 threads by turns, prompt chunks included."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def threads_for(self, shape) -> int:
+        self.steps += 1
+        return 1 + self.steps % 2
+
+    def observe(self, shape, seconds) -> None:
+        pass
+
+
+def test_output_does_not_depend_on_the_thread_count_of_each_step():
+    """A mixed batch (a prompt of two chunks beside chats, greedy and sampled) gets the same tokens
+    and logprobs, bit for bit, on two threads, on one, and switching at every step: what lets the
+    default bfloat16 engine take fewer threads while other processes hold cores."""
+    long_prompt = "Summarize: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(120))  # ~730 tokens
+
+    def run(tuner, threads: int):
+        engine = AsyncEngine.load(EngineConfig(dtype="bfloat16", num_threads=2))
+        assert engine.core.threads is not None  # the default model's engine adapts its threads
+        engine.core.threads = tuner
+        engine.core.call(lambda: torch.set_num_threads(threads))
+        engine.start()
+        assert engine.core.call(torch.get_num_threads).result(timeout=60) == threads
+
+        async def one(prompt, seed):
+            request = GenerationRequest(prompt, seeds=None if seed is None else [seed],
+                                        sampling=SamplingParams(do_sample=seed is not None, temperature=0.9),
+                                        stopping=StoppingCriteria(max_new_tokens=24, min_new_tokens=24))
+            final = [e async for e in engine.generate(request) if isinstance(e, FinalEvent)][0]
+            return final.text, [(t.id, t.logprob) for t in final.tokens]
+
+        async def batch():
+            return await asyncio.gather(one(long_prompt, None), one(long_prompt, 3),
+                                        *(one(p, seed) for p in CHATS for seed in (None, 5)))
+        try:
+            return asyncio.run(batch())
+        finally:
+            engine.core.stop()
+
+    two = run(None, 2)
+    assert run(None, 1) == two
+    assert run(EveryStepTheOtherCount(), 2) == two
