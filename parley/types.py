@@ -210,6 +210,7 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()  # LoRA adapters of the sequences running now
     waiting_adapters: tuple[str, ...] = ()  # ... and of those waiting
     max_adapters_per_batch: int = 0  # how many adapters one step can run: one per sequence of the batch
+    compute_threads: int = 0  # the threads its steps run on now (fewer than --num-threads while others hold cores)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class EngineCore:
                  adapters: LoRARegistry | None = None, threads: ThreadTuner | None = None):
         self.scheduler = scheduler
         self.threads = threads  # how many compute threads each step gets; None: always run_forever's
+        self.compute_threads = 0  # the count the steps run on now (for stats, read from other threads)
         self.runner = runner
         self.adapters = adapters
         self.tokenizer = tokenizer
@@ -94,6 +95,7 @@ class EngineCore:
     def run_forever(self, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)  # OpenMP thread settings are per calling thread
+        self.compute_threads = torch.get_num_threads()
         try:
             while not self._stopping:
                 self._drain_inbox(block=not self.scheduler.has_work)
@@ -133,8 +135,9 @@ class EngineCore:
         if sched.is_empty:
             return
         shape = (len(sched.decodes), sum(s.num_new_tokens for s in sched.prefills))
-        if self.threads is not None and (count := self.threads.threads_for(shape)) != torch.get_num_threads():
+        if self.threads is not None and (count := self.threads.threads_for(shape)) != self.compute_threads:
             torch.set_num_threads(count)
+            self.compute_threads = count
         started = time.monotonic()
         sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
         filled = None

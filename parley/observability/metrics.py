@@ -43,6 +43,7 @@ class EngineGauges(Protocol):
     running_adapters: tuple[str, ...]
     waiting_adapters: tuple[str, ...]
     max_adapters_per_batch: int
+    compute_threads: int  # the threads the engine's steps run on now
 
 
 class Metrics:
@@ -185,6 +186,8 @@ class _EngineCollector:
             ("parley_kv_cache_usage_perc", "Share of the KV-cache blocks in use, 0 to 1 (vllm:kv_cache_usage_perc)",
              stats.kv_blocks_used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0),
             ("parley_lora_adapters_loaded", "LoRA adapters served now", stats.adapters_loaded),
+            ("parley_compute_threads", "Threads the engine's steps run on now: fewer than --num-threads while other "
+             "processes hold cores (--adapt-threads)", stats.compute_threads),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         lora = GaugeMetricFamily("parley_lora_requests_info", "LoRA adapters of the running and waiting requests, and "

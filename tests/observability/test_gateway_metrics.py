@@ -23,6 +23,7 @@ class Stats:
     running_adapters: tuple = ("sql", "summary")
     waiting_adapters: tuple = ("fr",)
     max_adapters_per_batch: int = 64
+    compute_threads: int = 1
 
 
 def families(stats) -> dict:
@@ -39,6 +40,7 @@ def test_gateway_gauges_have_vllms_meanings():
     assert value(found, "parley_num_requests_waiting") == 2 and value(found, "parley_num_requests_running") == 3
     assert value(found, "parley_kv_cache_usage_perc") == 0.25  # 0..1, not a percentage
     assert value(found, "parley_lora_adapters_loaded") == 3
+    assert value(found, "parley_compute_threads") == 1  # not vLLM's: steps on fewer threads (engine/threads.py)
     (sample,) = found["parley_lora_requests_info"].samples
     assert sample.labels == {"running_lora_adapters": "sql,summary", "waiting_lora_adapters": "fr", "max_lora": "64"}
     assert sample.value > 1.7e9  # when it was read, as vLLM's: the picker takes the newest
