@@ -1,7 +1,9 @@
 """The attention kernel alone at a given context: one decode row per layer, SmolLM2-135M's attention
 (9 heads, 3 KV heads of 64, 30 layers), the K/V rotated over 6 copies of every layer's cache
 (~780 MB at 4,000 tokens, more than the L3) so that they come from DRAM as in the engine;
-`--batch N`: N such rows, each of its own sequence, as a decode step of N requests.
+`--batch N`: N such rows, each of its own sequence, as a decode step of N requests (each sequence's
+blocks one after the other; the engine's, handed out as sequences grow, lie interleaved: 5-10%
+slower at 8-32 rows, BENCHMARKS.md, thirteenth session).
 
     PYTHONPATH=. python bench/attention_context.py --context 4000 --threads 1            # AMX where the CPU has it
     PYTHONPATH=. python bench/attention_context.py --context 4000 --threads 1 --no-amx   # the dpbf16 path (AMD's)
