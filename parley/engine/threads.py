@@ -11,8 +11,11 @@ and ended level with one; quiet, two threads were 15-30% faster than one.
 How: decode-only steps of the same shape (the same number of rows) cost about the same from one
 step to the next, so every `period` the next `probe_steps` such steps run on one thread fewer (or,
 when already fewer, one more: the machine may be quiet again), and the median of their times is
-compared with the median of the last `probe_steps` steps of that shape before them. Fewer threads
-are kept only when clearly faster (`down_margin`), more whenever they are not slower
+compared with the median of the last `probe_steps` steps of that shape before them, all of the
+last second. Fewer threads are taken only when clearly faster (`down_margin`) in two probes in a
+row, each against its own baseline: over HTTP on a quiet machine, the first decode steps of a new
+request once took 10.8 ms against the 4.1 ms of the probe after them, and the server ran a second
+on one thread for nothing. More threads are taken back as soon as one probe finds them faster
 (`up_margin`). A probe that keeps the count doubles the period up to `max_period`; a change
 brings it back to `period`. Prompt chunks are never probed (a chunk's cost grows with its
 context, and a slow probe would delay a first token); they run on the count of the moment.
@@ -34,6 +37,7 @@ from typing import Callable
 log = logging.getLogger("parley.engine")
 
 Shape = tuple[int, int]  # a step's decode rows and prompt (or draft) tokens
+FRESH = 1.0  # seconds: how recent a probe's baseline steps must be
 
 
 @dataclass
@@ -53,15 +57,18 @@ class ThreadTuner:
         self.probe_steps, self.down_margin, self.up_margin = probe_steps, down_margin, up_margin
         self.clock = clock
         self.next_probe = clock() + period
-        self.recent: dict[Shape, deque[float]] = {}  # the last step times of each shape, on self.threads
+        self.recent: dict[Shape, deque[tuple[float, float]]] = {}  # shape -> its last steps on self.threads: (end, seconds)
         self.probe: _Probe | None = None
         self.downward = False  # between 1 and max_threads, probes go down and up by turns
+        self.confirming: int | None = None  # a count fewer that won one probe, to be probed once more
 
     def threads_for(self, shape: Shape) -> int:
         """The thread count for the next step, of `shape`."""
-        if (self.probe is None and shape[1] == 0 and self.max_threads > 1 and self.clock() >= self.next_probe
-                and len(self.recent.get(shape, ())) == self.probe_steps):
-            self.probe = _Probe(self._candidate(), shape, steps_left=4 * self.probe_steps)
+        now = self.clock()
+        baseline = self.recent.get(shape, ())
+        if (self.probe is None and shape[1] == 0 and self.max_threads > 1 and now >= self.next_probe
+                and len(baseline) == self.probe_steps and baseline[0][0] >= now - FRESH):
+            self.probe = _Probe(self.confirming or self._candidate(), shape, steps_left=4 * self.probe_steps)
         return self.probe.threads if self.probe is not None and shape == self.probe.shape else self.threads
 
     def observe(self, shape: Shape, seconds: float) -> None:
@@ -73,11 +80,11 @@ class ThreadTuner:
                 self._decide(probe)
                 return
         else:
-            self.recent.setdefault(shape, deque(maxlen=self.probe_steps)).append(seconds)
+            self.recent.setdefault(shape, deque(maxlen=self.probe_steps)).append((self.clock(), seconds))
         if probe is not None:
             probe.steps_left -= 1
             if probe.steps_left <= 0:
-                self.probe, self.next_probe = None, self.clock() + self.period
+                self.probe, self.confirming, self.next_probe = None, None, self.clock() + self.period
 
     def _candidate(self) -> int:
         if self.threads == self.max_threads:
@@ -88,13 +95,20 @@ class ThreadTuner:
         return self.threads - 1 if self.downward else self.threads + 1
 
     def _decide(self, probe: _Probe) -> None:
-        tried, before = statistics.median(probe.times), statistics.median(self.recent[probe.shape])
-        margin = self.down_margin if probe.threads < self.threads else self.up_margin
-        if tried < margin * before:
+        tried, before = statistics.median(probe.times), statistics.median(s for _, s in self.recent[probe.shape])
+        fewer = probe.threads < self.threads
+        faster = tried < (self.down_margin if fewer else self.up_margin) * before
+        self.probe, now = None, self.clock()
+        if faster and fewer and self.confirming is None:  # once more, after a baseline of its own
+            self.confirming, self.next_probe = probe.threads, now
+            del self.recent[probe.shape]
+            return
+        self.confirming = None
+        if faster:
             log.info("compute threads: %d -> %d of %d (a step of %d rows %.1f -> %.1f ms)", self.threads,
                      probe.threads, self.max_threads, probe.shape[0], 1e3 * before, 1e3 * tried)
             self.threads, self.period = probe.threads, self.base_period
-            self.recent = {probe.shape: deque(probe.times, maxlen=self.probe_steps)}
+            self.recent = {probe.shape: deque(((now, s) for s in probe.times), maxlen=self.probe_steps)}
         else:
             self.period = min(2 * self.period, self.max_period)
-        self.probe, self.next_probe = None, self.clock() + self.period
+        self.next_probe = now + self.period

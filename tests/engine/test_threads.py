@@ -70,8 +70,33 @@ def test_prompt_chunks_are_never_probed():
     tuner = ThreadTuner(2, clock=clock)
     assert set(run(tuner, clock, {2: 100.0, 1: 50.0}, 200, CHUNK)) == {2}  # 20 s of chunks
     assert tuner.threads == 2
-    assert run(tuner, clock, {2: 12.0, 1: 5.0}, 8) == [2] * 4 + [1] * 4  # decode steps: a baseline, a probe
+    counts = run(tuner, clock, {2: 12.0, 1: 5.0}, 16)  # decode steps: a baseline and a probe, twice
+    assert counts == ([2] * 4 + [1] * 4) * 2
     assert tuner.threads == tuner.threads_for(CHUNK) == 1  # and chunks run on the count taken
+
+
+def test_one_slow_baseline_is_not_enough_to_take_fewer_threads():
+    """The first decode steps of a request can be slow for reasons of their own: a count fewer must
+    win a second probe, against a baseline of its own, before it is taken."""
+    clock = Clock()
+    tuner = ThreadTuner(2, clock=clock)
+    clock.now = 5.0
+    counts = []
+    for i in range(16):
+        count = tuner.threads_for(DECODE)
+        counts.append(count)
+        seconds = (0.010 if i < 4 else 0.004) if count == 2 else 0.005  # the first four slow
+        clock.now += seconds
+        tuner.observe(DECODE, seconds)
+    assert counts == ([2] * 4 + [1] * 4) * 2 and tuner.threads == 2
+
+
+def test_a_baseline_must_be_of_the_last_second():
+    clock = Clock()
+    tuner = ThreadTuner(2, clock=clock)
+    run(tuner, clock, {2: 12.0, 1: 5.0}, 4)  # a baseline of (1, 0) ...
+    run(tuner, clock, {2: 100.0, 1: 50.0}, 20, CHUNK)  # ... 2 s ago
+    assert run(tuner, clock, {2: 12.0, 1: 5.0}, 5) == [2, 2, 2, 2, 1]  # a new one first
 
 
 def test_a_probe_whose_shape_stops_coming_is_given_up_undecided():
