@@ -57,7 +57,8 @@ class ThreadTuner:
         self.probe_steps, self.down_margin, self.up_margin = probe_steps, down_margin, up_margin
         self.clock = clock
         self.next_probe = clock() + period
-        self.recent: dict[Shape, deque[tuple[float, float]]] = {}  # shape -> its last steps on self.threads: (end, seconds)
+        # decode-only shape -> its last steps on self.threads: (end, seconds); at most one per batch size
+        self.recent: dict[Shape, deque[tuple[float, float]]] = {}
         self.probe: _Probe | None = None
         self.downward = False  # between 1 and max_threads, probes go down and up by turns
         self.confirming: int | None = None  # a count fewer that won one probe, to be probed once more
@@ -79,7 +80,7 @@ class ThreadTuner:
             if len(probe.times) == self.probe_steps:
                 self._decide(probe)
                 return
-        else:
+        elif shape[1] == 0:  # only decode-only shapes are probed: the others' times would go unread
             self.recent.setdefault(shape, deque(maxlen=self.probe_steps)).append((self.clock(), seconds))
         if probe is not None:
             probe.steps_left -= 1
