@@ -51,7 +51,7 @@ log = logging.getLogger("parley.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 DEFAULT_KV_CACHE_TOKENS = 32768  # 720 MiB for SmolLM2 in bf16: 8 full-length sequences
-SWITCH_INTERVAL_S = 0.0005  # the longest the engine thread waits for the GIL (see start)
+SWITCH_INTERVAL_S = 0.0005  # how long the engine thread waits for the GIL before it claims it (see start)
 LONG_PROMPT_CHARS = 10_000  # tokenized off the event loop beyond this (~3 ms here; 100k: 30 ms)
 
 
