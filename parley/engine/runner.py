@@ -84,7 +84,7 @@ class ModelRunner:
                 result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, chunk, hidden)
         if sample_index:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
-            result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None)
+            result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None, owned=True)
         for s, first in verify_spans:
             result.verified[s.seq.seq_id] = self._verify(s.spec_tokens, hidden[first : first + len(s.spec_tokens) + 1])
         return result
@@ -108,7 +108,7 @@ class ModelRunner:
             slots.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + s.num_new_tokens))
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decode_tokens=len(sched.decodes))
         if sched.decodes:
-            meta.decode_block_tables, meta.decode_bias, meta.decode_context_lens = self._decode_tables(sched.decodes, table_of)
+            meta.decode_block_tables, meta.decode_context_lens = self._decode_tables(sched.decodes, table_of)
         chunks, offset = [], len(sched.decodes)
         for s in sched.prefills:
             context = s.seq.num_computed_tokens + s.num_new_tokens
@@ -120,15 +120,10 @@ class ModelRunner:
         return meta
 
     def _decode_tables(self, decodes: list[ScheduledSequence], table_of: Callable[[Sequence], list[int]]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         widest = table_width(max(len(table_of(s.seq)) for s in decodes), self.block_size)
         tables = self._block_ids([table_of(s.seq) + [0] * (widest - len(table_of(s.seq))) for s in decodes])
-        context_lens = self._tensor([len(s.seq) for s in decodes])
-        key_pos = torch.arange(widest * self.block_size, device=self.device)
-        visible = key_pos.unsqueeze(0) < context_lens.unsqueeze(1)  # [B, L]
-        dtype = self.kv_caches[0][0].dtype
-        bias = torch.zeros(visible.shape, dtype=dtype, device=self.device).masked_fill_(~visible, float("-inf"))
-        return tables, bias.view(len(decodes), 1, -1), context_lens
+        return tables, self._tensor([len(s.seq) for s in decodes])
 
     def _prompt_logprobs(self, s: ScheduledSequence, chunk: PrefillChunk, hidden: torch.Tensor) -> list[float]:
         """Logprob of each prompt token given the ones before it, for the positions in this chunk."""

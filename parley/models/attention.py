@@ -62,7 +62,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset
     num_decode_tokens: int = 0
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] int64, padded
-    decode_bias: torch.Tensor | None = None  # [num_decode, 1, max_blocks * block_size]: 0 or -inf
+    # [num_decode, 1, max_blocks * block_size]: 0 or -inf; built by the torch path's first layer
+    # (`_decode_bias`), as the kernel does not read it
+    decode_bias: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None  # [num_decode] int: keys each decode token sees
     prefill_chunks: tuple[PrefillChunk, ...] = ()
     # a block table above -> the cache rows holding its blocks (see `_gather`), computed by the
@@ -115,7 +117,7 @@ def paged_attention(
         scores = torch.matmul(qd, keys.transpose(-1, -2)).mul_(scale)  # [KVH, B, G, L]
         if softcap is not None:
             scores = torch.tanh(scores / softcap).mul_(softcap)
-        scores.add_(meta.decode_bias if window is None else _decode_window_bias(meta, window))
+        scores.add_(_decode_bias(meta, k_cache) if window is None else _decode_window_bias(meta, k_cache, window))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out[:nd] = _weighted_values(probs, values).transpose(0, 1).reshape(nd, -1, head_dim)  # [B, H, D]
 
@@ -233,13 +235,24 @@ def causal_bias(num_queries: int, context_len: int, dtype, device, width: int | 
     return bias.masked_fill_(hidden, float("-inf"))
 
 
-def _decode_window_bias(meta: AttentionMetadata, window: int) -> torch.Tensor:
-    """meta.decode_bias with, for each decode token, the keys before its window hidden too; built
-    once a step and window (the runner's decode_context_lens say where each token is)."""
+def _decode_bias(meta: AttentionMetadata, k_cache: torch.Tensor) -> torch.Tensor:
+    """meta.decode_bias: each decode token's keys past its context hidden (decode_context_lens says
+    how many it sees), over its padded table's width; built once a step."""
+    if meta.decode_bias is None:
+        key_pos = torch.arange(meta.decode_block_tables.shape[1] * k_cache.shape[2], device=k_cache.device)
+        hidden = key_pos.unsqueeze(0) >= meta.decode_context_lens.unsqueeze(1)  # [B, L]
+        bias = torch.zeros(hidden.shape, dtype=k_cache.dtype, device=k_cache.device).masked_fill_(hidden, float("-inf"))
+        meta.decode_bias = bias.unsqueeze(1)
+    return meta.decode_bias
+
+
+def _decode_window_bias(meta: AttentionMetadata, k_cache: torch.Tensor, window: int) -> torch.Tensor:
+    """_decode_bias with, for each decode token, the keys before its window hidden too; built once a
+    step and window."""
     bias = meta.window_bias.get(window)
     if bias is None:
-        width = meta.decode_bias.shape[-1]
-        k_pos = torch.arange(width, device=meta.decode_bias.device)
+        full = _decode_bias(meta, k_cache)
+        k_pos = torch.arange(full.shape[-1], device=full.device)
         first = (meta.decode_context_lens - window).unsqueeze(1)  # [B, 1]: the first key each token sees
-        bias = meta.window_bias[window] = meta.decode_bias.masked_fill((k_pos < first).unsqueeze(1), float("-inf"))
+        bias = meta.window_bias[window] = full.masked_fill((k_pos < first).unsqueeze(1), float("-inf"))
     return bias
