@@ -10,7 +10,7 @@ import math
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 
 import torch
 
@@ -166,11 +166,12 @@ def _keeps_one_token(p: SamplingParams) -> bool:
 
 
 def _flatten(rows: list[int], id_lists: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, id) pairs as two flat tensors (not empty)."""
-    lengths = torch.tensor([len(ids) for ids in id_lists])
-    # via array: several times faster than torch.tensor on a list of Python ints
-    ids = torch.frombuffer(array("q", chain.from_iterable(id_lists)), dtype=torch.long)
-    return torch.tensor(rows).repeat_interleave(lengths), ids
+    """(row, id) pairs as two flat tensors (not empty). Via array: several times faster than
+    torch.tensor on a list of Python ints, and than repeat_interleave for the rows (one row's pairs
+    3 against 15 us, 32 rows' 12 against 26)."""
+    pair_rows = array("q", chain.from_iterable(repeat(row, len(ids)) for row, ids in zip(rows, id_lists)))
+    ids = array("q", chain.from_iterable(id_lists))
+    return torch.frombuffer(pair_rows, dtype=torch.long), torch.frombuffer(ids, dtype=torch.long)
 
 
 def _distinct(rows: list[int], id_lists: list[Sequence[int]], width: int):

@@ -66,9 +66,10 @@ class Sampler:
         logits: torch.Tensor,  # [B, V] float32
         rows: list[SamplingRow],
         allowed: torch.Tensor | None = None,  # [B, V] bool grammar mask, True = allowed
+        owned: bool = False,  # the caller will not read `logits` again: edited in place, not copied
     ) -> SamplerOutput:
         batch = SamplingBatch.build(rows, logits.shape[-1], self.device, kernel=self.kernel)
-        x = self._process(logits, batch, allowed)
+        x = self._process(logits, batch, allowed, owned)
         logprobs = x.log_softmax(-1)
         token_ids = self._choose(x, batch)
         chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
@@ -87,12 +88,13 @@ class Sampler:
         size = int(self.watermark_gamma * self.vocab_size)
         return torch.randperm(self.vocab_size, generator=generator)[:size].to(self.device)
 
-    def _process(self, logits, batch: SamplingBatch, allowed) -> torch.Tensor:
-        """Steps 1-5, on a copy when anything changes."""
+    def _process(self, logits, batch: SamplingBatch, allowed, owned: bool) -> torch.Tensor:
+        """Steps 1-5, on a copy when anything changes (but where the logits are `owned`: at 32 rows
+        the copy was ~0.2 ms, a tenth of the sampler)."""
         x = logits if allowed is None else torch.where(allowed, logits, -math.inf)
         if not batch.edits_logits:
             return x
-        if x is logits:
+        if x is logits and not owned:
             x = x.clone()
         if t := batch.suppressed:
             x.index_put_((t.rows, t.ids), t.values)

@@ -111,6 +111,18 @@ def test_the_callers_logits_are_left_alone():
     assert torch.equal(logits, before)
 
 
+def test_owned_logits_are_edited_in_place_with_the_same_result():
+    def rows():  # the same generator states for each call
+        return [make_row(seed=i if i % 2 == 0 else None, do_sample=i % 2 == 0, suppressed=(7,) if i == 1 else (),
+                         logit_bias={3: 2.0}, repetition_penalty=1.5) for i in range(3)]
+
+    logits = random_logits(3)
+    copied = Sampler(V, "cpu")(logits.clone(), rows())
+    assert Sampler(V, "cpu")(logits, rows(), owned=True) == copied
+    assert logits[1, 7] == -math.inf  # edited, not copied: the runner's logits, read by nothing after
+    assert logits[0, 3] == random_logits(3)[0, 3] + 2.0
+
+
 def test_prompt_logprobs():
     logits = random_logits(300)  # more rows than one chunk
     next_ids = torch.randint(0, V, (300,), generator=torch.Generator().manual_seed(1))
