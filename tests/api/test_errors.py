@@ -188,6 +188,12 @@ def test_completions_errors_name_the_completions_fields(http):
     assert error["param"] == "prompt" and "`prompt`" in error["message"] and "`inputs`" not in error["message"], error
 
 
+@pytest.mark.parametrize("prompt", [[49152], [1, -1], [[1, 2], []], [1, 2.5], [1, True], ["a", 1]])
+def test_completions_refuse_what_is_no_prompt_of_this_model(http, prompt):
+    error = openai_error(http, {"prompt": prompt, "max_tokens": 1}, path="/v1/completions")
+    assert error["param"].split(".")[0] == "prompt" and "`prompt" in error["message"], error
+
+
 def test_completions_batch_limit(http):
     error = openai_error(http, {"prompt": ["a", "b", "c", "d"], "max_tokens": 1}, path="/v1/completions")
     assert error["param"] == "prompt" and "max_client_batch_size" in error["message"] and "3" in error["message"]

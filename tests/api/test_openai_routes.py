@@ -137,6 +137,18 @@ def test_completions_string_and_list(oai):
     assert many.usage.completion_tokens == 12
 
 
+def test_completions_take_token_ids(oai, http):
+    """OpenAI's prompt forms beyond text: one prompt's token ids, or a batch of them; as given, no
+    special token added."""
+    ids = [t["id"] for t in http.post("/tokenize", json={"inputs": "Once upon a time"}).json()]
+    text = oai.completions.create(model="m", prompt="Once upon a time", max_tokens=4, temperature=0)
+    one = oai.completions.create(model="m", prompt=ids, max_tokens=4, temperature=0)
+    assert one.choices[0].text == text.choices[0].text and one.usage.prompt_tokens == len(ids)
+    many = oai.completions.create(model="m", prompt=[ids, ids[:2]], max_tokens=4, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1] and many.choices[0].text == text.choices[0].text
+    assert many.usage.prompt_tokens == len(ids) + 2
+
+
 def test_completions_stream(oai):
     chunks = list(oai.completions.create(model="m", prompt=["Once upon a time", "Hello"], max_tokens=3,
                                          temperature=0, stream=True))

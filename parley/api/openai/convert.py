@@ -18,9 +18,11 @@ from parley.types import Engine, GenerationRequest, SamplingParams, StoppingCrit
 COMPLETION_MAX_TOKENS = 32  # TGI's spec: /v1/completions' max_tokens defaults to 32
 
 
-async def generation_request(body: SamplingFields, prompt: str, engine: Engine, *, add_special_tokens: bool,
-                             top_n_tokens: int, default_max_tokens: int | None = None) -> GenerationRequest:
-    """The request with `prompt` tokenized (once: the engine takes the ids). `default_max_tokens`:
+async def generation_request(body: SamplingFields, prompt: str | list[int], engine: Engine, *,
+                             add_special_tokens: bool, top_n_tokens: int,
+                             default_max_tokens: int | None = None) -> GenerationRequest:
+    """The request with `prompt` tokenized (once: the engine takes the ids), or its ids as given (the
+    engine checks they are the model's). `default_max_tokens`:
     the output budget when the body names none (at most what the context leaves); None: what the
     context leaves."""
     require(body.stream or not body.stream_options,
@@ -48,7 +50,7 @@ async def generation_request(body: SamplingFields, prompt: str, engine: Engine, 
     )
     # seeds, output budget, top_k... : every vendor's spelling, through the one table
     given = dialects.apply(body, request)
-    request.prompt = await engine.tokenize(prompt, add_special_tokens)
+    request.prompt = await engine.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else prompt
     if "stopping.max_new_tokens" not in given:
         room = room_for_output(engine.info, len(request.prompt))
         request.stopping.max_new_tokens = min(room, default_max_tokens or room)
@@ -81,7 +83,8 @@ async def chat_request(body: ChatRequest, engine: Engine, tools: ToolPlan | None
 
 async def completion_requests(body: CompletionRequest, engine: Engine,
                               max_client_batch_size: int) -> list[GenerationRequest]:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    one = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)  # a text or its ids
+    prompts = [body.prompt] if one else body.prompt
     require(len(prompts) > 0, "Input validation error: `prompt` cannot be an empty list", "prompt")
     require(len(prompts) <= max_client_batch_size,
             f"Input validation error: `prompt` holds {len(prompts)} prompts; at most {max_client_batch_size} "

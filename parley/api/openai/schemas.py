@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, WrapValidator
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # a u64 as TGI's; torch's generators take 64 bits
@@ -24,6 +24,18 @@ def _none_given(value: list | None) -> list | None:
 # An earlier answer's citations, echoed back by an SDK (OpenAI's annotations, Anthropic's citations):
 # the template sees text only, so only an empty list (or none) is taken at its word.
 Citations = Annotated[list[Any] | None, AfterValidator(_none_given)]
+
+
+def _one_prompt_form(value: Any, handler) -> Any:
+    """One message for a prompt none of the four forms takes, not one per form and item."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("must be a text, a list of texts, a list of token ids (integers) or a list of such lists")
+
+
+# OpenAI's /v1/completions prompt: a text, a batch of texts, a prompt's token ids, or a batch of them
+Prompt = Annotated[str | list[str] | list[StrictInt] | list[list[StrictInt]], WrapValidator(_one_prompt_form)]
 
 
 class StreamOptions(BaseModel):
@@ -103,7 +115,7 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")  # kept only to be refused by name (errors.refuse_unknown_fields)
 
-    prompt: str | list[str]
+    prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=20, description="how many alternatives to report per token")
     suffix: str | None = None
     seed: Seed | list[Seed] | None = Field(None, description="Friendli: a list gives one seed per choice")
