@@ -115,6 +115,7 @@ class GenerationRequest:
     add_special_tokens: bool = True  # False for prompts rendered by a chat template
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
     decoder_input_details: bool = False  # report the prompt tokens with their logprobs
+    prompt_top_tokens: bool = False  # with decoder_input_details: and each one's sampling.top_n_tokens alternatives
     grammar: Grammar | None = None
     adapter_id: str | None = None
     timeout_s: float | None = None  # a request still queued or running past it fails with TimeoutError
@@ -154,6 +155,7 @@ class FinalEvent:
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)
     prefill: list[Token] | None = None  # with decoder_input_details
+    prefill_top: list[list[Token]] | None = None  # with prompt_top_tokens: the alternatives at each prompt token
     text_tail: str = ""  # output text held back until the end and not yet sent in a TokenEvent
     stop_sequence: str | None = None  # with FinishReason.STOP_SEQUENCE: which one
     reasoning_tokens: int = 0  # of generated_tokens, those of the thinking (with GenerationRequest.reasoning)

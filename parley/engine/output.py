@@ -47,7 +47,12 @@ class OutputProcessor:
             if req.first_scheduled is None:
                 req.first_scheduled = started
             if s.seq.seq_id in result.prompt_logprobs:
-                self.states[s.seq.seq_id].prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
+                # entry p is token p + 1's; this step's start from where it began (the scheduler has
+                # counted its tokens): a prompt preempted midway is computed again from its start
+                state, start = self.states[s.seq.seq_id], s.seq.num_computed_tokens - s.num_new_tokens
+                del state.prompt_logprobs[start:], state.prompt_top[start:]
+                state.prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
+                state.prompt_top.extend(result.prompt_top.get(s.seq.seq_id, ()))
         for row, seq in enumerate(sampling):
             out = result.sampled
             self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],
@@ -124,15 +129,18 @@ class OutputProcessor:
         tail = "" if state.detokenizer.stopped else state.detokenizer.flush()
         now = time.monotonic()
         first = req.first_scheduled or now
-        prefill = None
+        prefill = prefill_top = None
         if req.request.decoder_input_details and seq.index == 0:
             ids = seq.token_ids[: seq.num_prompt_tokens]
             logprobs = [None] + state.prompt_logprobs
-            prefill = [Token(i, self.tokenizer.token_text(i), lp, i in self.special_ids) for i, lp in zip(ids, logprobs)]
+            prefill = [self._token(i, lp) for i, lp in zip(ids, logprobs)]
+            if req.request.prompt_top_tokens:  # none before the first token (nor any with top_n_tokens 0)
+                tops = state.prompt_top or [((), ())] * len(state.prompt_logprobs)
+                prefill_top = [[]] + [[self._token(i, lp) for i, lp in zip(*top)] for top in tops]
         req.events.append(FinalEvent(
             index=seq.index, finish_reason=reason, text=state.detokenizer.output_text,
             generated_tokens=seq.num_output_tokens, prompt_tokens=seq.num_prompt_tokens, seed=state.seed,
-            tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, text_tail=tail,
+            tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, prefill_top=prefill_top, text_tail=tail,
             stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
             cached_tokens=seq.num_cached_tokens or 0,
             reasoning_tokens=state.thinking.thought if state.thinking else 0))

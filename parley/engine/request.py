@@ -57,6 +57,7 @@ class SequenceState:
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top: list[tuple[list[int], list[float]]] = field(default_factory=list)  # with prompt_top_tokens
     draft: list[int] = field(default_factory=list)  # empty unless the sequence can speculate exactly
     draft_cursor: int = 0
     thinking: ThinkingState | None = None  # with GenerationRequest.reasoning

@@ -24,6 +24,7 @@ from parley.sampling.sampler import Sampler, SamplerOutput, greedy, prompt_logpr
 class StepResult:
     sampled: SamplerOutput | None  # one row per sampling sequence without drafts, in schedule order
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> logprobs of prompt tokens
+    prompt_top: dict[int, list[tuple[list[int], list[float]]]] = field(default_factory=dict)  # their alternatives
     verified: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # seq_id -> tokens, logprobs
 
 
@@ -81,7 +82,9 @@ class ModelRunner:
         result = StepResult(sampled=None)
         for s, chunk in zip(sched.prefills, chunks):
             if s.seq.needs_prompt_logprobs:
-                result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, chunk, hidden)
+                result.prompt_logprobs[s.seq.seq_id], top = self._prompt_logprobs(s, chunk, hidden)
+                if top:
+                    result.prompt_top[s.seq.seq_id] = top
         if sample_index:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
             result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None, owned=True)
@@ -125,15 +128,17 @@ class ModelRunner:
         tables = self._block_ids([table_of(s.seq) + [0] * (widest - len(table_of(s.seq))) for s in decodes])
         return tables, self._tensor([len(s.seq) for s in decodes])
 
-    def _prompt_logprobs(self, s: ScheduledSequence, chunk: PrefillChunk, hidden: torch.Tensor) -> list[float]:
-        """Logprob of each prompt token given the ones before it, for the positions in this chunk."""
+    def _prompt_logprobs(self, s: ScheduledSequence, chunk: PrefillChunk, hidden: torch.Tensor
+                         ) -> tuple[list[float], list[tuple[list[int], list[float]]]]:
+        """Logprob of each prompt token given the ones before it, for the positions in this chunk,
+        and the sequence's prompt_top_n alternatives at each."""
         seq, start = s.seq, s.seq.num_computed_tokens
         end = min(start + s.num_new_tokens, seq.num_prompt_tokens - 1)  # last position predicting a prompt token
         if end <= start:
-            return []
+            return [], []
         logits = self.model.compute_logits(hidden[chunk.start : chunk.start + end - start])
         next_ids = self._tensor(seq.token_ids[start + 1 : end + 1])
-        return prompt_logprobs(logits, next_ids)
+        return prompt_logprobs(logits, next_ids, seq.prompt_top_n)
 
     def _block_ids(self, tables: list) -> torch.Tensor:
         """Block tables as a tensor, a released block (NULL_BLOCK, before a window) as block 0: the

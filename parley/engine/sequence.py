@@ -20,7 +20,7 @@ class Sequence:
     the whole prompt on arrival, 1 while decoding, and everything again after a preemption."""
 
     def __init__(self, prompt_ids: list[int], *, group=None, index: int = 0, cache_salt: int = 0,
-                 lora_id: int = 0, needs_prompt_logprobs: bool = False):
+                 lora_id: int = 0, needs_prompt_logprobs: bool = False, prompt_top_n: int = 0):
         self.seq_id = next(_ids)
         self.group = group  # the request this sequence belongs to (opaque to the scheduler)
         self.index = index  # position among the request's sequences
@@ -34,6 +34,7 @@ class Sequence:
         self.cache_salt = cache_salt  # prefix-cache namespace (e.g. the LoRA adapter)
         self.lora_id = lora_id  # the LoRA adapter it runs with; 0: the base model
         self.needs_prompt_logprobs = needs_prompt_logprobs
+        self.prompt_top_n = prompt_top_n  # with needs_prompt_logprobs: alternatives reported at each prompt token
         self.spec_tokens: list[int] = []  # draft tokens to verify after the next token, if any
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache held at its first admission
 

@@ -197,12 +197,16 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ids.gather(1, torch.minimum(at, (counts - 1).clamp_(min=0))[:, None]).squeeze(1)
 
 
-def prompt_logprobs(logits: torch.Tensor, next_ids: torch.Tensor) -> list[float]:
-    """logprob of next_ids[t] under logits[t] (the raw model logits), for decoder_input_details.
-    In chunks of rows, so a long prompt never needs a second [T, V] tensor."""
-    c = _PROMPT_CHUNK
-    out = [
-        logits[i : i + c].float().log_softmax(-1).gather(1, next_ids[i : i + c, None])
-        for i in range(0, len(logits), c)
-    ]
-    return torch.cat(out).squeeze(1).tolist() if out else []
+def prompt_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top_n: int = 0
+                    ) -> tuple[list[float], list[tuple[list[int], list[float]]]]:
+    """logprob of next_ids[t] under logits[t] (the raw model logits), for decoder_input_details;
+    with top_n, each row's top_n most likely (ids, logprobs) too, ordered as the sampler's top_n
+    tokens. In chunks of rows, so a long prompt never needs a second [T, V] tensor."""
+    c, chosen, top = _PROMPT_CHUNK, [], []
+    for i in range(0, len(logits), c):
+        logprobs = logits[i : i + c].float().log_softmax(-1)
+        chosen += logprobs.gather(1, next_ids[i : i + c, None]).squeeze(1).tolist()
+        if top_n:
+            values, ids = logprobs.topk(top_n)
+            top += zip(ids.tolist(), values.tolist())
+    return chosen, top

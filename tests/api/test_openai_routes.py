@@ -109,7 +109,7 @@ def test_a_model_not_served_is_a_404_naming_what_is(oai, http):
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "temprature": 0}, 400, "temprature"),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "unknown": None}, 200, None),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "logprob": 1}, 400, "logprob"),
     ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 1, "temprature": 0.5}}, 422,
      "parameters.temprature"),
     ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 1}, "stream": True}, 422, "stream"),
@@ -147,6 +147,49 @@ def test_completions_take_token_ids(oai, http):
     many = oai.completions.create(model="m", prompt=[ids, ids[:2]], max_tokens=4, temperature=0)
     assert [c.index for c in many.choices] == [0, 1] and many.choices[0].text == text.choices[0].text
     assert many.usage.prompt_tokens == len(ids) + 2
+
+
+def test_completions_echo_the_prompt_with_its_logprobs(oai, http):
+    ids = [t["id"] for t in http.post("/tokenize", json={"inputs": "Once upon a time"}).json()]
+    plain = oai.completions.create(model="m", prompt="Once upon a time", max_tokens=3, temperature=0, logprobs=2)
+    r = oai.completions.create(model="m", prompt="Once upon a time", max_tokens=3, temperature=0, logprobs=2, echo=True)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert choice.text == "Once upon a time" + plain.choices[0].text
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens[len(ids):] == plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[len(ids):] == plain.choices[0].logprobs.token_logprobs
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, logprob, top in zip(lp.tokens[1:len(ids)], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert len(top) == 2 and max(top.values()) >= logprob and (token not in top or top[token] == logprob)
+    tgi = http.post("/generate", json={"inputs": "Once upon a time", "parameters": {
+        "max_new_tokens": 1, "decoder_input_details": True}}).json()["details"]["prefill"]
+    assert lp.token_logprobs[: len(ids)] == [t["logprob"] for t in tgi]  # the same computation as TGI's
+    assert oai.completions.create(model="m", prompt=ids, max_tokens=3, temperature=0, echo=True).choices[0].text == \
+        choice.text  # ids: the text of their tokens
+
+
+def test_completions_echo_scores_a_continuation_as_lm_eval_does(http):
+    """lm-evaluation-harness's local-completions scores a context and a continuation, sent as token
+    ids, with echo, logprobs 1 and max_tokens 1: the continuation's logprobs, and whether each of
+    its tokens is its position's most likely. The model's own greedy continuation scores as greedy,
+    with the logprobs it was generated with."""
+    context = [t["id"] for t in http.post("/tokenize", json={"inputs": "The capital of France is"}).json()]
+    generated = http.post("/generate", json={"inputs": "The capital of France is", "parameters": {
+        "max_new_tokens": 4, "details": True}}).json()["details"]["tokens"]
+    body = {"prompt": [context + [t["id"] for t in generated]], "max_tokens": 1, "temperature": 0, "logprobs": 1,
+            "echo": True}
+    logprobs = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    scored, tops = logprobs["token_logprobs"][len(context) : -1], logprobs["top_logprobs"][len(context) : -1]
+    assert scored == pytest.approx([t["logprob"] for t in generated], rel=1e-5)
+    assert all(logprob == max(top.values()) for logprob, top in zip(scored, tops, strict=True))
+
+
+@pytest.mark.parametrize("extra, path", [({"stream": True}, "/v1/completions"), ({"n": 2}, "/v1/completions"),
+                                         ({}, "/dedicated/v1/completions")])
+def test_completions_echo_refused_where_it_cannot_be_kept(http, extra, path):
+    r = http.post(path, json={"prompt": "Hi", "max_tokens": 2, "echo": True, **extra})
+    assert r.status_code == 422 and "`echo`" in r.text, r.text
 
 
 def test_completions_stream(oai):

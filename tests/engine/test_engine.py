@@ -186,6 +186,38 @@ async def test_preemption_under_a_tiny_block_budget_keeps_outputs_exact(model_di
         small.core.stop()
 
 
+async def test_prompt_logprobs_of_a_prompt_preempted_midway_are_counted_once(model_dir, engine):
+    """A prompt preempted between two of its chunks is computed again from its start: its tokens'
+    logprobs and alternatives come once each, the same as where nothing was preempted."""
+    small = start_tiny_engine(model_dir, max_total_tokens=128, max_batch_total_tokens=128, block_size=16,
+                              max_batch_prefill_tokens=16)
+    midway = []  # prompts preempted after some of their chunks ran
+    preempt = small.core.scheduler._preempt
+    small.core.scheduler._preempt = lambda seq, out: (
+        midway.append(seq) if 0 < seq.num_computed_tokens < seq.num_prompt_tokens else None, preempt(seq, out))
+
+    def request(prompt):
+        r = greedy(prompt, max_new_tokens=40, sampling=SamplingParams(top_n_tokens=2))
+        r.decoder_input_details = r.prompt_top_tokens = True
+        return r
+
+    prompts = [PROMPTS[4], PROMPTS[1], PROMPTS[6], PROMPTS[4] + " so"]
+    try:
+        results = await asyncio.gather(*(collect(small, request(p)) for p in prompts))
+        expected = await asyncio.gather(*(collect(engine, request(p)) for p in prompts))
+    finally:
+        small.core.stop()
+    assert midway, "no prompt was preempted between its chunks: the test needs another budget"
+    for (got, _), (want, _) in zip(results, expected):  # other chunk sizes: the same to float32's rounding
+        got, want = got[0], want[0]
+        assert [t.id for t in got.prefill] == [t.id for t in want.prefill]
+        assert [t.logprob for t in got.prefill[1:]] == pytest.approx([t.logprob for t in want.prefill[1:]], abs=1e-5)
+        assert len(got.prefill_top) == len(got.prefill) and all(len(top) == 2 for top in got.prefill_top[1:])
+        assert [[t.id for t in top] for top in got.prefill_top] == [[t.id for t in top] for top in want.prefill_top]
+        assert [t.logprob for top in got.prefill_top for t in top] == \
+            pytest.approx([t.logprob for top in want.prefill_top for t in top], abs=1e-5)
+
+
 async def test_limits_are_validation_errors_naming_the_field(engine):
     cases = [
         (GenerationRequest("x" * 2000), "prompt"),

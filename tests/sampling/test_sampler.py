@@ -127,7 +127,10 @@ def test_prompt_logprobs():
     logits = random_logits(300)  # more rows than one chunk
     next_ids = torch.randint(0, V, (300,), generator=torch.Generator().manual_seed(1))
     expected = logits.log_softmax(-1).gather(1, next_ids[:, None]).squeeze(1)
-    assert prompt_logprobs(logits, next_ids) == expected.tolist()
+    assert prompt_logprobs(logits, next_ids) == (expected.tolist(), [])
+    chosen, top = prompt_logprobs(logits, next_ids, top_n=3)  # and each row's alternatives (OpenAI echo)
+    values, ids = logits.log_softmax(-1).topk(3)
+    assert chosen == expected.tolist() and top == list(zip(ids.tolist(), values.tolist()))
 
 
 # --- sampling and its filters ----------------------------------------------------------------

@@ -83,15 +83,32 @@ async def chat_request(body: ChatRequest, engine: Engine, tools: ToolPlan | None
 
 async def completion_requests(body: CompletionRequest, engine: Engine,
                               max_client_batch_size: int) -> list[GenerationRequest]:
-    one = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)  # a text or its ids
-    prompts = [body.prompt] if one else body.prompt
+    prompts = _prompts(body)
     require(len(prompts) > 0, "Input validation error: `prompt` cannot be an empty list", "prompt")
     require(len(prompts) <= max_client_batch_size,
             f"Input validation error: `prompt` holds {len(prompts)} prompts; at most {max_client_batch_size} "
             "are allowed (max_client_batch_size)", "prompt")
     require(body.suffix is None, "Input validation error: `suffix` is not supported by this model", "suffix")
-    return [await generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0,
-                                     default_max_tokens=COMPLETION_MAX_TOKENS) for p in prompts]
+    require(not (body.echo and body.stream), "Input validation error: `echo` is not supported with `stream`", "echo")
+    require(not (body.echo and (body.n or 1) > 1), "Input validation error: `echo` takes one choice a prompt (`n`: 1)",
+            "echo")
+    requests = [await generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0,
+                                         default_max_tokens=COMPLETION_MAX_TOKENS) for p in prompts]
+    for request in requests:  # the prompt's tokens come back with the answer: their logprobs computed
+        request.decoder_input_details = request.prompt_top_tokens = bool(body.echo)
+    return requests
+
+
+def echo_texts(body: CompletionRequest) -> list[str | None] | None:
+    """With `echo`, each prompt's text as the client sent it (None for token ids: the text of its
+    tokens); None without."""
+    return [p if isinstance(p, str) else None for p in _prompts(body)] if body.echo else None
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    """The body's prompts: a text, or one prompt's token ids, is one."""
+    one = isinstance(body.prompt, str) or bool(body.prompt) and isinstance(body.prompt[0], int)
+    return [body.prompt] if one else body.prompt
 
 
 def _check_tool_results(messages: list[ChatMessage]) -> None:

@@ -141,8 +141,9 @@ class CompletionShape:
     response_object = chunk_object = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, logprobs: bool):
+    def __init__(self, logprobs: bool, echo: list[str | None] | None = None):
         self.logprobs = logprobs
+        self.echo = echo  # with `echo` (one choice a prompt): each prompt's text, None for token ids
         self._offsets: dict[int, int] = {}  # streamed text length per choice, for text_offset
 
     def _legacy(self, index: int, tokens: list[Token], tops: list[list[Token]]) -> dict:
@@ -155,8 +156,15 @@ class CompletionShape:
                 "top_logprobs": [{t.text: t.logprob for t in top} for top in tops], "text_offset": offsets}
 
     def choice(self, index: int, final: FinalEvent) -> dict:
-        logprobs = self._legacy(index, final.tokens, final.top_tokens) if self.logprobs else None
-        return {"index": index, "text": final.text, "logprobs": logprobs,
+        text, tokens, tops = final.text, final.tokens, final.top_tokens
+        if self.echo is not None:  # the prompt first, as its tokens' text where it came as ids
+            prompt = self.echo[index]
+            text = ("".join(t.text for t in final.prefill) if prompt is None else prompt) + text
+            tokens, tops = final.prefill + tokens, final.prefill_top + tops
+        logprobs = self._legacy(index, tokens, tops) if self.logprobs else None
+        if logprobs and self.echo is not None:
+            logprobs["top_logprobs"][0] = None  # as OpenAI: nothing predicts the first token
+        return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": FINISH_REASONS[final.finish_reason]}
 
     def token_choice(self, index: int, event: TokenEvent) -> dict:

@@ -7,7 +7,7 @@ from fastapi.routing import APIRoute
 
 from parley.api import dialects
 from parley.api.dialects import FRIENDLI, OPENAI, SILICONFLOW, ChatBody, speaking
-from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields
+from parley.api.errors import ERROR_RESPONSES, fields_named, refuse_unknown_fields, require
 from parley.api.jsonio import JSONBody
 from parley.api.lora_routes import adapter_cards
 from parley.api.openai import convert, reasoning, responses
@@ -63,9 +63,11 @@ async def completions(body: CompletionRequest, http: Request) -> Response:
     server = server_of(http)
     refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
     dialects.check_model(http, body.model)
+    require(not body.echo or dialects.dialect_of(http) is OPENAI,
+            "Input validation error: `echo` is OpenAI's, not on this route", "echo")
     with fields_named(dialects.engine_names(body, prompt="prompt", top_n_tokens="logprobs")):
         requests = await convert.completion_requests(body, server.ready_engine(), server.config.max_client_batch_size)
-        shape = dialects.response_shape(CompletionShape(body.logprobs is not None), http)
+        shape = dialects.response_shape(CompletionShape(body.logprobs is not None, convert.echo_texts(body)), http)
         return await _respond(http, body, requests, shape)
 
 

@@ -117,5 +117,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=20, description="how many alternatives to report per token")
+    echo: bool | None = Field(None, description="the prompt before the completion in `text`, and with `logprobs` "
+                                                "its tokens' logprobs and alternatives first (the first token's null)")
     suffix: str | None = None
     seed: Seed | list[Seed] | None = Field(None, description="Friendli: a list gives one seed per choice")
