@@ -1,7 +1,10 @@
-"""What a correct predicted output (Mistral's `prediction`) saves: greedy answers generated once
-plain, then again with their own text as the prediction, engine-only, one request at a time.
+"""What draft tokens save, engine-only, one request at a time: each prompt's answer generated once
+plain, then again with drafts, and the times, steps and texts compared.
 
-    python bench/prediction.py [--dtype float32] [--threads 2] [--max-tokens 128]
+    python bench/prediction.py [--sampled] [--dtype float32] [--threads 2] [--max-tokens 128]
+
+The plain answer's own text as the prediction (Mistral's `prediction`): a correct one. `--sampled`:
+temperature 0.7, top_p 0.95 and a seed instead of greedy; the texts must be the same either way.
 """
 
 from __future__ import annotations
@@ -12,19 +15,25 @@ import time
 
 from parley.config import EngineConfig
 from parley.engine.async_engine import AsyncEngine
-from parley.types import FinalEvent, GenerationRequest, StoppingCriteria
+from parley.types import FinalEvent, GenerationRequest, SamplingParams, StoppingCriteria
 
 PROMPTS = [
     "Rewrite this sentence in the passive voice: The cat chased the mouse across the garden.",
     "Write a Python function that returns the factorial of n.",
     "List the days of the week.",
     "Explain what a prime number is.",
+    "Add type hints to this function and return the whole function:\n\ndef area(width, height):\n"
+    "    if width < 0 or height < 0:\n        raise ValueError('negative size')\n    return width * height\n",
+    "Correct the spelling in this text and return the whole text: Yesterday we whent to the market and "
+    "bougth apples, pears and a large watermellon for the picnic.",
 ]
 
 
-async def timed(engine: AsyncEngine, prompt: str, max_tokens: int, prediction: str | None):
-    request = GenerationRequest(prompt, add_special_tokens=False, draft_text=prediction,
-                                stopping=StoppingCriteria(max_new_tokens=max_tokens))
+async def timed(engine: AsyncEngine, prompt: str, args, prediction: str | None):
+    sampling = SamplingParams(do_sample=True, temperature=0.7, top_p=0.95) if args.sampled else SamplingParams()
+    request = GenerationRequest(prompt, add_special_tokens=False, draft_text=prediction, sampling=sampling,
+                                seeds=[1] if args.sampled else None,
+                                stopping=StoppingCriteria(max_new_tokens=args.max_tokens))
     steps, start = engine.core.num_steps, time.perf_counter()
     async for event in engine.generate(request):
         if isinstance(event, FinalEvent):
@@ -35,15 +44,21 @@ async def timed(engine: AsyncEngine, prompt: str, max_tokens: int, prediction: s
 async def main(args) -> None:
     engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
     engine.start()
-    print(f"dtype={args.dtype} threads={args.threads} max_tokens={args.max_tokens}")
-    print("| prompt | tokens | plain s | steps | predicted s | steps | speed-up | same text |")
+    print(f"dtype={args.dtype} threads={args.threads} max_tokens={args.max_tokens} "
+          f"{'sampled' if args.sampled else 'greedy'}")
+    print("| prompt | tokens | plain s | steps | drafted s | steps | speed-up | same text |")
     print("|---|---|---|---|---|---|---|---|")
+    total = [0.0, 0.0]
     for prompt in PROMPTS:
         rendered = engine.chat_template.render([{"role": "user", "content": prompt}])
-        plain, plain_s, plain_steps = await timed(engine, rendered, args.max_tokens, None)
-        fast, fast_s, fast_steps = await timed(engine, rendered, args.max_tokens, plain.text)
-        print(f"| {prompt[:32]}... | {plain.generated_tokens} | {plain_s:.2f} | {plain_steps} | {fast_s:.2f} | "
-              f"{fast_steps} | {plain_s / fast_s:.1f}x | {fast.text == plain.text} |", flush=True)
+        plain, plain_s, plain_steps = await timed(engine, rendered, args, None)
+        fast, fast_s, fast_steps = await timed(engine, rendered, args, plain.text)
+        total[0], total[1] = total[0] + plain_s, total[1] + fast_s
+        print(f"| {prompt[:32]!r}... | {plain.generated_tokens} | {plain_s:.2f} | {plain_steps} | {fast_s:.2f} | "
+              f"{fast_steps} | {plain_s / fast_s:.2f}x | {fast.text == plain.text} |", flush=True)
+    stats = engine.stats()
+    print(f"all prompts: {total[0]:.2f} s plain, {total[1]:.2f} s drafted ({total[0] / total[1]:.2f}x); "
+          f"drafts kept {stats.draft_accepted_tokens} of {stats.draft_tokens}")
     await engine.shutdown()
 
 
@@ -52,4 +67,5 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--sampled", action="store_true")
     asyncio.run(main(parser.parse_args()))

@@ -291,7 +291,9 @@ class AsyncEngine:
                            requests_waiting=max(0, len(self.core.requests) - running_requests),
                            requests_running=running_requests, adapters_loaded=len(self.adapters.loaded),
                            running_adapters=adapters(running), waiting_adapters=adapters(waiting),
-                           max_adapters_per_batch=self.config.max_batch_size, compute_threads=self.core.compute_threads)
+                           max_adapters_per_batch=self.config.max_batch_size, compute_threads=self.core.compute_threads,
+                           draft_tokens=self.core.output.num_draft_tokens,
+                           draft_accepted_tokens=self.core.output.num_accepted_tokens)
 
     # -- LoRA adapters -------------------------------------------------------------------------
     def has_adapter(self, name: str | None) -> bool:

@@ -1,13 +1,16 @@
-"""Draft tokens from a predicted output (Mistral's `prediction`, OpenAI's predicted outputs).
+"""Draft tokens, verified by the next step (runner._verify), from one of two sources.
 
-The prediction is a guess of the whole answer. After each step we find where the output's last
-few tokens occur in the prediction (at or after where we last were) and propose what follows;
-when the output has left the prediction, an n-gram lookup finds where it rejoins.
+A predicted output (Mistral's `prediction`, OpenAI's predicted outputs) is a guess of the whole
+answer. After each step we find where the output's last few tokens occur in the prediction (at or
+after where we last were) and propose what follows; when the output has left the prediction, an
+n-gram lookup finds where it rejoins.
 """
 
 from __future__ import annotations
 
 from parley.types import GenerationRequest
+
+MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
 
 
 def propose(prediction: list[int], cursor: int, output: list[int], k: int) -> tuple[list[int], int]:
@@ -28,9 +31,11 @@ def propose(prediction: list[int], cursor: int, output: list[int], k: int) -> tu
 
 
 def verifies_exactly(request: GenerationRequest, state) -> bool:
-    """Whether draft tokens may be used: they are checked by greedy argmax, which is exact only for
-    plain greedy decoding with no grammar (`state.matcher`) or thinking budget forcing tokens."""
+    """Whether draft tokens may be used: each draft position is sampled as a one-token step would
+    sample it (runner.py), which is exact when nothing in the sampling depends on the tokens before
+    the position: no penalties over the output, no watermark (seeded by the previous token), no
+    grammar (`state.matcher`) and no thinking budget forcing tokens. Greedy or sampled, logit_bias
+    and top_n_tokens are row by row and do not matter."""
     p = request.sampling
-    plain = not (p.do_sample or p.frequency_penalty or p.presence_penalty or p.logit_bias or p.watermark
-                 or p.top_n_tokens or p.repetition_penalty != 1.0)
-    return plain and state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)
+    by_history = p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0 or p.watermark
+    return not by_history and state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)

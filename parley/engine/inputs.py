@@ -24,13 +24,14 @@ class StepInputs:
         # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
         self.grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
 
-    def sampling_row(self, seq: Sequence) -> SamplingRow:
+    def sampling_row(self, seq: Sequence, ahead: int = 0) -> SamplingRow:
+        """`ahead`: the row of the sequence's draft position that many tokens after its next one."""
         req: RequestState = seq.group
         state = self.states[seq.seq_id]
         params, stopping = req.request.sampling, req.request.stopping
         needs_history = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
         suppressed = ()
-        if seq.num_output_tokens < stopping.min_new_tokens:
+        if seq.num_output_tokens + ahead < stopping.min_new_tokens:
             suppressed = tuple(self.model_eos_ids.union(stopping.extra_eos_token_ids))
         return SamplingRow(
             params=params,

@@ -12,17 +12,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from parley.engine.drafts import propose
+from parley.engine.drafts import MAX_DRAFT_TOKENS, propose
 from parley.engine.request import RequestState, SequenceState, deliver
 from parley.engine.runner import StepResult
 from parley.engine.scheduler import Scheduler, SchedulerOutput
 from parley.engine.sequence import Sequence
+from parley.sampling.sampler import SamplerOutput
 from parley.types import FinalEvent, FinishReason, GenerationError, Token, TokenEvent
 
 log = logging.getLogger("parley.engine")
-
-MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
-
 
 class OutputProcessor:
     """`fail(request, error)` ends a request whose token failed (its grammar rejected it...);
@@ -38,6 +36,8 @@ class OutputProcessor:
         self.fail = fail
         self.forget = forget
         self.num_generated_tokens = 0  # tokens appended to outputs, drafts verified included (/metrics, status line)
+        self.num_draft_tokens = 0  # draft tokens verified (/metrics)
+        self.num_accepted_tokens = 0  # ... and kept
 
     def update_from_output(self, sched: SchedulerOutput, sampling: list[Sequence], result: StepResult,
                            started: float) -> None:
@@ -57,9 +57,11 @@ class OutputProcessor:
             out = result.sampled
             self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],
                          out.top_ids[row], out.top_logprobs[row])
-        for seq_id, (tokens, logprobs) in result.verified.items():
-            seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)
-            self._safely(self._append_verified, seq, tokens, logprobs)
+        for seq_id, verified in result.verified.items():
+            s = next(s for s in sched.scheduled if s.seq.seq_id == seq_id)
+            self.num_draft_tokens += len(s.spec_tokens)
+            self.num_accepted_tokens += len(verified.token_ids) - 1
+            self._safely(self._append_verified, s.seq, verified)
         self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
 
     def _safely(self, append, seq: Sequence, *args) -> None:
@@ -71,19 +73,17 @@ class OutputProcessor:
             log.exception("request %s failed", seq.group.request.request_id)
             self.fail(seq.group, GenerationError(str(exc)))
 
-    def _append_verified(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> None:
+    def _append_verified(self, seq: Sequence, out: SamplerOutput) -> None:
         """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
-        for token_id, logprob in zip(tokens, logprobs):
-            self._append_token(seq, token_id, logprob, (), ())
+        for token in zip(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs):
+            self._append_token(seq, *token)
             if seq.is_finished:
                 return
-        self.scheduler.advance(seq, len(tokens) - 1)
+        self.scheduler.advance(seq, len(out.token_ids) - 1)
 
     def _propose_drafts(self, seq: Sequence, state: SequenceState) -> None:
         stopping = seq.group.request.stopping
         room = min(MAX_DRAFT_TOKENS, stopping.max_new_tokens - seq.num_output_tokens - 1)
-        if seq.num_output_tokens < stopping.min_new_tokens:
-            room = 0  # EOS is suppressed until then, which greedy verification does not model
         seq.spec_tokens, state.draft_cursor = propose(state.draft, state.draft_cursor, seq.output_ids, room)
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float, top_ids, top_logprobs) -> None:

@@ -17,7 +17,7 @@ from parley.engine.scheduler import ScheduledSequence, SchedulerOutput
 from parley.engine.sequence import Sequence
 from parley.models.attention import AttentionMetadata, PrefillChunk, kv_cache_shape, table_width
 from parley.sampling.metadata import SamplingRow
-from parley.sampling.sampler import Sampler, SamplerOutput, greedy, prompt_logprobs
+from parley.sampling.sampler import Sampler, SamplerOutput, prompt_logprobs, skip_draws
 
 
 @dataclass
@@ -25,7 +25,7 @@ class StepResult:
     sampled: SamplerOutput | None  # one row per sampling sequence without drafts, in schedule order
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # seq_id -> logprobs of prompt tokens
     prompt_top: dict[int, list[tuple[list[int], list[float]]]] = field(default_factory=dict)  # their alternatives
-    verified: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # seq_id -> tokens, logprobs
+    verified: dict[int, SamplerOutput] = field(default_factory=dict)  # seq_id -> accepted drafts + the next token
 
 
 class ModelRunner:
@@ -50,12 +50,13 @@ class ModelRunner:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, rows: list[SamplingRow],
+    def execute(self, sched: SchedulerOutput, rows: list[SamplingRow], verify_rows: list[list[SamplingRow]],
                 allowed: Callable[[], torch.Tensor] | None = None) -> StepResult:
         """`rows` holds the sampling state of every scheduled sequence that samples without drafts,
-        in schedule order. Sequences with draft tokens are verified greedily instead. `allowed` gives
-        the rows' grammar mask [B, V] (True = allowed), asked for only after the forward: it may be
-        computed meanwhile."""
+        in schedule order, and `verify_rows` that of every sequence with draft tokens, one row for
+        each of its draft positions and one for the token after them. `allowed`
+        gives the rows' grammar mask [B, V] (True = allowed), asked for only after the forward: it
+        may be computed meanwhile."""
         input_ids, positions = [], []
         token_loras = []  # the LoRA adapter of each token (0: base model)
         sample_index = []  # flat-batch index of each sampling sequence's last token
@@ -88,20 +89,28 @@ class ModelRunner:
         if sample_index:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
             result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None, owned=True)
-        for s, first in verify_spans:
-            result.verified[s.seq.seq_id] = self._verify(s.spec_tokens, hidden[first : first + len(s.spec_tokens) + 1])
+        for (s, first), draft_rows in zip(verify_spans, verify_rows, strict=True):
+            result.verified[s.seq.seq_id] = self._verify(s.spec_tokens, hidden[first : first + len(draft_rows)], draft_rows)
         return result
 
-    def _verify(self, drafts: list[int], hidden: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Greedy verification: keep drafts while each is the model's argmax, then add the model's own
-        next token, so the output is exactly what plain greedy decoding gives."""
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)  # [1 + k, V]
-        best = greedy(logprobs).tolist()
-        accepted = 0
-        while accepted < len(drafts) and best[accepted] == drafts[accepted]:
-            accepted += 1
-        tokens = drafts[:accepted] + [best[accepted]]
-        return tokens, logprobs[torch.arange(len(tokens)), self._tensor(tokens)].tolist()
+    def _verify(self, drafts: list[int], hidden: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Choose a token at every draft position as plain decoding would there (the same sampler, the
+        position's row, the next draws of the sequence's generator), keep the drafts while each is
+        the token chosen before it, then the token chosen after the last one kept. The logits are
+        bit-identical to one-token steps' (batch invariance), so the output is exactly plain
+        decoding's, sampled too, provided nothing in the rows depends on the tokens before them
+        (drafts.verifies_exactly). The generator is left as after one draw per token kept."""
+        generator = rows[0].generator
+        state = generator.get_state() if generator is not None else None
+        out = self.sampler(self.model.compute_logits(hidden), rows, owned=True)
+        kept = 0
+        while kept < len(drafts) and out.token_ids[kept] == drafts[kept]:
+            kept += 1
+        if state is not None:
+            generator.set_state(state)
+            skip_draws(generator, kept + 1, self.device)
+        end = kept + 1
+        return SamplerOutput(out.token_ids[:end], out.logprobs[:end], out.top_ids[:end], out.top_logprobs[:end])
 
     def _attention_metadata(self, sched: SchedulerOutput, table_of: Callable[[Sequence], list[int]]) -> AttentionMetadata:
         """Where the step's tokens write and read, by each sequence's table `table_of(seq)`."""

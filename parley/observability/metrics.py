@@ -44,6 +44,8 @@ class EngineGauges(Protocol):
     waiting_adapters: tuple[str, ...]
     max_adapters_per_batch: int
     compute_threads: int  # the threads the engine's steps run on now
+    draft_tokens: int  # draft tokens verified since the start
+    draft_accepted_tokens: int  # ... and kept
 
 
 class Metrics:
@@ -203,6 +205,10 @@ class _EngineCollector:
              "at its first admission)", stats.prefix_cache_queried_tokens),
             ("parley_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (their K/V not computed again)",
              stats.prefix_cache_hit_tokens),
+            ("parley_draft_tokens", "Draft tokens verified, a prediction's "
+             "(vllm:spec_decode_num_draft_tokens)", stats.draft_tokens),
+            ("parley_draft_accepted_tokens", "Draft tokens kept: the same as decoding would have chosen "
+             "(vllm:spec_decode_num_accepted_tokens)", stats.draft_accepted_tokens),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         adapters = CounterMetricFamily("parley_adapter_requests", "Generation requests per LoRA adapter",

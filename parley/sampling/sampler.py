@@ -167,7 +167,17 @@ def greedy(x: torch.Tensor) -> torch.Tensor:
 
 def _uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
     """One float64 uniform in [0, 1) per row, from the row's own generator."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=device) for g in generators])
+    return torch.cat([_uniform(g, device) for g in generators])
+
+
+def _uniform(generator: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(1, generator=generator, dtype=torch.float64, device=device)
+
+
+def skip_draws(generator: torch.Generator, draws: int, device) -> None:
+    """Advance `generator` as `draws` sampled rows would."""
+    for _ in range(draws):
+        _uniform(generator, device)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

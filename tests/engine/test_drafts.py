@@ -23,11 +23,14 @@ def test_no_room_no_drafts():
     assert propose(PREDICTION, 0, [10], 0) == ([], 0)
 
 
-def test_only_plain_greedy_decoding_verifies_exactly():
+def test_drafts_are_used_unless_the_sampling_depends_on_earlier_tokens():
     state = SequenceState(detokenizer=None, generator=None, seed=None)
-    assert verifies_exactly(GenerationRequest("x"), state)
-    assert not verifies_exactly(GenerationRequest("x", sampling=SamplingParams(do_sample=True)), state)
-    assert not verifies_exactly(GenerationRequest("x", sampling=SamplingParams(logit_bias={1: 2.0})), state)
+    row_by_row = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, top_k=20),
+                  SamplingParams(logit_bias={1: 2.0}), SamplingParams(top_n_tokens=3)]
+    assert all(verifies_exactly(GenerationRequest("x", sampling=p), state) for p in row_by_row)
+    by_history = [SamplingParams(repetition_penalty=1.1), SamplingParams(frequency_penalty=0.5),
+                  SamplingParams(presence_penalty=0.5), SamplingParams(watermark=True)]
+    assert not any(verifies_exactly(GenerationRequest("x", sampling=p), state) for p in by_history)
     state.matcher = object()
     assert not verifies_exactly(GenerationRequest("x"), state)
     state.matcher = None

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+from itertools import repeat
 
 import pytest
 import torch
@@ -58,8 +59,8 @@ CHATS = ["Write a poem about the sea.", "Explain what a prime number is.", "Desc
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
     """A request gets the same tokens alone, in a busy mixed batch (prompt chunks beside decode rows),
-    as a sibling of `n`, and with a prediction, right or wrong halfway; in bfloat16 its logprobs are
-    bit-identical too. (float32 logprobs can differ in their last bits: MKL's batched sgemm in the
+    as a sibling of `n`, and with a prediction, right or wrong halfway, greedy or sampled; in
+    bfloat16 its logprobs are bit-identical too. (float32 logprobs can differ in their last bits: MKL's batched sgemm in the
     attention rounds with the number of sequences, see README "Determinism".) Found broken before:
     one-row steps rounded the 1536-wide down projection differently from batched steps, and on an
     AMX Xeon oneDNN's tile kernels did for every number of rows."""
@@ -84,10 +85,10 @@ def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
         assert batched[len(CHATS)] == [seeded]
         assert await answers(CHATS[0], n=3, seeds=[7, 5, 5]) == [(await answers(CHATS[0], seeds=[7]))[0],
                                                                  seeded, seeded]
-        for prompt, (text, tokens) in zip(CHATS, alone):
-            assert await answers(prompt, draft=text) == [(text, tokens)]
+        for prompt, (text, tokens), seeds in [*zip(CHATS, alone, repeat(None)), (CHATS[0], seeded, [5])]:
+            assert await answers(prompt, seeds=seeds, draft=text) == [(text, tokens)]
             wrong_halfway = text[: len(text) // 2] + " banana" + text[len(text) // 2 :]
-            assert await answers(prompt, draft=wrong_halfway) == [(text, tokens)]
+            assert await answers(prompt, seeds=seeds, draft=wrong_halfway) == [(text, tokens)]
 
     try:
         asyncio.run(scenario())

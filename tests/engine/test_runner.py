@@ -49,7 +49,8 @@ def reference_logprobs(reference, ids: list[int]) -> torch.Tensor:
 def step(runner, scheduler):
     sched = scheduler.schedule()
     sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
-    result = runner.execute(sched, [greedy_row() for _ in sampling])
+    drafting = [[greedy_row()] * (len(s.spec_tokens) + 1) for s in sched.scheduled if s.spec_tokens]
+    result = runner.execute(sched, [greedy_row() for _ in sampling], drafting)
     scheduler.update(sched)
     return sched, sampling, result
 
@@ -91,6 +92,44 @@ def test_drafts_are_kept_while_they_are_the_reference_argmax(parts, reference):
     seq.spec_tokens = drafts
     sched, sampling, result = step(runner, scheduler)
     assert sampling == [] and seq.seq_id in result.verified
-    tokens, _ = result.verified[seq.seq_id]
+    tokens = result.verified[seq.seq_id].token_ids
     after = greedy + [int(reference_logprobs(reference, greedy)[-1].argmax())]
     assert tokens == after[len(seq.token_ids):], "the three right drafts, then the model's own next token"
+
+
+def test_sampled_drafts_are_kept_while_each_is_the_token_drawn_there(parts):
+    """A sampled sequence's draft positions are drawn as one-token steps would draw them: with the
+    same seed, a step drafting what a one-token-at-a-time run drew keeps those drafts, draws that
+    run's next token after them, and leaves the generator where that run left it."""
+    runner, scheduler = parts
+
+    def row(generator):
+        return SamplingRow(SamplingParams(do_sample=True, temperature=1.5), generator, [], [])
+
+    def run(scheduler, generator, drafts_after_first=None):
+        seq = Sequence(PROMPT[:4])
+        scheduler.add(seq)
+        while True:
+            sched = scheduler.schedule()
+            sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
+            result = runner.execute(sched, [row(generator) for _ in sampling],
+                                    [[row(generator)] * (len(s.spec_tokens) + 1) for s in sched.scheduled if s.spec_tokens])
+            scheduler.update(sched)
+            if seq.seq_id in result.verified:
+                return result.verified[seq.seq_id].token_ids
+            if sampling:
+                seq.token_ids.append(result.sampled.token_ids[0])
+                if drafts_after_first is not None:
+                    seq.spec_tokens = drafts_after_first
+                elif len(seq.output_ids) == 5:
+                    return seq.output_ids
+
+    plain_generator = torch.Generator().manual_seed(7)
+    plain = run(scheduler, plain_generator)
+    assert len(set(plain)) > 1, "a spread distribution: the draws decide"
+    drafted_generator = torch.Generator().manual_seed(7)
+    wrong = (plain[4] + 1) % runner.sampler.vocab_size
+    kept = run(Scheduler(BlockManager(16, 4), max_batch_size=8, max_batch_prefill_tokens=4), drafted_generator,
+               drafts_after_first=plain[1:4] + [wrong])
+    assert kept == plain[1:5], "the three drafts drawn before, then that run's next draw, not the wrong draft"
+    assert torch.equal(torch.rand(3, generator=drafted_generator), torch.rand(3, generator=plain_generator))

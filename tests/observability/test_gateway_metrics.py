@@ -1,4 +1,5 @@
-"""The gauges an inference gateway routes by, as /metrics renders them (vLLM's meanings)."""
+"""The gauges an inference gateway routes by, as /metrics renders them (vLLM's meanings), and the
+draft counters (vLLM's spec_decode ones)."""
 
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ class Stats:
     waiting_adapters: tuple = ("fr",)
     max_adapters_per_batch: int = 64
     compute_threads: int = 1
+    draft_tokens: int = 40
+    draft_accepted_tokens: int = 25
 
 
 def families(stats) -> dict:
@@ -44,6 +47,8 @@ def test_gateway_gauges_have_vllms_meanings():
     (sample,) = found["parley_lora_requests_info"].samples
     assert sample.labels == {"running_lora_adapters": "sql,summary", "waiting_lora_adapters": "fr", "max_lora": "64"}
     assert sample.value > 1.7e9  # when it was read, as vLLM's: the picker takes the newest
+    # counters, so their family names lose the _total of the samples
+    assert value(found, "parley_draft_tokens") == 40 and value(found, "parley_draft_accepted_tokens") == 25
 
 
 def test_an_empty_kv_pool_and_no_adapters():
