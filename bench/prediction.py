@@ -2,9 +2,12 @@
 plain, then again with drafts, and the times, steps and texts compared.
 
     python bench/prediction.py [--sampled] [--dtype float32] [--threads 2] [--max-tokens 128]
+    python bench/prediction.py --speculate 4 [--sampled]
 
-The plain answer's own text as the prediction (Mistral's `prediction`): a correct one. `--sampled`:
-temperature 0.7, top_p 0.95 and a seed instead of greedy; the texts must be the same either way.
+Default: the plain answer's own text as the prediction (Mistral's `prediction`): a correct one.
+`--speculate N`: no prediction, N draft tokens a step from the request's own prompt and output
+(prompt lookup, `parley serve --speculate N`). `--sampled`: temperature 0.7, top_p 0.95 and a seed
+instead of greedy; the texts must be the same either way.
 """
 
 from __future__ import annotations
@@ -44,15 +47,18 @@ async def timed(engine: AsyncEngine, prompt: str, args, prediction: str | None):
 async def main(args) -> None:
     engine = AsyncEngine.load(EngineConfig(dtype=args.dtype, num_threads=args.threads))
     engine.start()
+    drafts = f"--speculate {args.speculate}" if args.speculate else "prediction"
     print(f"dtype={args.dtype} threads={args.threads} max_tokens={args.max_tokens} "
-          f"{'sampled' if args.sampled else 'greedy'}")
+          f"{'sampled' if args.sampled else 'greedy'}, drafts from: {drafts}")
     print("| prompt | tokens | plain s | steps | drafted s | steps | speed-up | same text |")
     print("|---|---|---|---|---|---|---|---|")
     total = [0.0, 0.0]
     for prompt in PROMPTS:
         rendered = engine.chat_template.render([{"role": "user", "content": prompt}])
+        engine.core.speculate = 0
         plain, plain_s, plain_steps = await timed(engine, rendered, args, None)
-        fast, fast_s, fast_steps = await timed(engine, rendered, args, plain.text)
+        engine.core.speculate = args.speculate  # read as each request arrives
+        fast, fast_s, fast_steps = await timed(engine, rendered, args, None if args.speculate else plain.text)
         total[0], total[1] = total[0] + plain_s, total[1] + fast_s
         print(f"| {prompt[:32]!r}... | {plain.generated_tokens} | {plain_s:.2f} | {plain_steps} | {fast_s:.2f} | "
               f"{fast_steps} | {plain_s / fast_s:.2f}x | {fast.text == plain.text} |", flush=True)
@@ -68,4 +74,5 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sampled", action="store_true")
+    parser.add_argument("--speculate", type=int, default=0)
     asyncio.run(main(parser.parse_args()))

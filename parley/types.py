@@ -213,7 +213,7 @@ class EngineStats:
     waiting_adapters: tuple[str, ...] = ()  # ... and of those waiting
     max_adapters_per_batch: int = 0  # how many adapters one step can run: one per sequence of the batch
     compute_threads: int = 0  # the threads its steps run on now (fewer than --num-threads while others hold cores)
-    draft_tokens: int = 0  # draft tokens verified since the start (a prediction's)
+    draft_tokens: int = 0  # draft tokens verified since the start (a prediction's, or --speculate's)
     draft_accepted_tokens: int = 0  # ... and kept
 
 

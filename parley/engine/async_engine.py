@@ -28,6 +28,7 @@ from parley.config import EngineConfig, ModelConfig
 from parley.engine.backlog import PromptBacklog
 from parley.engine.block_manager import BlockManager, kv_layout
 from parley.engine.core import EngineCore
+from parley.engine.drafts import MAX_DRAFT_TOKENS
 from parley.engine.request import PreparedRequest, Sink
 from parley.engine.runner import ModelRunner
 from parley.engine.malloc import keep_freed_memory, release_freed_memory
@@ -131,6 +132,8 @@ class AsyncEngine:
             raise ValueError(f"unsupported quantize {config.quantize!r}; Parley has int4")
         if config.quantize and torch.device(config.device).type != "cpu":
             raise ValueError("quantize int4 runs on the CPU only")
+        if not 0 <= config.speculate <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"speculate must be 0 to {MAX_DRAFT_TOKENS}, not {config.speculate}")
         threads = config.num_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
         keep_freed_memory()
@@ -168,7 +171,7 @@ class AsyncEngine:
         grammar_compiler = GrammarCompiler(tokenizer.backend, tokenizer.eos_token_ids, model_config.vocab_size)
         tuner = ThreadTuner(threads) if config.adapt_threads and threads > 1 and _bits_free_of_threads(
             model, model_config, config, runner.lora) else None
-        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters, tuner)
+        core = EngineCore(scheduler, runner, tokenizer, model_config.vocab_size, adapters, tuner, config.speculate)
         limits = Limits(max_input, max_total, config.max_stop_sequences, config.max_top_n_tokens,
                         max(config.max_n, config.max_best_of), model_config.vocab_size)
         log.info("engine ready in %.1fs: %s (%s%s, %s, %d threads%s), KV cache %d blocks x %d tokens (%.0f MiB), "

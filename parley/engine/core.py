@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from parley.adapters.registry import LoRARegistry
-from parley.engine.drafts import verifies_exactly
+from parley.engine.drafts import PromptLookup, verifies_exactly
 from parley.engine.inputs import StepInputs
 from parley.engine.output import OutputProcessor
 from parley.engine.request import PreparedRequest, RequestState, SequenceState, Sink
@@ -41,8 +41,9 @@ log = logging.getLogger("parley.engine")
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer, vocab_size: int,
-                 adapters: LoRARegistry | None = None, threads: ThreadTuner | None = None):
+                 adapters: LoRARegistry | None = None, threads: ThreadTuner | None = None, speculate: int = 0):
         self.scheduler = scheduler
+        self.speculate = speculate  # draft tokens a step from each sequence's own tokens (drafts.PromptLookup)
         self.threads = threads  # how many compute threads each step gets; None: always run_forever's
         self.compute_threads = 0  # the count the steps run on now (for stats, read from other threads)
         self.runner = runner
@@ -206,8 +207,11 @@ class EngineCore:
                 IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, prompt_tail_ids=tail),
                 generator, seed, prepared.matchers[index] if prepared.matchers else None,
                 thinking=ThinkingState.start(request.reasoning) if request.reasoning else None)
-            if prepared.draft_ids and verifies_exactly(request, state):
-                state.draft = prepared.draft_ids
+            if (prepared.draft_ids or self.speculate) and verifies_exactly(request, state):
+                if prepared.draft_ids:
+                    state.draft = prepared.draft_ids
+                else:
+                    state.lookup = PromptLookup(self.speculate)
             self.states[seq.seq_id] = state
             req.sequences.append(seq)
         self.requests[request.request_id] = req

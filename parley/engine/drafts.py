@@ -4,6 +4,10 @@ A predicted output (Mistral's `prediction`, OpenAI's predicted outputs) is a gue
 answer. After each step we find where the output's last few tokens occur in the prediction (at or
 after where we last were) and propose what follows; when the output has left the prediction, an
 n-gram lookup finds where it rejoins.
+
+Without one, `--speculate N` (TGI's flag) looks the sequence's last tokens up in its own prompt and
+output (prompt lookup): answers that quote or repeat, as code edits, summaries and extraction do,
+continue as they did before.
 """
 
 from __future__ import annotations
@@ -28,6 +32,38 @@ def propose(prediction: list[int], cursor: int, output: list[int], k: int) -> tu
                 cursor = j + n
                 return prediction[cursor : cursor + k], cursor
     return [], cursor
+
+
+class PromptLookup:
+    """Where each 2- and 3-gram of a sequence's tokens last occurred, indexed as the sequence grows
+    (two dict updates a token); the draft is what followed the longest n-gram ending the sequence at
+    its latest earlier occurrence. Not 1-grams: on the default model (bench/prediction.py
+    --speculate 4, greedy, six prompts) they drafted 739 tokens of which 127 were kept, and the
+    chats that quote nothing got slower (0.80x); with 2- and 3-grams 97 of 362, none slower."""
+
+    NGRAMS = (3, 2)
+
+    def __init__(self, k: int):
+        self.k = k  # draft tokens per step
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
+        self.indexed = 0  # n-grams ending before this position are in `after`
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to min(k, self.k) draft tokens to follow `tokens` (prompt and output)."""
+        end = len(tokens) - 1  # the n-grams ending at the last token are the ones looked up
+        for i in range(self.indexed, end):
+            for n in self.NGRAMS:
+                if i + 1 >= n:
+                    self.after[tuple(tokens[i + 1 - n : i + 1])] = i + 1
+        self.indexed = max(self.indexed, end)
+        k = min(k, self.k)
+        if k <= 0:
+            return []
+        for n in self.NGRAMS:
+            at = self.after.get(tuple(tokens[-n:])) if len(tokens) >= n else None
+            if at is not None:
+                return tokens[at : at + k]
+        return []
 
 
 def verifies_exactly(request: GenerationRequest, state) -> bool:

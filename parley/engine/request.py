@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from parley.engine.drafts import PromptLookup
 from parley.engine.sequence import Sequence
 from parley.engine.thinking import ThinkingState
 from parley.tokenization.detokenizer import IncrementalDetokenizer
@@ -58,8 +59,9 @@ class SequenceState:
     top_tokens: list[list[Token]] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top: list[tuple[list[int], list[float]]] = field(default_factory=list)  # with prompt_top_tokens
-    draft: list[int] = field(default_factory=list)  # empty unless the sequence can speculate exactly
+    draft: list[int] = field(default_factory=list)  # a prediction; empty unless the sequence can speculate exactly
     draft_cursor: int = 0
+    lookup: PromptLookup | None = None  # drafts from its own tokens instead (--speculate), when it can
     thinking: ThinkingState | None = None  # with GenerationRequest.reasoning
 
 

@@ -205,7 +205,7 @@ class _EngineCollector:
              "at its first admission)", stats.prefix_cache_queried_tokens),
             ("parley_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (their K/V not computed again)",
              stats.prefix_cache_hit_tokens),
-            ("parley_draft_tokens", "Draft tokens verified, a prediction's "
+            ("parley_draft_tokens", "Draft tokens verified, a prediction's or --speculate's "
              "(vllm:spec_decode_num_draft_tokens)", stats.draft_tokens),
             ("parley_draft_accepted_tokens", "Draft tokens kept: the same as decoding would have chosen "
              "(vllm:spec_decode_num_accepted_tokens)", stats.draft_accepted_tokens),

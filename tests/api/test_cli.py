@@ -170,3 +170,10 @@ def test_a_setting_that_cannot_work_stops_serve_at_once_saying_why():
     done = subprocess.run([sys.executable, "-m", "parley", "serve", "--otlp-endpoint", "collector:4317"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--otlp-endpoint must be an http(s) URL" in done.stderr
+
+
+def test_speculate_flag(monkeypatch):
+    assert parse()[0].speculate == 0
+    assert parse("--speculate", "4")[0].speculate == 4
+    monkeypatch.setenv("SPECULATE", "2")  # TGI's launcher reads it too
+    assert parse()[0].speculate == 2

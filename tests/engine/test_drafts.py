@@ -1,6 +1,6 @@
 """Draft tokens from a predicted output (parley/engine/drafts.py)."""
 
-from parley.engine.drafts import propose, verifies_exactly
+from parley.engine.drafts import PromptLookup, propose, verifies_exactly
 from parley.engine.request import SequenceState
 from parley.types import GenerationRequest, Reasoning, SamplingParams
 
@@ -21,6 +21,26 @@ def test_the_output_rejoins_the_prediction_after_leaving_it():
 
 def test_no_room_no_drafts():
     assert propose(PREDICTION, 0, [10], 0) == ([], 0)
+
+
+def test_prompt_lookup_proposes_what_followed_the_longest_ngram_that_ends_the_sequence():
+    lookup = PromptLookup(k=3)
+    #          0  1  2  3  4  5  6  7  8  9
+    tokens = [1, 2, 3, 4, 5, 9, 3, 7, 1, 2]
+    assert lookup.propose(tokens, 8) == [3, 4, 5]  # "1 2" at 0: what followed it, 3 at most
+    tokens += [3]
+    assert lookup.propose(tokens, 8) == [4, 5, 9]  # "1 2 3" at 0
+    tokens += [8]
+    assert lookup.propose(tokens, 8) == []  # "3 8" never occurred before
+    tokens += [1, 2]
+    assert lookup.propose(tokens, 8) == [3, 8, 1]  # "1 2" at 0 and at 8: the latest
+    assert lookup.propose(tokens, 1) == [3]  # the room left
+    assert lookup.propose(tokens, 0) == []
+
+
+def test_prompt_lookup_needs_two_tokens_in_common():
+    # one token in common drafted mostly wrong tokens: each costs a row of the step (BENCHMARKS.md)
+    assert PromptLookup(k=3).propose([5, 6, 7, 5], 8) == []
 
 
 def test_drafts_are_used_unless_the_sampling_depends_on_earlier_tokens():

@@ -319,6 +319,45 @@ async def test_a_correct_prediction_gives_the_same_output_in_fewer_steps(engine)
     assert exact <= half <= wrong
 
 
+async def test_speculate_drafts_from_the_sequences_own_tokens_and_changes_no_token(engine, model_dir):
+    """--speculate: prompt lookup. Greedy and seeded sampled requests get the tokens the engine without
+    it gives; greedy runs (which fall into the loops a random model's do) take fewer steps."""
+    speculating = start_tiny_engine(model_dir, speculate=4)
+    predicted_drafts = engine.stats().draft_tokens  # other tests' predictions
+    try:
+        steps = {}
+        for prompt in PROMPTS:
+            for seeded in ({}, dict(seeds=[3], sampling=SamplingParams(do_sample=True, temperature=0.8))):
+                answers = []
+                for e in (engine, speculating):
+                    await asyncio.sleep(0.05)  # let other tests' work drain so the step count is this request's
+                    before = e.core.num_steps
+                    request = GenerationRequest(prompt, stopping=StoppingCriteria(max_new_tokens=40), **seeded)
+                    finals, _ = await collect(e, request)
+                    answers.append([t.id for t in finals[0].tokens])
+                    steps[e, bool(seeded)] = steps.get((e, bool(seeded)), 0) + e.core.num_steps - before
+                assert answers[0] == answers[1], (prompt, seeded)
+        stats = speculating.stats()
+        assert 0 < stats.draft_accepted_tokens < stats.draft_tokens
+        assert steps[speculating, False] < 0.8 * steps[engine, False]
+        assert engine.stats().draft_tokens == predicted_drafts  # none without --speculate
+
+        # each draft position has its own row: EOS is banned before min_new_tokens and allowed from there
+        eos, favourite = speculating.tokenizer.eos_token_ids[0], 42
+        request = GenerationRequest("1 2 3", sampling=SamplingParams(logit_bias={favourite: 60.0, eos: 80.0}),
+                                    stopping=StoppingCriteria(max_new_tokens=30, min_new_tokens=10))
+        finals, _ = await collect(speculating, request)
+        assert [t.id for t in finals[0].tokens] == [favourite] * 10 + [eos]
+        assert speculating.stats().draft_accepted_tokens > stats.draft_accepted_tokens
+    finally:
+        speculating.core.stop()
+
+
+def test_speculate_takes_at_most_eight_draft_tokens(model_dir):
+    with pytest.raises(ValueError, match="speculate must be 0 to 8, not 9"):
+        start_tiny_engine(model_dir, speculate=9)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 async def test_int4_weights_give_each_request_the_same_tokens_alone_and_batched(model_dir, dtype):
     engine = start_tiny_engine(model_dir, dtype=dtype, quantize="int4")

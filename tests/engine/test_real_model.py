@@ -59,8 +59,8 @@ CHATS = ["Write a poem about the sea.", "Explain what a prime number is.", "Desc
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
     """A request gets the same tokens alone, in a busy mixed batch (prompt chunks beside decode rows),
-    as a sibling of `n`, and with a prediction, right or wrong halfway, greedy or sampled; in
-    bfloat16 its logprobs are bit-identical too. (float32 logprobs can differ in their last bits: MKL's batched sgemm in the
+    as a sibling of `n`, with a prediction, right or wrong halfway, greedy or sampled, and with
+    --speculate's drafts; in bfloat16 its logprobs are bit-identical too. (float32 logprobs can differ in their last bits: MKL's batched sgemm in the
     attention rounds with the number of sequences, see README "Determinism".) Found broken before:
     one-row steps rounded the 1536-wide down projection differently from batched steps, and on an
     AMX Xeon oneDNN's tile kernels did for every number of rows."""
@@ -89,6 +89,10 @@ def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
             assert await answers(prompt, seeds=seeds, draft=text) == [(text, tokens)]
             wrong_halfway = text[: len(text) // 2] + " banana" + text[len(text) // 2 :]
             assert await answers(prompt, seeds=seeds, draft=wrong_halfway) == [(text, tokens)]
+        engine.core.speculate, drafted = 4, engine.stats().draft_tokens  # as `--speculate 4` (read per request)
+        assert [(await answers(p))[0] for p in CHATS] == alone
+        assert (await answers(CHATS[0], seeds=[5]))[0] == seeded
+        assert engine.stats().draft_tokens > drafted
 
     try:
         asyncio.run(scenario())
