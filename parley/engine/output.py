@@ -65,9 +65,7 @@ class OutputProcessor:
                          out.top_ids[row], out.top_logprobs[row])
         for seq_id, verified in result.verified.items():
             s = next(s for s in sched.scheduled if s.seq.seq_id == seq_id)
-            self.num_draft_tokens += len(s.spec_tokens)
-            self.num_accepted_tokens += len(verified.token_ids) - 1
-            self._safely(self._append_verified, s.seq, verified)
+            self._safely(self._append_verified, s.seq, verified, len(s.spec_tokens))
         self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
 
     def _safely(self, append, seq: Sequence, *args) -> None:
@@ -79,8 +77,13 @@ class OutputProcessor:
             log.exception("request %s failed", seq.group.request.request_id)
             self.fail(seq.group, GenerationError(str(exc)))
 
-    def _append_verified(self, seq: Sequence, out: SamplerOutput) -> None:
+    def _append_verified(self, seq: Sequence, out: SamplerOutput, drafted: int) -> None:
         """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
+        state, kept = self.states[seq.seq_id], len(out.token_ids) - 1
+        state.drafts_kept += kept
+        state.drafts_rejected += drafted - kept
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += kept
         for token in zip(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs):
             self._append_token(seq, *token)
             if seq.is_finished:
@@ -152,7 +155,8 @@ class OutputProcessor:
             tokens=state.tokens, top_tokens=state.top_tokens, prefill=prefill, prefill_top=prefill_top, text_tail=tail,
             stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
             cached_tokens=seq.num_cached_tokens or 0,
-            reasoning_tokens=state.thinking.thought if state.thinking else 0))
+            reasoning_tokens=state.thinking.thought if state.thinking else 0,
+            prediction_tokens=(state.drafts_kept, state.drafts_rejected) if state.draft else None))
         if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
             self.forget(req)
 

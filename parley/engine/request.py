@@ -61,6 +61,8 @@ class SequenceState:
     prompt_top: list[tuple[list[int], list[float]]] = field(default_factory=list)  # with prompt_top_tokens
     draft: list[int] = field(default_factory=list)  # a prediction; empty unless the sequence can speculate exactly
     draft_cursor: int = 0
+    drafts_kept: int = 0  # draft tokens verified and kept
+    drafts_rejected: int = 0  # ... and not kept
     lookup: PromptLookup | None = None  # drafts from its own tokens instead (--speculate), when it can
     thinking: ThinkingState | None = None  # with GenerationRequest.reasoning
 

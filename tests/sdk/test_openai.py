@@ -83,13 +83,21 @@ def test_bad_request(client):
 
 def test_prediction(client):
     """OpenAI's predicted outputs share Mistral's shape; a prediction leaves the greedy output as it
-    is (a short answer here: test_mistralai.py has the long one)."""
-    text = client.chat.completions.create(model="m", messages=HI, max_tokens=20, temperature=0) \
-        .choices[0].message.content
-    for guess in (text, "something else entirely"):
+    is (a short answer here: test_mistralai.py has the long one), and usage says how many of its
+    tokens were kept, and verified and not kept."""
+    plain = client.chat.completions.create(model="m", messages=HI, max_tokens=20, temperature=0)
+    text = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # no prediction, no thinking
+    kept, half_wrong = {}, text[: len(text) // 2] + " banana" + text[len(text) // 2 :]
+    for guess in (text, half_wrong, "something else entirely"):
         r = client.chat.completions.create(model="m", messages=HI, max_tokens=20, temperature=0,
                                            prediction={"type": "content", "content": guess})
         assert r.choices[0].message.content == text
+        details = r.usage.completion_tokens_details
+        kept[guess] = (details.accepted_prediction_tokens, details.rejected_prediction_tokens)
+    assert kept[text][0] >= r.usage.completion_tokens // 2 and kept[text][1] <= 8
+    assert kept[half_wrong][0] > 0 and kept[half_wrong][1] > 0  # " banana" drafted, not kept
+    assert kept["something else entirely"][0] == 0  # never drafted: nothing of it matched the output
 
 
 # -- SiliconFlow ----------------------------------------------------------------------------------

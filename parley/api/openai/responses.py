@@ -41,6 +41,7 @@ class Envelope:
 class Usage:
     def __init__(self):
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = self.reasoning_tokens = 0
+        self.prediction: list[int] | None = None  # accepted, rejected: with a prediction
         self._prompts_counted: set[int] = set()
 
     def add(self, request_index: int, final: FinalEvent) -> None:
@@ -51,15 +52,22 @@ class Usage:
             self.cached_tokens += final.cached_tokens
         self.completion_tokens += final.generated_tokens
         self.reasoning_tokens += final.reasoning_tokens
+        if final.prediction_tokens is not None:
+            self.prediction = [a + b for a, b in zip(self.prediction or [0, 0], final.prediction_tokens)]
 
     def json(self) -> dict:
         """OpenAI's usage; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache held;
-        `completion_tokens_details.reasoning_tokens` only for thinking models, which have some."""
+        `completion_tokens_details.reasoning_tokens` only for thinking models, which have some, and
+        its `accepted_prediction_tokens` / `rejected_prediction_tokens` with a prediction: its draft
+        tokens kept, and those verified and not kept (which cost a step's rows as OpenAI bills them)."""
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                  "total_tokens": self.prompt_tokens + self.completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-        if self.reasoning_tokens:
-            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        details = {"reasoning_tokens": self.reasoning_tokens} if self.reasoning_tokens else {}
+        if self.prediction is not None:
+            details["accepted_prediction_tokens"], details["rejected_prediction_tokens"] = self.prediction
+        if details:
+            usage["completion_tokens_details"] = details
         return usage
 
 
