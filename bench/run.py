@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -127,6 +128,8 @@ def load_engine(args):
     engine = AsyncEngine.load(EngineConfig(model_id=args.model_id, dtype=args.dtype, num_threads=args.threads,
                                            quantize=args.quantize, speculate=args.speculate))
     engine.start()
+    gc.collect()
+    gc.freeze()  # what loading made, out of the collector's sight, as the server does (parley/api/state.py)
     return engine
 
 
