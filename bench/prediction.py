@@ -3,6 +3,7 @@ plain, then again with drafts, and the times, steps and texts compared.
 
     python bench/prediction.py [--sampled] [--dtype float32] [--threads 2] [--max-tokens 128]
     python bench/prediction.py --speculate 4 [--sampled]
+    python bench/prediction.py --concurrency 8 [--sampled]   # then 8 requests at once: tok/s
 
 Default: the plain answer's own text as the prediction (Mistral's `prediction`): a correct one.
 `--speculate N`: no prediction, N draft tokens a step from the request's own prompt and output
@@ -65,7 +66,26 @@ async def main(args) -> None:
     stats = engine.stats()
     print(f"all prompts: {total[0]:.2f} s plain, {total[1]:.2f} s drafted ({total[0] / total[1]:.2f}x); "
           f"drafts kept {stats.draft_accepted_tokens} of {stats.draft_tokens}")
+    if args.concurrency > 1:
+        await concurrently(engine, args)
     await engine.shutdown()
+
+
+async def concurrently(engine: AsyncEngine, args) -> None:
+    """`--concurrency N` requests at once (the prompts in turn), plain and then drafted: tok/s."""
+    rendered = [engine.chat_template.render([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+                for i in range(args.concurrency)]
+    engine.core.speculate = 0
+    texts = [(await timed(engine, r, args, None))[0].text for r in rendered[: len(PROMPTS)]]
+    for name, speculate, predictions in (("plain", 0, [None] * len(rendered)),
+                                         ("drafted", args.speculate,
+                                          [None if args.speculate else texts[i % len(PROMPTS)] for i in range(len(rendered))])):
+        engine.core.speculate = speculate
+        start = time.perf_counter()
+        done = await asyncio.gather(*(timed(engine, r, args, p) for r, p in zip(rendered, predictions)))
+        seconds = time.perf_counter() - start
+        tokens = sum(final.generated_tokens for final, _, _ in done)
+        print(f"concurrency {args.concurrency}, {name}: {tokens / seconds:.1f} tok/s ({tokens} tokens in {seconds:.2f} s)")
 
 
 if __name__ == "__main__":
@@ -75,4 +95,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sampled", action="store_true")
     parser.add_argument("--speculate", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=1, help="then N requests at once, plain and drafted")
     asyncio.run(main(parser.parse_args()))

@@ -89,28 +89,38 @@ class ModelRunner:
         if sample_index:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
             result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None, owned=True)
-        for (s, first), draft_rows in zip(verify_spans, verify_rows, strict=True):
-            result.verified[s.seq.seq_id] = self._verify(s.spec_tokens, hidden[first : first + len(draft_rows)], draft_rows)
+        if verify_spans:
+            result.verified = self._verify(verify_spans, verify_rows, hidden)
         return result
 
-    def _verify(self, drafts: list[int], hidden: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """Choose a token at every draft position as plain decoding would there (the same sampler, the
-        position's row, the next draws of the sequence's generator), keep the drafts while each is
-        the token chosen before it, then the token chosen after the last one kept. The logits are
-        bit-identical to one-token steps' (batch invariance), so the output is exactly plain
-        decoding's, sampled too, provided nothing in the rows depends on the tokens before them
-        (drafts.verifies_exactly). The generator is left as after one draw per token kept."""
-        generator = rows[0].generator
-        state = generator.get_state() if generator is not None else None
-        out = self.sampler(self.model.compute_logits(hidden), rows, owned=True)
-        kept = 0
-        while kept < len(drafts) and out.token_ids[kept] == drafts[kept]:
-            kept += 1
-        if state is not None:
-            generator.set_state(state)
-            skip_draws(generator, kept + 1, self.device)
-        end = kept + 1
-        return SamplerOutput(out.token_ids[:end], out.logprobs[:end], out.top_ids[:end], out.top_logprobs[:end])
+    def _verify(self, spans: list[tuple[ScheduledSequence, int]], rows: list[list[SamplingRow]],
+                hidden: torch.Tensor) -> dict[int, SamplerOutput]:
+        """For each sequence with drafts, choose a token at every draft position as plain decoding
+        would there (the same sampler, the position's row, the next draws of the sequence's
+        generator), keep the drafts while each is the token chosen before it, then the token chosen
+        after the last one kept. The logits are bit-identical to one-token steps' (batch
+        invariance), so the output is exactly plain decoding's, sampled too, provided nothing in the
+        rows depends on the tokens before them (drafts.verifies_exactly). Each generator is left as
+        after one draw per token kept. Every sequence's positions go through one lm_head call and one
+        sampler call: one call each per sequence read the lm_head's 28 MB from memory again for each."""
+        index = [first + i for (_, first), seq_rows in zip(spans, rows, strict=True) for i in range(len(seq_rows))]
+        states = [seq_rows[0].generator.get_state() if seq_rows[0].generator is not None else None for seq_rows in rows]
+        out = self.sampler(self.model.compute_logits(hidden[self._tensor(index)]), [r for seq_rows in rows for r in seq_rows],
+                           owned=True)
+        verified, start = {}, 0
+        for (s, _), seq_rows, state in zip(spans, rows, states):
+            drafts, chosen = s.spec_tokens, out.token_ids[start : start + len(seq_rows)]
+            kept = 0
+            while kept < len(drafts) and chosen[kept] == drafts[kept]:
+                kept += 1
+            if state is not None:
+                seq_rows[0].generator.set_state(state)
+                skip_draws(seq_rows[0].generator, kept + 1, self.device)
+            end = start + kept + 1
+            verified[s.seq.seq_id] = SamplerOutput(out.token_ids[start:end], out.logprobs[start:end],
+                                                   out.top_ids[start:end], out.top_logprobs[start:end])
+            start += len(seq_rows)
+        return verified
 
     def _attention_metadata(self, sched: SchedulerOutput, table_of: Callable[[Sequence], list[int]]) -> AttentionMetadata:
         """Where the step's tokens write and read, by each sequence's table `table_of(seq)`."""
