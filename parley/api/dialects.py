@@ -94,7 +94,7 @@ SILICONFLOW_THINKING_BUDGET = (128, 32768)  # its documented range; its default 
 class Prediction(BaseModel):
     """A predicted output (Mistral, OpenAI): verified as speculative draft tokens, so a right
     prediction makes decoding faster, greedy or sampled, and a wrong one costs little; the output is
-    unchanged (with penalties, a watermark, a grammar or a thinking budget it is not used)."""
+    unchanged (with a grammar or a thinking budget it is not used)."""
 
     type: Literal["content"] = "content"
     content: str | list[ContentPart]

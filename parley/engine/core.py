@@ -145,8 +145,8 @@ class EngineCore:
         try:
             allowed, filled = self.inputs.allowed_tokens(sampling)
             result = self.runner.execute(sched, [self.inputs.sampling_row(seq) for seq in sampling],
-                                         [[self.inputs.sampling_row(s.seq, i) for i in range(len(s.spec_tokens) + 1)]
-                                          for s in sched.scheduled if s.spec_tokens],
+                                         [[self.inputs.sampling_row(s.seq, s.spec_tokens[:i])
+                                           for i in range(len(s.spec_tokens) + 1)] for s in sched.scheduled if s.spec_tokens],
                                          allowed)
         except Exception as exc:  # a failed forward: fail the requests in it, keep serving the rest
             log.exception("engine step failed")

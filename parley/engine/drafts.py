@@ -68,10 +68,8 @@ class PromptLookup:
 
 def verifies_exactly(request: GenerationRequest, state) -> bool:
     """Whether draft tokens may be used: each draft position is sampled as a one-token step would
-    sample it (runner.py), which is exact when nothing in the sampling depends on the tokens before
-    the position: no penalties over the output, no watermark (seeded by the previous token), no
-    grammar (`state.matcher`) and no thinking budget forcing tokens. Greedy or sampled, logit_bias
-    and top_n_tokens are row by row and do not matter."""
-    p = request.sampling
-    by_history = p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0 or p.watermark
-    return not by_history and state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)
+    sample it there (runner.py), its row taking the drafts before it as output (penalties, the
+    watermark's previous token, EOS before min_new_tokens: engine/inputs.py). Not with a grammar
+    (`state.matcher`), whose state would have to follow the drafts, nor a thinking budget forcing
+    tokens."""
+    return state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)

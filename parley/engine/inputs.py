@@ -24,20 +24,24 @@ class StepInputs:
         # Fills grammar bitmasks while the forward runs (llguidance only: no torch op off the engine thread).
         self.grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="parley-grammar")
 
-    def sampling_row(self, seq: Sequence, ahead: int = 0) -> SamplingRow:
-        """`ahead`: the row of the sequence's draft position that many tokens after its next one."""
+    def sampling_row(self, seq: Sequence, drafted: list[int] | tuple = ()) -> SamplingRow:
+        """`drafted`: the row of a draft position, after these draft tokens, taken as output (if they
+        are not kept, the position's token is not either)."""
         req: RequestState = seq.group
         state = self.states[seq.seq_id]
         params, stopping = req.request.sampling, req.request.stopping
         needs_history = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+        output = seq.output_ids + list(drafted) if needs_history or params.watermark else []
         suppressed = ()
-        if seq.num_output_tokens + ahead < stopping.min_new_tokens:
+        if seq.num_output_tokens + len(drafted) < stopping.min_new_tokens:
             suppressed = tuple(self.model_eos_ids.union(stopping.extra_eos_token_ids))
+        # the watermark's green list follows the previous token: the prompt's last before any output
+        needs_prompt = needs_history or (params.watermark and not output)
         return SamplingRow(
             params=params,
             generator=state.generator,
-            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if needs_history else [],
-            output_ids=seq.output_ids if needs_history or params.watermark else [],
+            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if needs_prompt else [],
+            output_ids=output,
             suppressed_ids=suppressed,
         )
 

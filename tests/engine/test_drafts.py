@@ -43,14 +43,13 @@ def test_prompt_lookup_needs_two_tokens_in_common():
     assert PromptLookup(k=3).propose([5, 6, 7, 5], 8) == []
 
 
-def test_drafts_are_used_unless_the_sampling_depends_on_earlier_tokens():
+def test_drafts_are_used_unless_a_grammar_or_a_thinking_budget_decides_tokens():
     state = SequenceState(detokenizer=None, generator=None, seed=None)
-    row_by_row = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, top_k=20),
-                  SamplingParams(logit_bias={1: 2.0}), SamplingParams(top_n_tokens=3)]
-    assert all(verifies_exactly(GenerationRequest("x", sampling=p), state) for p in row_by_row)
-    by_history = [SamplingParams(repetition_penalty=1.1), SamplingParams(frequency_penalty=0.5),
-                  SamplingParams(presence_penalty=0.5), SamplingParams(watermark=True)]
-    assert not any(verifies_exactly(GenerationRequest("x", sampling=p), state) for p in by_history)
+    any_sampling = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, top_k=20),
+                    SamplingParams(logit_bias={1: 2.0}), SamplingParams(top_n_tokens=3),
+                    SamplingParams(repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5),
+                    SamplingParams(watermark=True)]
+    assert all(verifies_exactly(GenerationRequest("x", sampling=p), state) for p in any_sampling)
     state.matcher = object()
     assert not verifies_exactly(GenerationRequest("x"), state)
     state.matcher = None

@@ -59,18 +59,19 @@ CHATS = ["Write a poem about the sea.", "Explain what a prime number is.", "Desc
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
     """A request gets the same tokens alone, in a busy mixed batch (prompt chunks beside decode rows),
-    as a sibling of `n`, with a prediction, right or wrong halfway, greedy or sampled, and with
-    --speculate's drafts; in bfloat16 its logprobs are bit-identical too. (float32 logprobs can differ in their last bits: MKL's batched sgemm in the
-    attention rounds with the number of sequences, see README "Determinism".) Found broken before:
+    as a sibling of `n`, with a prediction, right or wrong halfway, greedy, sampled or penalized,
+    and with --speculate's drafts; in bfloat16 its logprobs are bit-identical too. (float32
+    logprobs can differ in their last bits: MKL's batched sgemm in the attention rounds with the
+    number of sequences, see README "Determinism".) Found broken before:
     one-row steps rounded the 1536-wide down projection differently from batched steps, and on an
     AMX Xeon oneDNN's tile kernels did for every number of rows."""
     engine = AsyncEngine.load(EngineConfig(dtype=dtype, num_threads=2))
     engine.start()
 
-    async def answers(prompt, n=1, seeds=None, draft=None):
+    async def answers(prompt, n=1, seeds=None, draft=None, **sampling):
         request = GenerationRequest(engine.chat_template.render([{"role": "user", "content": prompt}]),
                                     add_special_tokens=False, n=n, seeds=seeds, draft_text=draft,
-                                    sampling=SamplingParams(do_sample=seeds is not None),
+                                    sampling=SamplingParams(do_sample=seeds is not None, **sampling),
                                     stopping=StoppingCriteria(max_new_tokens=64))
         finals = [e async for e in engine.generate(request) if isinstance(e, FinalEvent)]
         return [(f.text, [(t.id, t.logprob) if dtype == "bfloat16" else t.id for t in f.tokens])
@@ -89,6 +90,12 @@ def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
             assert await answers(prompt, seeds=seeds, draft=text) == [(text, tokens)]
             wrong_halfway = text[: len(text) // 2] + " banana" + text[len(text) // 2 :]
             assert await answers(prompt, seeds=seeds, draft=wrong_halfway) == [(text, tokens)]
+        # penalties and the watermark see each draft position's own history
+        penalized = dict(frequency_penalty=0.8, repetition_penalty=1.3, watermark=True)
+        text, tokens = (await answers(CHATS[1], seeds=[9], **penalized))[0]
+        kept = engine.stats().draft_accepted_tokens
+        assert await answers(CHATS[1], seeds=[9], draft=text, **penalized) == [(text, tokens)]
+        assert engine.stats().draft_accepted_tokens > kept
         engine.core.speculate, drafted = 4, engine.stats().draft_tokens  # as `--speculate 4` (read per request)
         assert [(await answers(p))[0] for p in CHATS] == alone
         assert (await answers(CHATS[0], seeds=[5]))[0] == seeded
