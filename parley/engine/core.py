@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from parley.adapters.registry import LoRARegistry
-from parley.engine.drafts import PromptLookup, verifies_exactly
+from parley.engine.drafts import PredictedOutput, PromptLookup, verifies_exactly
 from parley.engine.inputs import StepInputs
 from parley.engine.output import OutputProcessor
 from parley.engine.request import PreparedRequest, RequestState, SequenceState, Sink
@@ -208,10 +208,7 @@ class EngineCore:
                 generator, seed, prepared.matchers[index] if prepared.matchers else None,
                 thinking=ThinkingState.start(request.reasoning) if request.reasoning else None)
             if (prepared.draft_ids or self.speculate) and verifies_exactly(request, state):
-                if prepared.draft_ids:
-                    state.draft = prepared.draft_ids
-                else:
-                    state.lookup = PromptLookup(self.speculate)
+                state.drafts = PredictedOutput(prepared.draft_ids) if prepared.draft_ids else PromptLookup(self.speculate)
             self.states[seq.seq_id] = state
             req.sequences.append(seq)
         self.requests[request.request_id] = req

@@ -12,26 +12,44 @@ continue as they did before.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from parley.types import GenerationRequest
 
-MAX_DRAFT_TOKENS = 8  # per step; verifying them costs little more than one token on a memory-bound step
+MAX_DRAFT_TOKENS = 8  # per step and sequence; each is a row of the step (4 drafts: 1.4x a one-token step, Zen 4)
 
 
-def propose(prediction: list[int], cursor: int, output: list[int], k: int) -> tuple[list[int], int]:
-    """Up to `k` draft tokens and the new cursor (index in `prediction` of the next expected token)."""
-    if k <= 0:
-        return [], cursor
-    if not output:
-        return prediction[:k], 0
-    for n in (3, 2, 1):
-        if len(output) < n:
-            continue
-        tail = output[-n:]
-        for j in range(max(cursor - n, 0), len(prediction) - n + 1):
-            if prediction[j : j + n] == tail:
-                cursor = j + n
-                return prediction[cursor : cursor + k], cursor
-    return [], cursor
+class PredictedOutput:
+    """Drafts from a predicted output: after each step, where the output's last three (else two,
+    else one) tokens first occur in the prediction at or after where the output last was, and what
+    follows. The prediction's n-grams are indexed once (a 2,000-token prediction the output had left
+    was scanned in ~0.6 ms a step before)."""
+
+    NGRAMS = (3, 2, 1)
+
+    def __init__(self, prediction: list[int]):
+        self.prediction = prediction
+        self.cursor = 0  # index in `prediction` of the next expected token
+        self.starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> where it starts, ascending
+        for n in self.NGRAMS:
+            for j in range(len(prediction) - n + 1):
+                self.starts.setdefault(tuple(prediction[j : j + n]), []).append(j)
+
+    def propose(self, tokens: list[int], num_output: int, k: int) -> list[int]:
+        """Up to `k` draft tokens to follow `tokens`, whose last `num_output` are the output."""
+        if k <= 0:
+            return []
+        if not num_output:
+            return self.prediction[:k]
+        for n in self.NGRAMS:
+            if num_output < n:
+                continue
+            starts = self.starts.get(tuple(tokens[-n:]), ())
+            at = bisect_left(starts, max(self.cursor - n, 0))
+            if at < len(starts):
+                self.cursor = starts[at] + n
+                return self.prediction[self.cursor : self.cursor + k]
+        return []
 
 
 class PromptLookup:
@@ -48,7 +66,7 @@ class PromptLookup:
         self.after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
         self.indexed = 0  # n-grams ending before this position are in `after`
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, tokens: list[int], num_output: int, k: int) -> list[int]:
         """Up to min(k, self.k) draft tokens to follow `tokens` (prompt and output)."""
         end = len(tokens) - 1  # the n-grams ending at the last token are the ones looked up
         for i in range(self.indexed, end):

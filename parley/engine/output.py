@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from parley.engine.drafts import MAX_DRAFT_TOKENS, propose
+from parley.engine.drafts import MAX_DRAFT_TOKENS, PredictedOutput, PromptLookup
 from parley.engine.request import RequestState, SequenceState, deliver
 from parley.engine.runner import StepResult
 from parley.engine.scheduler import Scheduler, SchedulerOutput
@@ -93,10 +93,9 @@ class OutputProcessor:
     def _propose_drafts(self, seq: Sequence, state: SequenceState) -> None:
         stopping = seq.group.request.stopping
         room = min(MAX_DRAFT_TOKENS, stopping.max_new_tokens - seq.num_output_tokens - 1)
-        if state.draft:
-            seq.spec_tokens, state.draft_cursor = propose(state.draft, state.draft_cursor, seq.output_ids, room)
-        elif len(self.scheduler.running) <= LOOKUP_MAX_RUNNING:
-            seq.spec_tokens = state.lookup.propose(seq.token_ids, room)
+        if isinstance(state.drafts, PromptLookup) and len(self.scheduler.running) > LOOKUP_MAX_RUNNING:
+            return
+        seq.spec_tokens = state.drafts.propose(seq.token_ids, seq.num_output_tokens, room)
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float, top_ids, top_logprobs) -> None:
         req: RequestState = seq.group
@@ -131,7 +130,7 @@ class OutputProcessor:
         req.events.append(TokenEvent(seq.index, token, text, top))
         if reason is not None:
             self._finish_sequence(seq, reason)
-        elif state.draft or state.lookup is not None:
+        elif state.drafts is not None:
             self._propose_drafts(seq, state)
 
     def _finish_sequence(self, seq: Sequence, reason: FinishReason) -> None:
@@ -156,7 +155,8 @@ class OutputProcessor:
             stop_sequence=state.detokenizer.stop_sequence, queue_s=first - req.arrival, inference_s=now - first,
             cached_tokens=seq.num_cached_tokens or 0,
             reasoning_tokens=state.thinking.thought if state.thinking else 0,
-            prediction_tokens=(state.drafts_kept, state.drafts_rejected) if state.draft else None))
+            prediction_tokens=((state.drafts_kept, state.drafts_rejected) if isinstance(state.drafts, PredictedOutput)
+                               else None)))
         if all(s.is_finished for s in req.sequences) and not req.waiting_siblings:
             self.forget(req)
 

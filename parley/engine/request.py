@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from parley.engine.drafts import PromptLookup
+from parley.engine.drafts import PredictedOutput, PromptLookup
 from parley.engine.sequence import Sequence
 from parley.engine.thinking import ThinkingState
 from parley.tokenization.detokenizer import IncrementalDetokenizer
@@ -59,11 +59,9 @@ class SequenceState:
     top_tokens: list[list[Token]] = field(default_factory=list)
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top: list[tuple[list[int], list[float]]] = field(default_factory=list)  # with prompt_top_tokens
-    draft: list[int] = field(default_factory=list)  # a prediction; empty unless the sequence can speculate exactly
-    draft_cursor: int = 0
+    drafts: PredictedOutput | PromptLookup | None = None  # where its draft tokens come from, if it can use any
     drafts_kept: int = 0  # draft tokens verified and kept
     drafts_rejected: int = 0  # ... and not kept
-    lookup: PromptLookup | None = None  # drafts from its own tokens instead (--speculate), when it can
     thinking: ThinkingState | None = None  # with GenerationRequest.reasoning
 
 
