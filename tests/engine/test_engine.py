@@ -186,6 +186,33 @@ async def test_preemption_under_a_tiny_block_budget_keeps_outputs_exact(model_di
         small.core.stop()
 
 
+async def test_drafts_beside_preemptions_keep_outputs_exact(model_dir, engine):
+    """Predictions verified while a tiny block budget preempts sequences (their drafts dropped,
+    their generators rewound after each verification): greedy, seeded and n=2 requests get the tokens
+    the plain engine gives them."""
+    small = start_tiny_engine(model_dir, max_total_tokens=128, max_batch_total_tokens=128, block_size=16)
+    preempted = []
+    preempt = small.core.scheduler._preempt
+    small.core.scheduler._preempt = lambda seq, out: (preempted.append(seq), preempt(seq, out))
+
+    def request(i, prediction=None):
+        seeded = dict(seeds=[i, i + 1], n=2, sampling=SamplingParams(do_sample=True, temperature=0.9)) if i % 2 else {}
+        r = greedy(PROMPTS[i], max_new_tokens=40, draft_text=prediction, **seeded)
+        r.stopping.min_new_tokens = 0
+        return r
+
+    try:
+        expected = await asyncio.gather(*(collect(engine, request(i)) for i in range(4)))
+        predictions = [finals[0].text for finals, _ in expected]
+        results = await asyncio.gather(*(collect(small, request(i, predictions[i])) for i in range(4)))
+        assert preempted and small.stats().draft_accepted_tokens > 0
+        for (got, _), (want, _) in zip(results, expected):
+            assert {i: [t.id for t in f.tokens] for i, f in got.items()} == {i: [t.id for t in f.tokens] for i, f in want.items()}
+        assert small.stats().kv_blocks_used == 0
+    finally:
+        small.core.stop()
+
+
 async def test_prompt_logprobs_of_a_prompt_preempted_midway_are_counted_once(model_dir, engine):
     """A prompt preempted between two of its chunks is computed again from its start: its tokens'
     logprobs and alternatives come once each, the same as where nothing was preempted."""
