@@ -54,9 +54,9 @@ class ModelRunner:
                 allowed: Callable[[], torch.Tensor] | None = None) -> StepResult:
         """`rows` holds the sampling state of every scheduled sequence that samples without drafts,
         in schedule order, and `verify_rows` that of every sequence with draft tokens, one row for
-        each of its draft positions and one for the token after them. `allowed`
-        gives the rows' grammar mask [B, V] (True = allowed), asked for only after the forward: it
-        may be computed meanwhile."""
+        each of its draft positions and one for the token after them. `allowed` gives the rows'
+        grammar mask [B, V] (True = allowed), asked for only after the forward: it may be computed
+        meanwhile."""
         input_ids, positions = [], []
         token_loras = []  # the LoRA adapter of each token (0: base model)
         sample_index = []  # flat-batch index of each sampling sequence's last token
@@ -102,7 +102,7 @@ class ModelRunner:
         invariance), so the output is exactly plain decoding's, sampled too, provided nothing in the
         rows depends on the tokens before them (drafts.verifies_exactly). Each generator is left as
         after one draw per token kept. Every sequence's positions go through one lm_head call and one
-        sampler call: one call each per sequence read the lm_head's 28 MB from memory again for each."""
+        sampler call (a call per sequence read the lm_head's 28 MB from memory again for each)."""
         index = [first + i for (_, first), seq_rows in zip(spans, rows, strict=True) for i in range(len(seq_rows))]
         states = [seq_rows[0].generator.get_state() if seq_rows[0].generator is not None else None for seq_rows in rows]
         out = self.sampler(self.model.compute_logits(hidden[self._tensor(index)]), [r for seq_rows in rows for r in seq_rows],
