@@ -131,8 +131,11 @@ def test_a_schema_keyword_the_grammar_cannot_take_is_named_tools(server):
 
 def test_structured_output_with_tools_names_the_format_as_sent(fake_server):
     """Chat's `response_format` with tools is a 422: the translated APIs' formats, in their words."""
-    anthropic_error(messages(fake_server, {"tools": [anthropic_tool("f")], "output_config": {
-        "format": {"type": "json_schema", "schema": {"type": "object"}}}}), "`output_config.format` and `tools`")
+    structured = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+    anthropic_error(messages(fake_server, {"tools": [anthropic_tool("f")], "output_config": structured}),
+                    '`output_config.format` and `tools` cannot be combined: drop one, or set `tool_choice` to {"type": "none"}')
+    r = messages(fake_server, {"tools": [anthropic_tool("f")], "output_config": structured, "tool_choice": {"type": "none"}})
+    assert r.status_code == 200, r.text
     r = responses(fake_server, {"tools": [responses_tool("f")], "text": {"format": {"type": "json_object"}}})
     error = r.json()["error"]
     assert r.status_code == 422 and error["param"] == "text.format" and "`text.format` and `tools`" in error["message"]

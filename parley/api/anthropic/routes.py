@@ -98,6 +98,10 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
         fields.update(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                       stop=body.stop_sequences, stream=body.stream)
         if body.output_config and body.output_config.format:
+            # chat's own check would advise chat's `tool_choice` "none"; the same rule, in this API's words
+            require(not body.tools or (body.tool_choice is not None and body.tool_choice.type == "none"),
+                    "Input validation error: `output_config.format` and `tools` cannot be combined: drop one, or "
+                    'set `tool_choice` to {"type": "none"}', "output_config.format")
             fields["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "output", "schema": body.output_config.format.schema_}}
     return dialects.translated_chat_body(fields, WIRE_NAMES)
