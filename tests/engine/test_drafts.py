@@ -1,4 +1,4 @@
-"""Draft tokens from a predicted output (parley/engine/drafts.py)."""
+"""Draft tokens from a predicted output and from a sequence's own tokens (parley/engine/drafts.py)."""
 
 from parley.engine.drafts import PredictedOutput, PromptLookup, verifies_exactly
 from parley.engine.request import SequenceState
