@@ -63,9 +63,11 @@ class OutputProcessor:
             out = result.sampled
             self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],
                          out.top_ids[row], out.top_logprobs[row])
-        for seq_id, verified in result.verified.items():
-            s = next(s for s in sched.scheduled if s.seq.seq_id == seq_id)
-            self._safely(self._append_verified, s.seq, verified, len(s.spec_tokens))
+        if result.verified:
+            scheduled = {s.seq.seq_id: s for s in sched.scheduled}
+            for seq_id, verified in result.verified.items():
+                s = scheduled[seq_id]
+                self._safely(self._append_verified, s.seq, verified, len(s.spec_tokens))
         self._flush_events({id(s.seq.group): s.seq.group for s in sched.scheduled}.values())
 
     def _safely(self, append, seq: Sequence, *args) -> None:
@@ -80,15 +82,16 @@ class OutputProcessor:
     def _append_verified(self, seq: Sequence, out: SamplerOutput, drafted: int) -> None:
         """Accepted draft tokens plus the model's next one; the drafts' K/V is already cached."""
         state, kept = self.states[seq.seq_id], len(out.token_ids) - 1
-        state.drafts_kept += kept
         state.drafts_rejected += drafted - kept
         self.num_draft_tokens += drafted
-        self.num_accepted_tokens += kept
-        for token in zip(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs):
+        for i, token in enumerate(zip(out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)):
+            if i < kept:  # a kept draft counts as it joins the output (a stop string may end it first)
+                state.drafts_kept += 1
+                self.num_accepted_tokens += 1
             self._append_token(seq, *token)
             if seq.is_finished:
                 return
-        self.scheduler.advance(seq, len(out.token_ids) - 1)
+        self.scheduler.advance(seq, kept)
 
     def _propose_drafts(self, seq: Sequence, state: SequenceState) -> None:
         stopping = seq.group.request.stopping
