@@ -89,6 +89,16 @@ class CallGuard:
         self._history.append(token)
         self._follow(token)
 
+    def snapshot(self) -> dict:
+        """Where it stands, for `restore` (drafts followed, then forgotten): a copy, not a replay."""
+        state = dict(vars(self))
+        state.update(_text=bytearray(self._text), _ends=list(self._ends), _earlier=list(self._earlier),
+                     _history=list(self._history))
+        return state
+
+    def restore(self, state: dict) -> None:
+        vars(self).update(state)
+
     def rollback(self, num_tokens: int) -> None:
         history = self._history[: len(self._history) - num_tokens]
         self._history = history
@@ -173,7 +183,7 @@ class CallGuard:
                 rest = earlier[len(current) :]
                 refused.update(self._vocab.starting_with(rest))
                 refused.update(t for t in self._vocab.prefixes_of(rest)
-                               if _allowed(row, t) and _forces(matcher, t, self._vocab.of[t], rest))
+                               if allows(row, t) and _forces(matcher, t, self._vocab.of[t], rest))
         _clear(row, refused)
 
 
@@ -183,13 +193,14 @@ def _forces(matcher: llguidance.LLMatcher, token: int, token_bytes: bytes, text:
     return after.consume_token(token) and (token_bytes + after.compute_ff_bytes()).startswith(text)
 
 
-def _allowed(row: np.ndarray, token: int) -> bool:
-    return bool(row[token >> 5] >> np.uint32(token & 31) & np.uint32(1))
+def allows(row: np.ndarray, token: int) -> bool:
+    """Whether a bitmask row (int32 or uint32 words) allows `token`."""
+    return bool(row.view(np.uint32)[token >> 5] >> np.uint32(token & 31) & np.uint32(1))
 
 
 def _clear(row: np.ndarray, tokens: set[int]) -> None:
     """Clear the bits of `tokens`, unless that leaves no token allowed."""
-    allowed = [t for t in tokens if t < len(row) * 32 and _allowed(row, t)]
+    allowed = [t for t in tokens if t < len(row) * 32 and allows(row, t)]
     if not allowed:
         return
     cleared = row.copy()
@@ -203,7 +214,7 @@ def _keep_only(row: np.ndarray, tokens: list[int]) -> None:
     """Allow only those of `tokens` the row allows, unless that leaves none."""
     kept = np.zeros_like(row)
     for t in tokens:
-        if t < len(row) * 32 and _allowed(row, t):
+        if t < len(row) * 32 and allows(row, t):
             kept[t >> 5] |= np.uint32(1 << (t & 31))
     if kept.any():
         row[:] = kept

@@ -8,7 +8,7 @@ import llguidance
 import numpy as np
 import torch
 
-from parley.structured.calls import CallGuard
+from parley.structured.calls import CallGuard, allows
 
 # The output so far ends inside a number (or so it seems without knowing whether a string is
 # open): only then can the number bound take a token away.
@@ -76,11 +76,40 @@ class GrammarMatcher:
             return True
         self._tokens.append(token_id)
         self._tail = (self._tail + self._token_bytes[token_id])[-3:]
-        if self._numbers is not None and not self._numbers.consume_token(token_id):
+        if self._numbers is not None and not (self._numbers.validate_tokens([token_id]) and
+                                              self._numbers.consume_token(token_id)):
             self._numbers = None  # the grammar insisted on what the bound refuses: follow it alone
         if self._calls is not None:
             self._calls.accept(self._token_bytes[token_id])
         return True
+
+    def fill_draft_rows(self, drafts: list[int], rows: np.ndarray) -> None:
+        """rows[i] (bitmask rows, as fill_row writes them): the mask after drafts[:i], each draft taken
+        as the output would take it, for as long as the mask allows the next draft and the grammar
+        is not complete; rows after that are left as they are (they cannot be used: the draft before
+        them is not kept, or the output ends). The matcher is left where it was."""
+        numbers, tail, num_tokens = self._numbers, self._tail, len(self._tokens)
+        calls = self._calls.snapshot() if self._calls is not None else None
+        bounded = 0  # drafts the number bound consumed (before dropping out, if it did)
+        self.fill_row(rows[0])
+        taken = 0
+        for token in drafts:
+            if self._matcher.is_stopped() or not allows(rows[taken], token):
+                break
+            followed = self._numbers
+            if not self.accept(token):
+                raise ValueError(f"draft token {token} refused by the grammar: {self.error}")
+            bounded += followed is not None and self._numbers is followed
+            taken += 1
+            self.fill_row(rows[taken])
+        if not self._matcher.rollback(taken):
+            raise ValueError(f"cannot roll back {taken} draft tokens: {self._matcher.get_error()}")
+        if numbers is not None and not numbers.rollback(bounded):
+            raise ValueError(f"cannot roll back the number bound: {numbers.get_error()}")
+        self._numbers, self._tail = numbers, tail
+        del self._tokens[num_tokens:]
+        if calls is not None:
+            self._calls.restore(calls)
 
     def is_terminated(self) -> bool:
         """The grammar is complete (or broken): nothing but EOS may follow, generation must stop."""
