@@ -4,23 +4,28 @@ plain, then again with drafts, and the times, steps and texts compared.
     python bench/prediction.py [--sampled] [--dtype float32] [--threads 2] [--max-tokens 128]
     python bench/prediction.py --speculate 4 [--sampled]
     python bench/prediction.py --concurrency 8 [--sampled]   # then 8 requests at once: tok/s
+    python bench/prediction.py --json [--sampled]            # each answer held to a JSON schema
 
 Default: the plain answer's own text as the prediction (Mistral's `prediction`): a correct one.
 `--speculate N`: no prediction, N draft tokens a step from the request's own prompt and output
 (prompt lookup, `parley serve --speculate N`). `--sampled`: temperature 0.7, top_p 0.95 and a seed
-instead of greedy; the texts must be the same either way.
+instead of greedy; the texts must be the same either way. `--json`: every answer is held to the
+schema {"answer": string} (response_format), whose grammar masks each draft position too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 
 from parley.config import EngineConfig
 from parley.engine.async_engine import AsyncEngine
-from parley.types import FinalEvent, GenerationRequest, SamplingParams, StoppingCriteria
+from parley.types import FinalEvent, GenerationRequest, Grammar, SamplingParams, StoppingCriteria
 
+ANSWER = Grammar("json", json.dumps({"type": "object", "properties": {"answer": {"type": "string"}},
+                                    "required": ["answer"], "additionalProperties": False}))
 PROMPTS = [
     "Rewrite this sentence in the passive voice: The cat chased the mouse across the garden.",
     "Write a Python function that returns the factorial of n.",
@@ -36,7 +41,7 @@ PROMPTS = [
 async def timed(engine: AsyncEngine, prompt: str, args, prediction: str | None):
     sampling = SamplingParams(do_sample=True, temperature=0.7, top_p=0.95) if args.sampled else SamplingParams()
     request = GenerationRequest(prompt, add_special_tokens=False, draft_text=prediction, sampling=sampling,
-                                seeds=[1] if args.sampled else None,
+                                seeds=[1] if args.sampled else None, grammar=ANSWER if args.json else None,
                                 stopping=StoppingCriteria(max_new_tokens=args.max_tokens))
     steps, start = engine.core.num_steps, time.perf_counter()
     async for event in engine.generate(request):
@@ -50,10 +55,12 @@ async def main(args) -> None:
     engine.start()
     drafts = f"--speculate {args.speculate}" if args.speculate else "prediction"
     print(f"dtype={args.dtype} threads={args.threads} max_tokens={args.max_tokens} "
-          f"{'sampled' if args.sampled else 'greedy'}, drafts from: {drafts}")
+          f"{'sampled' if args.sampled else 'greedy'}{', JSON' if args.json else ''}, drafts from: {drafts}")
     print("| prompt | tokens | plain s | steps | drafted s | steps | speed-up | same text |")
     print("|---|---|---|---|---|---|---|---|")
     total = [0.0, 0.0]
+    if args.json:  # the grammar compiled (and cached) before anything is timed
+        await timed(engine, engine.chat_template.render([{"role": "user", "content": PROMPTS[0]}]), args, None)
     for prompt in PROMPTS:
         rendered = engine.chat_template.render([{"role": "user", "content": prompt}])
         engine.core.speculate = 0
@@ -95,5 +102,6 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sampled", action="store_true")
     parser.add_argument("--speculate", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="answers held to a JSON schema")
     parser.add_argument("--concurrency", type=int, default=1, help="then N requests at once, plain and drafted")
     asyncio.run(main(parser.parse_args()))

@@ -143,11 +143,12 @@ class EngineCore:
         sampling = [s.seq for s in sched.scheduled if s.samples and not s.spec_tokens]
         filled = None
         try:
-            allowed, filled = self.inputs.allowed_tokens(sampling)
+            drafting = [s for s in sched.scheduled if s.spec_tokens]
+            allowed, draft_allowed, filled = self.inputs.allowed_tokens(sampling, [(s.seq, s.spec_tokens) for s in drafting])
             result = self.runner.execute(sched, [self.inputs.sampling_row(seq) for seq in sampling],
                                          [[self.inputs.sampling_row(s.seq, s.spec_tokens[:i])
-                                           for i in range(len(s.spec_tokens) + 1)] for s in sched.scheduled if s.spec_tokens],
-                                         allowed)
+                                           for i in range(len(s.spec_tokens) + 1)] for s in drafting],
+                                         allowed, draft_allowed)
         except Exception as exc:  # a failed forward: fail the requests in it, keep serving the rest
             log.exception("engine step failed")
             for req in {id(s.seq.group): s.seq.group for s in sched.scheduled}.values():

@@ -87,7 +87,9 @@ class PromptLookup:
 def verifies_exactly(request: GenerationRequest, state) -> bool:
     """Whether draft tokens may be used: each draft position is sampled as a one-token step would
     sample it there (runner.py), its row taking the drafts before it as output (penalties, the
-    watermark's previous token, EOS before min_new_tokens: engine/inputs.py). Not with a grammar
-    (`state.matcher`), whose state would have to follow the drafts, nor a thinking budget forcing
-    tokens."""
-    return state.matcher is None and (request.reasoning is None or request.reasoning.budget is None)
+    watermark's previous token, EOS before min_new_tokens: engine/inputs.py) and its grammar mask
+    the one after them (GrammarMatcher.fill_draft_rows). Not with a thinking budget forcing tokens,
+    nor with a grammar on a thinking model (the grammar would have to follow the drafts' phases)."""
+    if request.reasoning is None:
+        return True
+    return request.reasoning.budget is None and state.matcher is None

@@ -45,32 +45,51 @@ class StepInputs:
             suppressed_ids=suppressed,
         )
 
-    def allowed_tokens(self, sampling: list[Sequence]) -> tuple[Callable[[], torch.Tensor] | None, Future | None]:
-        """The allowed tokens of the sampling rows as a function giving [B, V] bools once the forward
-        has run, and the future of the grammar bitmask being filled meanwhile on the grammar thread.
-        (None, None) when no row is constrained. A thinking sequence's grammar waits for its answer;
-        its own rules (a forced close, whether it may open a thinking) edit its row."""
+    def allowed_tokens(self, sampling: list[Sequence], drafting: list[tuple[Sequence, list[int]]] = ()
+                       ) -> tuple[Callable[[], torch.Tensor] | None, Callable[[], torch.Tensor] | None, Future | None]:
+        """The allowed tokens of the sampling rows, and of the rows of the drafting sequences' positions
+        (runner.execute's verify_rows: one row before each of its drafts and one after them), as
+        functions giving [B, V] bools once the forward has run (None: no row constrained), and the
+        future of the grammar bitmask being filled meanwhile on the grammar thread. A thinking
+        sequence's grammar waits for its answer; its own rules (a forced close, whether it may open
+        a thinking) edit its row (drafts.verifies_exactly keeps a thinking sequence with a grammar
+        from drafting)."""
         states = [self.states[seq.seq_id] for seq in sampling]
         matchers = [s.matcher if s.thinking is None or s.thinking.constrains_answer() else None for s in states]
         edits = [(row, s.thinking.mask_edit()) for row, s in enumerate(states) if s.thinking is not None]
         edits = [(row, edit) for row, edit in edits if edit is not None]
-        if all(m is None for m in matchers) and not edits:
-            return None, None
+        drafters = [(self.states[seq.seq_id].matcher, drafts) for seq, drafts in drafting]
+        sampled_masks = any(m is not None for m in matchers)
+        draft_masks = any(m is not None for m, _ in drafters)
         filled = bitmask = None
-        if any(m is not None for m in matchers):
-            bitmask = allocate_bitmask(len(matchers), self.vocab_size)
-            filled = self.grammar_thread.submit(fill_bitmasks, matchers, bitmask)
+        if sampled_masks or draft_masks:
+            bitmask = allocate_bitmask(len(matchers) + sum(len(drafts) + 1 for _, drafts in drafters), self.vocab_size)
+            filled = self.grammar_thread.submit(_fill, matchers, drafters, bitmask)
 
         def allowed() -> torch.Tensor:
-            if filled is None:
-                mask = torch.ones(len(matchers), self.vocab_size, dtype=torch.bool)
-            else:
+            if sampled_masks:
                 filled.result()
-                mask = bitmask_to_bool(bitmask, self.vocab_size)
+                mask = bitmask_to_bool(bitmask[: len(matchers)], self.vocab_size)
+            else:
+                mask = torch.ones(len(matchers), self.vocab_size, dtype=torch.bool)
             for row, (kind, token) in edits:
                 if kind == "only":
                     mask[row] = False
                 mask[row, token] = kind != "not"
             return mask.to(self.device)
 
-        return allowed, filled
+        def draft_allowed() -> torch.Tensor:
+            filled.result()
+            return bitmask_to_bool(bitmask[len(matchers) :], self.vocab_size).to(self.device)
+
+        return (allowed if sampled_masks or edits else None), (draft_allowed if draft_masks else None), filled
+
+
+def _fill(matchers: list, drafters: list, bitmask: torch.Tensor) -> None:
+    """On the grammar thread: the sampling rows' masks, then each drafting sequence's rows."""
+    fill_bitmasks(matchers, bitmask[: len(matchers)])
+    rows, at = bitmask.numpy(), len(matchers)
+    for matcher, drafts in drafters:
+        if matcher is not None:
+            matcher.fill_draft_rows(drafts, rows[at : at + len(drafts) + 1])
+        at += len(drafts) + 1

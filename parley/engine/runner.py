@@ -51,12 +51,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, rows: list[SamplingRow], verify_rows: list[list[SamplingRow]],
-                allowed: Callable[[], torch.Tensor] | None = None) -> StepResult:
+                allowed: Callable[[], torch.Tensor] | None = None,
+                verify_allowed: Callable[[], torch.Tensor] | None = None) -> StepResult:
         """`rows` holds the sampling state of every scheduled sequence that samples without drafts,
         in schedule order, and `verify_rows` that of every sequence with draft tokens, one row for
-        each of its draft positions and one for the token after them. `allowed` gives the rows'
-        grammar mask [B, V] (True = allowed), asked for only after the forward: it may be computed
-        meanwhile."""
+        each of its draft positions and one for the token after them. `allowed` and `verify_allowed`
+        give their grammar masks [B, V] (True = allowed), asked for only after the forward: they may
+        be computed meanwhile."""
         input_ids, positions = [], []
         token_loras = []  # the LoRA adapter of each token (0: base model)
         sample_index = []  # flat-batch index of each sampling sequence's last token
@@ -90,11 +91,11 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._tensor(sample_index)])
             result.sampled = self.sampler(logits, rows, allowed() if allowed is not None else None, owned=True)
         if verify_spans:
-            result.verified = self._verify(verify_spans, verify_rows, hidden)
+            result.verified = self._verify(verify_spans, verify_rows, hidden, verify_allowed)
         return result
 
     def _verify(self, spans: list[tuple[ScheduledSequence, int]], rows: list[list[SamplingRow]],
-                hidden: torch.Tensor) -> dict[int, SamplerOutput]:
+                hidden: torch.Tensor, allowed: Callable[[], torch.Tensor] | None) -> dict[int, SamplerOutput]:
         """For each sequence with drafts, choose a token at every draft position as plain decoding
         would there (the same sampler, the position's row, the next draws of the sequence's
         generator), keep the drafts while each is the token chosen before it, then the token chosen
@@ -102,10 +103,12 @@ class ModelRunner:
         invariance), so the output is exactly plain decoding's, sampled too, provided nothing in the
         rows depends on the tokens before them (drafts.verifies_exactly). Each generator is left as
         after one draw per token kept. Every sequence's positions go through one lm_head call and one
-        sampler call (a call per sequence read the lm_head's 28 MB from memory again for each)."""
+        sampler call (a call per sequence read the lm_head's 28 MB from memory again for each). A
+        grammar's mask at each position is the one after the drafts before it (inputs.allowed_tokens)."""
         index = [first + i for (_, first), seq_rows in zip(spans, rows, strict=True) for i in range(len(seq_rows))]
         states = [seq_rows[0].generator.get_state() if seq_rows[0].generator is not None else None for seq_rows in rows]
-        out = self.sampler(self.model.compute_logits(hidden[self._tensor(index)]), [r for seq_rows in rows for r in seq_rows],
+        logits = self.model.compute_logits(hidden[self._tensor(index)])
+        out = self.sampler(logits, [r for seq_rows in rows for r in seq_rows], allowed() if allowed is not None else None,
                            owned=True)
         verified, start = {}, 0
         for (s, _), seq_rows, state in zip(spans, rows, states):

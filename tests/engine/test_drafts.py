@@ -59,16 +59,17 @@ def test_prompt_lookup_needs_two_tokens_in_common():
     assert PromptLookup(k=3).propose([5, 6, 7, 5], 0, 8) == []
 
 
-def test_drafts_are_used_unless_a_grammar_or_a_thinking_budget_decides_tokens():
+def test_drafts_are_used_unless_a_thinking_budget_or_a_thinking_grammar_decides_tokens():
     state = SequenceState(detokenizer=None, generator=None, seed=None)
     any_sampling = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, top_k=20),
                     SamplingParams(logit_bias={1: 2.0}), SamplingParams(top_n_tokens=3),
                     SamplingParams(repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5),
                     SamplingParams(watermark=True)]
     assert all(verifies_exactly(GenerationRequest("x", sampling=p), state) for p in any_sampling)
-    state.matcher = object()
-    assert not verifies_exactly(GenerationRequest("x"), state)
-    state.matcher = None
+    thinks = Reasoning(start_id=1, end_id=2, close_ids=[2])
     budget = Reasoning(start_id=1, end_id=2, close_ids=[2], budget=5)
+    assert verifies_exactly(GenerationRequest("x", reasoning=thinks), state)
     assert not verifies_exactly(GenerationRequest("x", reasoning=budget), state)
-    assert verifies_exactly(GenerationRequest("x", reasoning=Reasoning(start_id=1, end_id=2, close_ids=[2])), state)
+    state.matcher = object()  # a grammar: its masks follow the drafts (GrammarMatcher.fill_draft_rows)
+    assert verifies_exactly(GenerationRequest("x"), state)
+    assert not verifies_exactly(GenerationRequest("x", reasoning=thinks), state)

@@ -290,6 +290,42 @@ async def test_grammar_constrains_every_sequence(engine):
         assert isinstance(value["ok"], bool) and value["n"] in (1, 2, 3) and set(value) == {"ok", "n"}
 
 
+async def test_grammar_masks_follow_the_drafts_and_change_no_token(engine, model_dir):
+    """Predictions (right, wrong halfway, not JSON at all) and --speculate's drafts under a JSON
+    schema and a regex: each draft position is masked as the grammar stands after the drafts before
+    it, so greedy and seeded answers are the plain engine's, and right drafts are kept. The schema's
+    numbers meet the digit bound (a random model writes digits for as long as it may)."""
+    import json
+
+    from parley.types import Grammar
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "x": {"type": "number"},
+                                               "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+              "required": ["ok", "x", "tags"], "additionalProperties": False}
+    grammars = [Grammar("json", json.dumps(schema)), Grammar("regex", "[0-9]{3}-(yes|no)( [a-z]+){2,6}")]
+    speculating = start_tiny_engine(model_dir, speculate=4)
+
+    def request(grammar, seeded, prediction=None):
+        sampled = dict(seeds=[4], sampling=SamplingParams(do_sample=True, temperature=1.5)) if seeded else {}
+        return GenerationRequest("JSON:", grammar=grammar, draft_text=prediction,
+                                 stopping=StoppingCriteria(max_new_tokens=60), **sampled)
+
+    try:
+        kept = engine.stats().draft_accepted_tokens
+        for grammar in grammars:
+            for seeded in (False, True):
+                plain, _ = await collect(engine, request(grammar, seeded))
+                text, expected = plain[0].text, [t.id for t in plain[0].tokens]
+                for prediction in (text, text[: len(text) // 2] + "9]}, 7", "not JSON at all"):
+                    finals, _ = await collect(engine, request(grammar, seeded, prediction))
+                    assert [t.id for t in finals[0].tokens] == expected, (grammar.kind, seeded, prediction)
+                finals, _ = await collect(speculating, request(grammar, seeded))
+                assert [t.id for t in finals[0].tokens] == expected, (grammar.kind, seeded)
+        assert engine.stats().draft_accepted_tokens > kept
+    finally:
+        speculating.core.stop()
+
+
 async def test_an_unsupported_schema_is_a_validation_error(engine):
     import json
 

@@ -10,7 +10,7 @@ import torch
 from parley.config import EngineConfig
 from parley.engine.async_engine import AsyncEngine
 from parley.models.loader import default_model_path
-from parley.types import FinalEvent, GenerationRequest, SamplingParams, StoppingCriteria
+from parley.types import FinalEvent, GenerationRequest, Grammar, SamplingParams, StoppingCriteria
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +52,7 @@ def test_greedy_batch_equals_transformers_on_the_default_model():
         assert max(abs(t.logprob - r) for t, r in zip(final.tokens, ref_logprobs)) < 1e-3
 
 
+ANSWER = Grammar("json", '{"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}')
 CHATS = ["Write a poem about the sea.", "Explain what a prime number is.", "Describe a cat.",
          "Tell me a story about a dragon."]
 
@@ -60,7 +61,7 @@ CHATS = ["Write a poem about the sea.", "Explain what a prime number is.", "Desc
 def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
     """A request gets the same tokens alone, in a busy mixed batch (prompt chunks beside decode rows),
     as a sibling of `n`, with a prediction, right or wrong halfway, greedy, sampled or penalized,
-    and with --speculate's drafts; in bfloat16 its logprobs are bit-identical too. (float32
+    under a grammar, and with --speculate's drafts; in bfloat16 its logprobs are bit-identical too. (float32
     logprobs can differ in their last bits: MKL's batched sgemm in the attention rounds with the
     number of sequences, see README "Determinism".) Found broken before:
     one-row steps rounded the 1536-wide down projection differently from batched steps, and on an
@@ -68,9 +69,9 @@ def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
     engine = AsyncEngine.load(EngineConfig(dtype=dtype, num_threads=2))
     engine.start()
 
-    async def answers(prompt, n=1, seeds=None, draft=None, **sampling):
+    async def answers(prompt, n=1, seeds=None, draft=None, grammar=None, **sampling):
         request = GenerationRequest(engine.chat_template.render([{"role": "user", "content": prompt}]),
-                                    add_special_tokens=False, n=n, seeds=seeds, draft_text=draft,
+                                    add_special_tokens=False, n=n, seeds=seeds, draft_text=draft, grammar=grammar,
                                     sampling=SamplingParams(do_sample=seeds is not None, **sampling),
                                     stopping=StoppingCriteria(max_new_tokens=64))
         finals = [e async for e in engine.generate(request) if isinstance(e, FinalEvent)]
@@ -96,6 +97,12 @@ def test_output_does_not_depend_on_the_batch_or_on_drafts(dtype):
         kept = engine.stats().draft_accepted_tokens
         assert await answers(CHATS[1], seeds=[9], draft=text, **penalized) == [(text, tokens)]
         assert engine.stats().draft_accepted_tokens > kept
+        # a grammar masks each draft position as it stands after the drafts before it
+        for seeds in (None, [3]):
+            text, tokens = (await answers(CHATS[2], seeds=seeds, grammar=ANSWER))[0]
+            assert await answers(CHATS[2], seeds=seeds, grammar=ANSWER, draft=text) == [(text, tokens)]
+            wrong_halfway = text[: len(text) // 2] + '", "x": 1}'
+            assert await answers(CHATS[2], seeds=seeds, grammar=ANSWER, draft=wrong_halfway) == [(text, tokens)]
         engine.core.speculate, drafted = 4, engine.stats().draft_tokens  # as `--speculate 4` (read per request)
         assert [(await answers(p))[0] for p in CHATS] == alone
         assert (await answers(CHATS[0], seeds=[5]))[0] == seeded
