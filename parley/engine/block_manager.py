@@ -61,13 +61,16 @@ def kv_layout(config: ModelConfig, num_blocks: int, block_size: int, max_batch_s
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "prompt_logprobs")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
         self.token_ids: tuple[int, ...] = ()
+        # a cached block's tokens' prompt logprobs, each given the tokens before it (the first of a
+        # sequence: None), and their top_n alternatives: (top_n, logprobs, tops); see keep_prompt_logprobs
+        self.prompt_logprobs: tuple[int, tuple, tuple] | None = None
 
 
 class BlockPool:
@@ -96,7 +99,7 @@ class BlockPool:
         if block.hash is not None:
             if self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
-            block.hash, block.token_ids = None, ()
+            block.hash, block.token_ids, block.prompt_logprobs = None, (), None
         self.take(block_id)
         return block_id
 
@@ -151,10 +154,11 @@ class BlockManager:
         """For a sequence with no blocks yet: take the longest run of full prompt blocks whose K/V
         every pool still holds where the next token reads it, and count it as computed. The last
         prompt block is always recomputed so the sequence still produces logits and never writes
-        into a shared block."""
+        into a shared block. A sequence that needs its prompt's logprobs takes blocks only as far as
+        the blocks' kept logprobs reach (keep_prompt_logprobs), one block short of them: the first
+        token it computes has its logprob from the block after (the logits that gave it were those of
+        the last block taken); they land in seq.cached_prompt_logprobs."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if seq.needs_prompt_logprobs:
-            return
         bs, hashes, h = self.block_size, [], seq.cache_salt
         blocks = [tuple(seq.token_ids[start : start + bs]) for start in range(0, len(seq) - bs, bs)]
         for tokens in blocks:
@@ -164,6 +168,9 @@ class BlockManager:
         hit = len(hashes)
         if self.pools[0].window is None and None in found[0]:  # layers that see everything: every block
             hit = found[0].index(None)
+        if seq.needs_prompt_logprobs:
+            kept = [self._kept_logprobs(block_id, seq.prompt_top_n) for block_id in found[0]] + [None]
+            hit = max(0, min(hit, kept.index(None) - 1))
         while hit and not all(None not in ids[pool.first_needed(hit * bs, bs) : hit]
                               for pool, ids in zip(self.pools, found) if pool.window is not None):
             hit -= 1
@@ -174,6 +181,30 @@ class BlockManager:
             table.extend([NULL_BLOCK] * first + ids[first:hit])
         seq.block_hashes = hashes[:hit]
         seq.num_computed_tokens = hit * bs
+        if seq.needs_prompt_logprobs and hit:
+            logprobs = [x for block_id in found[0][: hit + 1] for x in self.blocks[block_id].prompt_logprobs[1]]
+            tops = [x for block_id in found[0][: hit + 1] for x in self.blocks[block_id].prompt_logprobs[2]]
+            seq.cached_prompt_logprobs = logprobs[1 : hit * bs + 1], tops[1 : hit * bs + 1] if seq.prompt_top_n else []
+
+    def _kept_logprobs(self, block_id: int | None, top_n: int) -> bool | None:
+        """True if the block keeps its tokens' prompt logprobs with `top_n` alternatives (any, for 0); else None."""
+        kept = None if block_id is None else self.blocks[block_id].prompt_logprobs
+        return True if kept is not None and (top_n == 0 or kept[0] == top_n) else None
+
+    def keep_prompt_logprobs(self, seq: Sequence, logprobs: list[float], tops: list) -> None:
+        """Keep with each of seq's full prompt blocks in the prefix cache the logprobs of its tokens
+        (`logprobs[p]`: token p + 1's) and their seq.prompt_top_n alternatives (`tops`, alike), once
+        `logprobs` reaches the block's last token; a block that keeps some already keeps them."""
+        bs, pool = self.block_size, self.pools[0]
+        for j in range(min(len(seq.block_hashes), (len(logprobs) + 1) // bs)):
+            block_id = pool.lookup(seq.block_hashes[j], tuple(seq.token_ids[j * bs : (j + 1) * bs]))
+            if block_id is None or pool.blocks[block_id].prompt_logprobs is not None:
+                continue
+            first = j * bs - 1  # the index of the block's first token's logprob; -1: the sequence's first token
+            pool.blocks[block_id].prompt_logprobs = (
+                seq.prompt_top_n,
+                tuple([None] * (first < 0) + logprobs[max(first, 0) : first + bs]),
+                tuple([((), ())] * (first < 0) + tops[max(first, 0) : first + bs]) if seq.prompt_top_n else ())
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give `seq` blocks for `num_new_tokens` more tokens; False (and nothing taken) if short."""

@@ -56,9 +56,13 @@ class OutputProcessor:
                 # entry p is token p + 1's; this step's start from where it began (the scheduler has
                 # counted its tokens): a prompt preempted midway is computed again from its start
                 state, start = self.states[s.seq.seq_id], s.seq.num_computed_tokens - s.num_new_tokens
+                if len(state.prompt_logprobs) < min(start, s.seq.num_prompt_tokens - 1):  # the cache gave those before start
+                    cached, cached_top = s.seq.cached_prompt_logprobs
+                    state.prompt_logprobs[:], state.prompt_top[:] = cached[:start], cached_top[:start]
                 del state.prompt_logprobs[start:], state.prompt_top[start:]
                 state.prompt_logprobs.extend(result.prompt_logprobs[s.seq.seq_id])
                 state.prompt_top.extend(result.prompt_top.get(s.seq.seq_id, ()))
+                self.scheduler.blocks.keep_prompt_logprobs(s.seq, state.prompt_logprobs, state.prompt_top)
         for row, seq in enumerate(sampling):
             out = result.sampled
             self._safely(self._append_token, seq, out.token_ids[row], out.logprobs[row],

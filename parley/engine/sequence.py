@@ -35,6 +35,9 @@ class Sequence:
         self.lora_id = lora_id  # the LoRA adapter it runs with; 0: the base model
         self.needs_prompt_logprobs = needs_prompt_logprobs
         self.prompt_top_n = prompt_top_n  # with needs_prompt_logprobs: alternatives reported at each prompt token
+        # with needs_prompt_logprobs: the logprobs (token p + 1's at p) and alternatives of the tokens
+        # the prefix cache gave (block_manager.allocate_cached_prefix)
+        self.cached_prompt_logprobs: tuple[list, list] = ([], [])
         self.spec_tokens: list[int] = []  # draft tokens to verify after the next token, if any
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache held at its first admission
 

@@ -245,6 +245,43 @@ async def test_prompt_logprobs_of_a_prompt_preempted_midway_are_counted_once(mod
             pytest.approx([t.logprob for top in want.prefill_top for t in top], abs=1e-5)
 
 
+async def test_prompt_logprobs_come_from_the_prefix_cache_where_kept(engine, model_dir):
+    """decoder_input_details (OpenAI's echo with logprobs, lm-eval's loglikelihood) over a prefix an
+    earlier such request computed: its blocks come from the cache with the logprobs and alternatives
+    kept with them, one block short of them, and the details are what a cold engine computes. The
+    alternatives are kept for one top_n: a request asking another recomputes the prompt."""
+    context = " ".join(PROMPTS[:5])  # ~80 tokens: several blocks of 16
+
+    def request(ending, top_n=2):
+        r = greedy(context + ending, max_new_tokens=2, sampling=SamplingParams(top_n_tokens=top_n))
+        r.decoder_input_details = r.prompt_top_tokens = True
+        return r
+
+    def details(final):
+        return ([t.id for t in final.prefill], [t.logprob for t in final.prefill[1:]],
+                [[t.id for t in top] for top in final.prefill_top], [t.logprob for top in final.prefill_top for t in top])
+
+    expected = []
+    for ending in (" B", " C"):  # each on an engine of its own, whose cache holds nothing of it
+        cold = start_tiny_engine(model_dir)
+        try:
+            expected.append((await collect(cold, request(ending)))[0][0])
+        finally:
+            cold.core.stop()
+        assert expected[-1].cached_tokens == 0
+    first = (await collect(engine, request(" A")))[0][0]
+    assert first.cached_tokens == 0
+    for ending, want in zip((" B", " C"), expected):
+        got = (await collect(engine, request(ending)))[0][0]
+        assert got.cached_tokens >= 32  # blocks whose kept logprobs reach one block further
+        got, want = details(got), details(want)
+        assert got[0] == want[0] and got[2] == want[2]  # the tokens and their alternatives
+        assert got[1] == pytest.approx(want[1], abs=1e-5) and got[3] == pytest.approx(want[3], abs=1e-5)
+    other_top_n = (await collect(engine, request(" D", top_n=3)))[0][0]
+    assert other_top_n.cached_tokens == 0
+    assert (await collect(engine, request(" E", top_n=0)))[0][0].cached_tokens >= 32
+
+
 async def test_limits_are_validation_errors_naming_the_field(engine):
     cases = [
         (GenerationRequest("x" * 2000), "prompt"),

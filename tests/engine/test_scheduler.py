@@ -88,10 +88,11 @@ def test_siblings_share_prompt_blocks():
     assert sched.blocks.blocks[b.block_table[0]].ref_count == 1
 
 
-def test_cache_is_namespaced_by_salt_and_prompt_logprobs_never_hit():
+def test_cache_is_namespaced_by_salt_and_prompt_logprobs_hit_only_where_kept():
     sched = make(block_size=4, prefill=64)
     prompt = list(range(1, 11))
-    sched.add(Sequence(prompt))
+    first = Sequence(prompt)
+    sched.add(first)
     run_step(sched)
     other = Sequence(prompt, cache_salt=99)
     needs_logprobs = Sequence(prompt, needs_prompt_logprobs=True)
@@ -101,6 +102,29 @@ def test_cache_is_namespaced_by_salt_and_prompt_logprobs_never_hit():
     out = run_step(sched)
     assert {s.seq.seq_id: s.num_new_tokens for s in out.prefills} == {
         other.seq_id: 10, needs_logprobs.seq_id: 10, same.seq_id: 2}
+
+    # the first sequence's prompt logprobs kept with its two full blocks (token p + 1's at p)
+    logprobs, tops = [-0.5 - p for p in range(9)], [([p], [-0.1 - p]) for p in range(9)]
+    sched.blocks.keep_prompt_logprobs(first, logprobs, [])
+    hit, other_top_n = Sequence(prompt, needs_prompt_logprobs=True), Sequence(prompt, needs_prompt_logprobs=True, prompt_top_n=1)
+    sched.add(hit)
+    sched.add(other_top_n)
+    out = run_step(sched)
+    # one block from the cache: the first computed token's logprob came from the second kept block
+    assert {s.seq.seq_id: s.num_new_tokens for s in out.prefills} == {hit.seq_id: 6, other_top_n.seq_id: 10}
+    assert hit.cached_prompt_logprobs == (logprobs[:4], [])
+    for seq in list(sched.running):  # their blocks stay cached
+        sched.finish(seq)
+    kept = Sequence(prompt + [5, 6], needs_prompt_logprobs=True, prompt_top_n=1)  # three full blocks now
+    sched.add(kept)
+    run_step(sched)
+    sched.blocks.keep_prompt_logprobs(kept, logprobs + [-9.5, -10.5], tops + [([9], [-9.1]), ([10], [-10.1])])
+    assert sched.blocks.blocks[kept.block_table[2]].prompt_logprobs[0] == 1  # blocks 0-1 kept theirs already
+    sched.finish(kept)
+    with_top = Sequence(prompt + [5, 6, 7], needs_prompt_logprobs=True, prompt_top_n=1)
+    sched.add(with_top)
+    out = run_step(sched)
+    assert [s.num_new_tokens for s in out.prefills if s.seq is with_top] == [13]  # blocks 0-1 kept without tops
 
 
 def test_waiting_sequences_respect_max_batch_size():
