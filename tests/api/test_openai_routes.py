@@ -185,6 +185,24 @@ def test_completions_echo_scores_a_continuation_as_lm_eval_does(http):
     assert all(logprob == max(top.values()) for logprob, top in zip(scored, tops, strict=True))
 
 
+def test_completions_echo_takes_a_scored_context_from_the_prefix_cache(oai):
+    """A multiple-choice task's endings after one context: the second and later take the context
+    from the prefix cache, its logprobs and alternatives with it (cached_tokens), and score it as
+    the first did."""
+    context = "Question: " + " ".join(f"item {i} weighs {i * 7 % 11} grams." for i in range(12)) + " Answer:"
+    scored = [oai.completions.create(model="m", prompt=context + ending, max_tokens=1, temperature=0, logprobs=2,
+                                     echo=True) for ending in (" heavy", " light", " none")]
+    first = scored[0].choices[0].logprobs
+    shared = len(first.tokens) - 3  # the context's tokens, before the endings' (and the one generated)
+    assert not (scored[0].usage.prompt_tokens_details and scored[0].usage.prompt_tokens_details.cached_tokens)
+    for r in scored[1:]:
+        assert r.usage.prompt_tokens_details.cached_tokens >= 32
+        lp = r.choices[0].logprobs
+        assert lp.tokens[:shared] == first.tokens[:shared]
+        assert lp.token_logprobs[:shared] == first.token_logprobs[:shared]
+        assert lp.top_logprobs[:shared] == first.top_logprobs[:shared]
+
+
 @pytest.mark.parametrize("extra, path", [({"stream": True}, "/v1/completions"), ({"n": 2}, "/v1/completions"),
                                          ({}, "/dedicated/v1/completions")])
 def test_completions_echo_refused_where_it_cannot_be_kept(http, extra, path):
