@@ -195,6 +195,7 @@ class EngineCore:
         deadline = arrival + request.timeout_s if request.timeout_s is not None else None
         req = RequestState(prepared, sink, arrival, deadline)
         tail = prepared.prompt_ids[-4:]
+        prediction = PredictedOutput(prepared.draft_ids) if prepared.draft_ids else None  # indexed once, forked per sequence
         for index, seed in enumerate(prepared.seeds):
             seq = Sequence(prepared.prompt_ids, group=req, index=index, cache_salt=prepared.cache_salt,
                            lora_id=prepared.lora_id,
@@ -209,7 +210,7 @@ class EngineCore:
                 generator, seed, prepared.matchers[index] if prepared.matchers else None,
                 thinking=ThinkingState.start(request.reasoning) if request.reasoning else None)
             if (prepared.draft_ids or self.speculate) and verifies_exactly(request, state):
-                state.drafts = PredictedOutput(prepared.draft_ids) if prepared.draft_ids else PromptLookup(self.speculate)
+                state.drafts = prediction.fork() if prediction else PromptLookup(self.speculate)
             self.states[seq.seq_id] = state
             req.sequences.append(seq)
         self.requests[request.request_id] = req

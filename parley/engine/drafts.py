@@ -35,6 +35,12 @@ class PredictedOutput:
             for j in range(len(prediction) - n + 1):
                 self.starts.setdefault(tuple(prediction[j : j + n]), []).append(j)
 
+    def fork(self) -> PredictedOutput:
+        """The same prediction for another sequence of the request (n > 1): its own cursor, the index shared."""
+        other = PredictedOutput.__new__(PredictedOutput)
+        other.prediction, other.cursor, other.starts = self.prediction, 0, self.starts
+        return other
+
     def propose(self, tokens: list[int], num_output: int, k: int) -> list[int]:
         """Up to `k` draft tokens to follow `tokens`, whose last `num_output` are the output."""
         if k <= 0:

@@ -35,6 +35,15 @@ def test_the_first_occurrence_at_or_after_the_output_is_taken():
     assert drafts(prediction, [5, 6, 7, 5, 6, 8, 5, 6, 9, 1, 5, 6], 1) == ([9], 8)  # "5 6" at 6, not at 0 or 3
 
 
+def test_a_fork_shares_the_index_and_keeps_its_own_cursor():
+    prediction = PredictedOutput(PREDICTION)
+    fork = prediction.fork()
+    assert fork.starts is prediction.starts
+    assert drafts(prediction, [10, 11], 2) == ([12, 13], 2)
+    assert drafts(fork, [], 2) == ([10, 11], 0)  # not where the other sequence is
+    assert drafts(fork, [10, 11, 12, 13], 1) == ([14], 4) and prediction.cursor == 2
+
+
 def test_no_room_no_drafts():
     assert drafts(PredictedOutput(PREDICTION), [10], 0) == ([], 0)
 
