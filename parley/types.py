@@ -121,6 +121,7 @@ class GenerationRequest:
     timeout_s: float | None = None  # a request still queued or running past it fails with TimeoutError
     draft_text: str | None = None  # predicted output, verified as speculative draft tokens
     reasoning: Reasoning | None = None  # the model thinks first (see Reasoning)
+    user: str | None = None  # whom it is for: waiting requests are admitted by turns among users (scheduler.py)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -200,7 +200,8 @@ class EngineCore:
             seq = Sequence(prepared.prompt_ids, group=req, index=index, cache_salt=prepared.cache_salt,
                            lora_id=prepared.lora_id,
                            needs_prompt_logprobs=request.decoder_input_details and index == 0,
-                           prompt_top_n=request.sampling.top_n_tokens if request.prompt_top_tokens else 0)
+                           prompt_top_n=request.sampling.top_n_tokens if request.prompt_top_tokens else 0,
+                           user=request.user)
             generator = None
             if request.sampling.do_sample:
                 generator = torch.Generator(device=self.runner.device)

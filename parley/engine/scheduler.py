@@ -6,6 +6,10 @@ Decoding sequences always get their token; prompt chunks share `max_batch_prefil
 long prompt is split over several steps and never stalls the others (chunked prefill).
 When blocks run out, the most recently admitted sequences are preempted: their blocks are freed
 and they go back to the front of the queue, to be recomputed (mostly from the prefix cache).
+Waiting sequences are admitted in arrival order, except where their requests name users
+(OpenAI's `user`, Anthropic's `metadata.user_id`...): then by turns, the earliest sequence of the
+waiting user admitted least recently (one never admitted first), so a user's burst of requests does
+not hold back another user's request (requests naming no user take their turns as one user).
 Sliding-window layers' blocks behind the window are released as sequences advance, and their own
 pool, where they have one, is checked like the main one (parley/engine/block_manager.py).
 Pure Python, no torch.
@@ -54,6 +58,8 @@ class Scheduler:
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.admitted_at: dict[str | None, int] = {}  # each user's last admission (a count), for turns
+        self.num_admitted = 0
         # prefix-cache use, over every sequence's first admission: prompt tokens looked up, and found
         self.num_prompt_tokens_admitted = 0
         self.num_prompt_tokens_cached = 0
@@ -92,7 +98,8 @@ class Scheduler:
 
         # Then admit waiting sequences while the step has room (none if memory just ran out).
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not out.preempted:
-            seq = self.waiting[0]
+            turn = self._next_turn()
+            seq = self.waiting[turn]
             self.blocks.allocate_cached_prefix(seq)
             num_new = min(seq.num_pending_tokens, budget)
             if not self.blocks.allocate(seq, num_new):
@@ -101,7 +108,11 @@ class Scheduler:
                     # Nothing else holds blocks: this sequence can never fit.
                     raise RuntimeError(f"KV cache too small for a sequence of {len(seq)} tokens")
                 break
-            self.waiting.popleft()
+            del self.waiting[turn]
+            self.num_admitted += 1
+            self.admitted_at[seq.user] = self.num_admitted
+            if len(self.admitted_at) > 2 * len(self.waiting) + 64:  # forget users with nothing waiting
+                self.admitted_at = {s.user: self.admitted_at[s.user] for s in self.waiting if s.user in self.admitted_at}
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if seq.num_cached_tokens is None:  # first admission (not a preempted one's return)
@@ -111,6 +122,18 @@ class Scheduler:
             self._emit(out, seq, num_new)
             budget -= num_new
         return out
+
+    def _next_turn(self) -> int:
+        """The index in `waiting` of the next sequence to admit (see the module): ~85 us with 2,000
+        waiting, a few times a step at most."""
+        turn, least, seen = 0, None, set()
+        for i, seq in enumerate(self.waiting):
+            if seq.user not in seen:
+                seen.add(seq.user)
+                at = self.admitted_at.get(seq.user, 0)
+                if least is None or at < least:
+                    turn, least = i, at
+        return turn
 
     def _emit(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         is_decode = num_new == 1 and seq.num_computed_tokens + 1 == len(seq)

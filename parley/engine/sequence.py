@@ -20,7 +20,7 @@ class Sequence:
     the whole prompt on arrival, 1 while decoding, and everything again after a preemption."""
 
     def __init__(self, prompt_ids: list[int], *, group=None, index: int = 0, cache_salt: int = 0,
-                 lora_id: int = 0, needs_prompt_logprobs: bool = False, prompt_top_n: int = 0):
+                 lora_id: int = 0, needs_prompt_logprobs: bool = False, prompt_top_n: int = 0, user: str | None = None):
         self.seq_id = next(_ids)
         self.group = group  # the request this sequence belongs to (opaque to the scheduler)
         self.index = index  # position among the request's sequences
@@ -33,6 +33,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.cache_salt = cache_salt  # prefix-cache namespace (e.g. the LoRA adapter)
         self.lora_id = lora_id  # the LoRA adapter it runs with; 0: the base model
+        self.user = user  # whom its request is for (the scheduler admits users by turns); None: anyone
         self.needs_prompt_logprobs = needs_prompt_logprobs
         self.prompt_top_n = prompt_top_n  # with needs_prompt_logprobs: alternatives reported at each prompt token
         # with needs_prompt_logprobs: the logprobs (token p + 1's at p) and alternatives of the tokens

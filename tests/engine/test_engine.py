@@ -282,6 +282,26 @@ async def test_prompt_logprobs_come_from_the_prefix_cache_where_kept(engine, mod
     assert (await collect(engine, request(" E", top_n=0)))[0][0].cached_tokens >= 32
 
 
+async def test_a_users_burst_does_not_hold_back_another_users_request(model_dir):
+    """One sequence at a time: user a's four requests, then user b's, all waiting at once. b's is
+    admitted at the next turn (after a's first), not after all of a's; without users, arrival order."""
+    one_at_a_time = start_tiny_engine(model_dir, max_batch_size=1)
+    try:
+        async def finished(name, user):
+            await collect(one_at_a_time, greedy(PROMPTS[1], max_new_tokens=30, user=user))
+            return name
+
+        async def run(users):  # the names in the order their requests ended (tasks start as created)
+            tasks = [asyncio.ensure_future(finished(name, user)) for name, user in users]
+            return [await task for task in asyncio.as_completed(tasks)]
+
+        names = [(f"a{i}", "a") for i in range(4)] + [("b0", "b")]
+        assert (await run(names))[:2] == ["a0", "b0"]
+        assert await run([(name, None) for name, _ in names]) == ["a0", "a1", "a2", "a3", "b0"]
+    finally:
+        one_at_a_time.core.stop()
+
+
 async def test_limits_are_validation_errors_naming_the_field(engine):
     cases = [
         (GenerationRequest("x" * 2000), "prompt"),
