@@ -94,7 +94,7 @@ SILICONFLOW_THINKING_BUDGET = (128, 32768)  # its documented range; its default 
 class Prediction(BaseModel):
     """A predicted output (Mistral, OpenAI): verified as speculative draft tokens, so a right
     prediction makes decoding faster, greedy or sampled, and a wrong one costs little; the output is
-    unchanged (with a grammar or a thinking budget it is not used)."""
+    unchanged (with a thinking budget, or a grammar on a thinking model, it is not used)."""
 
     type: Literal["content"] = "content"
     content: str | list[ContentPart]
@@ -165,6 +165,8 @@ FIELDS: tuple[FieldMapping, ...] = (
     FieldMapping("prediction",            "draft_text",                   "mistral, openai",      _prediction_text),
     FieldMapping("timeout_microseconds",  "timeout_s",                    "friendli",             _microseconds_to_s),
     FieldMapping("adapter_id",            "adapter_id",                   "tgi; friendli's model suffix"),
+    FieldMapping("user",                  "user",                         "openai; anthropic's metadata.user_id"),
+    FieldMapping("safety_identifier",     "user",                         "openai (newer spelling)"),
 )
 
 

@@ -38,12 +38,28 @@ def http(path: str = "/v1/chat/completions", **headers: str) -> Request:
     ({"timeout_microseconds": 1500}, "timeout_s", 0.0015),
     ({"prediction": {"type": "content", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}},
      "draft_text", "ab"),
+    ({"user": "u1"}, "user", "u1"),
+    ({"user": "u1", "safety_identifier": "u2"}, "user", "u2"),  # OpenAI's newer name wins
 ])
 def test_every_spelling_lands_in_one_internal_field(fields, read, expected):
     value = internal(**fields)
     for name in read.split("."):
         value = getattr(value, name)
     assert value == expected
+
+
+def test_the_end_user_of_anthropic_and_responses_requests_is_the_chat_bodys():
+    from parley.api.anthropic.routes import chat_body as anthropic_chat_body
+    from parley.api.anthropic.schemas import MessagesRequest
+    from parley.api.responses.routes import chat_body as responses_chat_body
+    from parley.api.responses.schemas import ResponsesRequest
+
+    claude = MessagesRequest(model="m", max_tokens=5, messages=HI, metadata={"user_id": "u1"})
+    assert anthropic_chat_body(claude).user == "u1"
+    assert anthropic_chat_body(MessagesRequest(model="m", max_tokens=5, messages=HI, metadata={})).user is None
+    responses = ResponsesRequest(input="Hi", user="u1", safety_identifier="u2")
+    body = responses_chat_body(responses, HI)
+    assert (body.user, body.safety_identifier) == ("u1", "u2")
 
 
 def test_unset_fields_leave_the_defaults():

@@ -42,6 +42,12 @@ ANTHROPIC = {"model": "m", "max_tokens": 5}
     (ResponsesRequest, {"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input.0.arguments"),
     (ResponsesRequest, {"input": [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "x"}]}]},
      "input.0.summary"),
+    # an end user's id: at most 256 characters
+    (ChatBody, {"messages": [{"role": "user", "content": "Hi"}], "user": "u" * 257}, "user"),
+    (ChatBody, {"messages": [{"role": "user", "content": "Hi"}], "safety_identifier": "u" * 257}, "safety_identifier"),
+    (MessagesRequest, {**ANTHROPIC, "messages": [{"role": "user", "content": "Hi"}], "metadata": {"user_id": "u" * 257}},
+     "metadata.user_id"),
+    (ResponsesRequest, {"input": "Hi", "user": "u" * 257}, "user"),
 ])
 def test_the_field_is_named_as_sent(schema, body, field):
     error = described(schema, body)

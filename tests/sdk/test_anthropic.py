@@ -41,6 +41,12 @@ def test_a_message_is_the_same_answer_as_the_chat_completion(client, server):
     assert again.content[0].text == r.content[0].text
 
 
+def test_metadata_user_id_is_taken(client):
+    plain = client.messages.create(model="m", max_tokens=4, messages=MESSAGES, **GREEDY)
+    named = client.messages.create(model="m", max_tokens=4, messages=MESSAGES, metadata={"user_id": "u1"}, **GREEDY)
+    assert named.content[0].text == plain.content[0].text
+
+
 def test_a_tool_results_is_error_reaches_the_template(client):
     def counted(is_error: bool) -> int:
         call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
@@ -102,8 +108,8 @@ def test_output_config_format_is_structured_output(client):
 def test_errors_take_anthropics_shape(client, server):
     with pytest.raises(anthropic.NotFoundError, match="`claude-sonnet-4` does not exist"):
         client.messages.create(model="claude-sonnet-4", max_tokens=4, messages=MESSAGES)
-    with pytest.raises(anthropic.BadRequestError, match="`metadata`"):  # accepted and ignored would mislead
-        client.messages.create(model="m", max_tokens=4, messages=MESSAGES, metadata={"user_id": "u"})
+    with pytest.raises(anthropic.BadRequestError, match="`metadata.tags`"):  # only user_id has an effect here
+        client.messages.create(model="m", max_tokens=4, messages=MESSAGES, metadata={"user_id": "u", "tags": "x"})
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
     with pytest.raises(anthropic.BadRequestError, match="messages"):
         client.messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [image]}])

@@ -29,6 +29,17 @@ def test_chat(client):
     assert r.usage.completion_tokens == 4
 
 
+def test_an_end_user_is_taken_everywhere_the_sdk_sends_one(client):
+    """`user` and `safety_identifier` (the scheduler's turns among users: tests/engine) change no answer."""
+    plain = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0)
+    named = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0, user="u1",
+                                           safety_identifier="u2")
+    assert named.choices[0].message.content == plain.choices[0].message.content
+    assert client.completions.create(model="m", prompt="Hello", max_tokens=2, user="u1").choices[0].text
+    assert client.responses.create(model="m", input="Hello", max_output_tokens=4, user="u1",
+                                   safety_identifier="u2").output_text
+
+
 def test_chat_stream(client):
     chunks = list(client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))

@@ -39,7 +39,7 @@ router = APIRouter(tags=["Anthropic"], route_class=speaking(GenerationRoute, ANT
                    responses={**ERROR_RESPONSES, **STREAMING_RESPONSES})
 count_router = APIRouter(tags=["Anthropic"], route_class=speaking(StrictJSONRoute, ANTHROPIC), responses=ERROR_RESPONSES)
 # the chat body's fields -> the Messages API's, where they differ
-WIRE_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format",
+WIRE_NAMES = {"stop": "stop_sequences", "response_format": "output_config.format", "user": "metadata.user_id",
               "thinking_budget": "thinking.budget_tokens", "enable_thinking": "thinking.type"}
 _AS_WIRE_NAME = names_as_sent(WIRE_NAMES, "input_schema")
 
@@ -96,7 +96,7 @@ def chat_body(body: CountTokensRequest) -> ChatBody:
         fields["parallel_tool_calls"] = not choice.disable_parallel_tool_use
     if isinstance(body, MessagesRequest):
         fields.update(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                      stop=body.stop_sequences, stream=body.stream)
+                      stop=body.stop_sequences, stream=body.stream, user=body.metadata and body.metadata.user_id)
         if body.output_config and body.output_config.format:
             # chat's own check would advise chat's `tool_choice` "none"; the same rule, in this API's words
             require(not body.tools or (body.tool_choice is not None and body.tool_choice.type == "none"),

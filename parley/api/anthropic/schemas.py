@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parley.api.openai.schemas import Citations
+from parley.api.openai.schemas import USER_MAX_LENGTH, Citations
 
 
 class Strict(BaseModel):
@@ -134,8 +134,14 @@ class CountTokensRequest(BaseModel):
     cache_control: CacheControl | None = None
 
 
+class Metadata(Strict):
+    user_id: str | None = Field(None, max_length=USER_MAX_LENGTH, description="the end user: waiting requests are "
+                                "admitted by turns among users")
+
+
 class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)
+    metadata: Metadata | None = None
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)

@@ -86,7 +86,8 @@ def _thought_only(message: dict) -> bool:
 
 def chat_body(body: ResponsesRequest, messages: list[dict]) -> ChatBody:
     fields = {"messages": messages, "max_tokens": body.max_output_tokens, "temperature": body.temperature,
-              "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls, "stream": body.stream}
+              "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls, "stream": body.stream,
+              "user": body.user, "safety_identifier": body.safety_identifier}
     if body.tools:
         fields["tools"] = [{"type": "function", "function": t.declared(exclude={"type"}, exclude_none=True)}
                            for t in body.tools]
