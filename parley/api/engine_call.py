@@ -31,6 +31,7 @@ class EngineCall:
         self._engine = server.ready_engine()
         self._admission = server.admission
         self._record: RequestRecord = http.state.record
+        self._record.user = requests[0].user if requests else None
         self._http = http
         self._requests = requests
         self._queue: asyncio.Queue = asyncio.Queue()

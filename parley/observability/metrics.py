@@ -110,6 +110,7 @@ class RequestRecord:
         self._done = False
         self._first_token_ns: int | None = None
         self._route, self._trace_parent = route, trace_parent
+        self.user: str | None = None  # the request's end user, once its body is read (the trace's enduser.id)
 
     def first_token(self) -> None:
         """The request's first token came out of the engine (later calls are ignored)."""
@@ -135,7 +136,7 @@ class RequestRecord:
         if self._metrics.tracing is None:
             return
         life = RequestLife(self._route, self._trace_parent, self._arrival_ns, time.time_ns(), outcome,
-                           first_token_ns=self._first_token_ns)
+                           first_token_ns=self._first_token_ns, user=self.user)
         every = [f for group in finals or [] for f in group]
         if every:
             # the engine's queue time counts from its own arrival, a little after this one's

@@ -4,7 +4,8 @@ Optional: it needs the `otel` extra (`pip install 'parley[otel]'`); without the 
 imports OpenTelemetry. Each generation request becomes one trace, or joins the caller's when the
 request carries a W3C `traceparent` header:
 
-    parley.request   arrival -> last byte    http.route, parley.outcome, token counts, finish reason
+    parley.request   arrival -> last byte    http.route, parley.outcome, token counts, finish reason,
+                                             enduser.id (the request's user, when it names one)
       queue          arrival -> the engine's first step for it
       prefill        that step -> the first generated token
       decode         the first token -> the end
@@ -87,9 +88,10 @@ class RequestLife:
     generated_tokens: int | None = None
     cached_tokens: int | None = None
     finish_reason: str | None = None
+    user: str | None = None
 
     def attributes(self) -> dict:
-        values = {"http.route": self.route, "parley.outcome": self.outcome,
+        values = {"http.route": self.route, "parley.outcome": self.outcome, "enduser.id": self.user,
                   "parley.prompt_tokens": self.prompt_tokens, "parley.generated_tokens": self.generated_tokens,
                   "parley.cached_tokens": self.cached_tokens, "parley.finish_reason": self.finish_reason}
         return {k: v for k, v in values.items() if v is not None}

@@ -43,7 +43,8 @@ def test_each_request_is_sent_as_a_trace_with_its_phases(tmp_path):
     try:
         r = httpx.post(proc.url + "/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
                        headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"},
-                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True})
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
+                             "user": "u1"})
         assert r.status_code == 200
     finally:
         proc.stop()  # the spans still buffered are sent on shutdown
@@ -58,3 +59,5 @@ def test_each_request_is_sent_as_a_trace_with_its_phases(tmp_path):
     assert services == {"parley-test"}
     assert sorted(s.name for s in spans) == ["decode", "parley.request /v1/chat/completions", "prefill", "queue"]
     assert {s.trace_id.hex() for s in spans} == {TRACE_ID}
+    (root,) = [s for s in spans if s.name.startswith("parley.request")]
+    assert {a.key: a.value.string_value for a in root.attributes}["enduser.id"] == "u1"  # the request's user

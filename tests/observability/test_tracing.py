@@ -35,6 +35,7 @@ def final(index=0, queue_s=0.002, cached=16) -> FinalEvent:
 def test_a_request_is_a_root_span_with_queue_prefill_and_decode_in_the_callers_trace(spans):
     metrics, exporter = spans
     record = metrics.record_request("/v1/chat/completions", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    record.user = "u1"  # what EngineCall reads off the request
     time.sleep(0.01)  # the first token comes after the first step (2 ms after arrival, the FinalEvent says)
     record.first_token()
     record.succeeded([[final(0), final(1, queue_s=0.003)]])
@@ -44,7 +45,7 @@ def test_a_request_is_a_root_span_with_queue_prefill_and_decode_in_the_callers_t
     assert f"{root.context.trace_id:032x}" == TRACE_ID and f"{root.parent.span_id:016x}" == PARENT_ID
     assert dict(root.attributes) == {"http.route": "/v1/chat/completions", "parley.outcome": "success",
                                      "parley.prompt_tokens": 40, "parley.generated_tokens": 6,
-                                     "parley.cached_tokens": 16, "parley.finish_reason": "length"}
+                                     "parley.cached_tokens": 16, "parley.finish_reason": "length", "enduser.id": "u1"}
     assert root.status.status_code is StatusCode.UNSET
     queue, prefill, decode = by_name["queue"], by_name["prefill"], by_name["decode"]
     assert all(s.parent.span_id == root.context.span_id for s in (queue, prefill, decode))
