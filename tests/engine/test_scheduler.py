@@ -257,14 +257,9 @@ def test_a_prefix_is_reused_only_as_far_as_the_window_blocks_are_still_cached():
     assert [(s.seq, s.num_new_tokens) for s in out.prefills] == [(third, 9)]
 
 
-def test_waiting_users_are_admitted_by_turns():
-    """A user's burst does not hold back another user's request: one admission a step here (one
-    running sequence at a time), each the earliest sequence of the next user waiting. Sequences
-    naming no user take their turns as one user; with none named, arrival order."""
-    sched = make(max_batch_size=1, prefill=100)
-    burst = [Sequence([1, 2], user="a") for _ in range(3)]
-    late = [Sequence([3, 4], user="b"), Sequence([5, 6]), Sequence([7, 8], user="b")]
-    for seq in burst + late:
+def admission_order(sched: Scheduler, seqs: list[Sequence]) -> list[Sequence]:
+    """The order `sched` admits `seqs` in, each finished in the step it was admitted."""
+    for seq in seqs:
         sched.add(seq)
     admitted = []
     while sched.has_work:
@@ -272,16 +267,16 @@ def test_waiting_users_are_admitted_by_turns():
         admitted += [s.seq for s in out.prefills]
         for s in out.prefills:
             sched.finish(s.seq)
-    assert admitted == [burst[0], late[0], late[1], burst[1], late[2], burst[2]]
+    return admitted
 
-    plain = make(max_batch_size=1, prefill=100)
+
+def test_waiting_users_are_admitted_by_turns():
+    """A user's burst does not hold back another user's request: one admission a step here (one
+    running sequence at a time), each the earliest sequence of the waiting user admitted least
+    recently. Sequences naming no user take their turns as one user; with none named, arrival order."""
+    burst = [Sequence([1, 2], user="a") for _ in range(3)]
+    late = [Sequence([3, 4], user="b"), Sequence([5, 6]), Sequence([7, 8], user="b")]
+    admitted = admission_order(make(max_batch_size=1, prefill=100), burst + late)
+    assert admitted == [burst[0], late[0], late[1], burst[1], late[2], burst[2]]
     seqs = [Sequence([i, i + 1]) for i in range(1, 6)]
-    for seq in seqs:
-        plain.add(seq)
-    order = []
-    while plain.has_work:
-        out = run_step(plain)
-        order += [s.seq for s in out.prefills]
-        for s in out.prefills:
-            plain.finish(s.seq)
-    assert order == seqs
+    assert admission_order(make(max_batch_size=1, prefill=100), seqs) == seqs
