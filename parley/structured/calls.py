@@ -194,8 +194,8 @@ def _forces(matcher: llguidance.LLMatcher, token: int, token_bytes: bytes, text:
 
 
 def allows(row: np.ndarray, token: int) -> bool:
-    """Whether a bitmask row (int32 or uint32 words) allows `token`."""
-    return bool(row.view(np.uint32)[token >> 5] >> np.uint32(token & 31) & np.uint32(1))
+    """Whether a bitmask row of uint32 words allows `token`."""
+    return bool(row[token >> 5] >> np.uint32(token & 31) & np.uint32(1))
 
 
 def _clear(row: np.ndarray, tokens: set[int]) -> None:

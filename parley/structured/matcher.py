@@ -94,7 +94,7 @@ class GrammarMatcher:
         self.fill_row(rows[0])
         taken = 0
         for token in drafts:
-            if self._matcher.is_stopped() or not allows(rows[taken], token):
+            if self._matcher.is_stopped() or not allows(rows[taken].view(np.uint32), token):
                 break
             followed = self._numbers
             if not self.accept(token):

@@ -55,7 +55,7 @@ def test_each_draft_row_is_the_mask_after_the_drafts_before_it(compiler, backend
         right = len(tokens[start : start + 6])
         for i in range(right + 1):
             assert np.array_equal(rows[i], mask_after(compiler, tokens[: start + i], make)), (start, i)
-        if right == 6 and not allows(rows[right], wrong):  # a refused draft ends the masks: the row after it
+        if right == 6 and not allows(rows[right].view(np.uint32), wrong):  # a refused draft ends the masks: the row after it
             assert (rows[right + 1] == -1).all()                # is left all-allowed
         # the matcher is where it was: its number bound, and its masks through the rest of the text
         assert (matcher._numbers is not None) == bounded
