@@ -9,7 +9,8 @@ and they go back to the front of the queue, to be recomputed (mostly from the pr
 Waiting sequences are admitted in arrival order, except where their requests name users
 (OpenAI's `user`, Anthropic's `metadata.user_id`...): then by turns, the earliest sequence of the
 waiting user admitted least recently (one never admitted first), so a user's burst of requests does
-not hold back another user's request (requests naming no user take their turns as one user).
+not hold back another user's request (requests naming no user take their turns as one user). A
+preempted sequence had its turn: it resumes first, whoever waits.
 Sliding-window layers' blocks behind the window are released as sequences advance, and their own
 pool, where they have one, is checked like the main one (parley/engine/block_manager.py).
 Pure Python, no torch.
@@ -126,6 +127,8 @@ class Scheduler:
     def _next_turn(self) -> int:
         """The index in `waiting` of the next sequence to admit (see the module): ~85 us with 2,000
         waiting, a few times a step at most."""
+        if self.waiting[0].num_cached_tokens is not None:  # admitted before: preempted, it resumes first
+            return 0
         turn, least, seen = 0, None, set()
         for i, seq in enumerate(self.waiting):
             if seq.user not in seen:

@@ -72,6 +72,20 @@ def test_preemption_frees_the_newest_and_it_resumes_from_the_prefix_cache():
     assert new.num_computed_tokens == 9
 
 
+def test_a_preempted_sequence_resumes_before_other_users_waiting():
+    sched = make(num_blocks=4, block_size=4, prefill=64)
+    old, new = Sequence(list(range(1, 8)), user="a"), Sequence(list(range(20, 27)), user="b")  # 2 blocks each
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)
+    run_step(sched)
+    late = Sequence([40, 41, 42], user="c")  # never admitted: its user's turn would come first
+    sched.add(late)
+    assert run_step(sched).preempted == [new]
+    sched.finish(old)
+    assert [s.seq for s in run_step(sched).prefills] == [new, late]
+
+
 def test_siblings_share_prompt_blocks():
     sched = make(block_size=4, prefill=64)
     prompt = list(range(1, 11))  # 10 tokens: 2 full blocks + 2
