@@ -164,7 +164,7 @@ class FinalEvent:
     cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache already held
     inference_s: float = 0.0  # seconds between the first scheduled step and the end
     prediction_tokens: tuple[int, int] | None = None  # with a prediction used as drafts: its tokens kept, and
-    #                                                   verified and not kept (OpenAI's accepted/rejected_prediction_tokens)
+    #                                                   verified and not kept
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """Draft tokens, verified by the next step (runner._verify), from one of two sources.
 
-A predicted output (Mistral's `prediction`, OpenAI's predicted outputs) is a guess of the whole
+A predicted output (GenerationRequest.draft_text) is a guess of the whole
 answer. After each step we find where the output's last few tokens occur in the prediction (at or
 after where we last were) and propose what follows; when the output has left the prediction, an
 n-gram lookup finds where it rejoins.
 
-Without one, `--speculate N` (TGI's flag) looks the sequence's last tokens up in its own prompt and
+Without one, `--speculate N` looks the sequence's last tokens up in its own prompt and
 output (prompt lookup): answers that quote or repeat, as code edits, summaries and extraction do,
 continue as they did before.
 """

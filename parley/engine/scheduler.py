@@ -7,7 +7,7 @@ long prompt is split over several steps and never stalls the others (chunked pre
 When blocks run out, the most recently admitted sequences are preempted: their blocks are freed
 and they go back to the front of the queue, to be recomputed (mostly from the prefix cache).
 Waiting sequences are admitted in arrival order, except where their requests name users
-(OpenAI's `user`, Anthropic's `metadata.user_id`...): then by turns, the earliest sequence of the
+(GenerationRequest.user): then by turns, the earliest sequence of the
 waiting user admitted least recently (one never admitted first), so a user's burst of requests does
 not hold back another user's request (requests naming no user take their turns as one user). A
 preempted sequence had its turn: it resumes first, whoever waits.

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from parley.api.openai.schemas import USER_MAX_LENGTH, Citations
+from parley.api.openai.schemas import Citations, EndUser
 
 
 class Strict(BaseModel):
@@ -135,8 +135,7 @@ class CountTokensRequest(BaseModel):
 
 
 class Metadata(Strict):
-    user_id: str | None = Field(None, max_length=USER_MAX_LENGTH, description="the end user: waiting requests are "
-                                "admitted by turns among users")
+    user_id: EndUser | None = None
 
 
 class MessagesRequest(CountTokensRequest):

@@ -13,7 +13,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, Va
 
 Bias = Annotated[float, Field(ge=-100, le=100)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # a u64 as TGI's; torch's generators take 64 bits
-USER_MAX_LENGTH = 256  # an end user's id (OpenAI's `user`, Anthropic's `metadata.user_id`)
+# an end user's id (OpenAI's `user` and `safety_identifier`, Anthropic's `metadata.user_id`)
+EndUser = Annotated[str, Field(max_length=256, description="the end user: waiting requests are admitted by turns "
+                                                           "among users")]
 
 
 def _none_given(value: list | None) -> list | None:
@@ -99,9 +101,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | str | None = Field(
         None, description="text, json_object, json_schema, TGI's json/regex, Friendli's regex (see docs/API.md)")
-    user: str | None = Field(None, max_length=USER_MAX_LENGTH, description="the end user: waiting requests are "
-                             "admitted by turns among users")
-    safety_identifier: str | None = Field(None, max_length=USER_MAX_LENGTH, description="OpenAI's newer name for `user`")
+    user: EndUser | None = None
+    safety_identifier: EndUser | None = None  # OpenAI's newer name for `user`
 
 
 class ChatRequest(SamplingFields):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from parley.api.openai.schemas import USER_MAX_LENGTH, Citations
+from parley.api.openai.schemas import Citations, EndUser
 
 
 class Strict(BaseModel):
@@ -193,6 +193,5 @@ class ResponsesRequest(BaseModel):
     text: TextConfig | None = None
     stream: bool | None = False
     store: bool | None = True
-    user: str | None = Field(None, max_length=USER_MAX_LENGTH, description="the end user: waiting requests are "
-                             "admitted by turns among users")
-    safety_identifier: str | None = Field(None, max_length=USER_MAX_LENGTH, description="OpenAI's newer name for `user`")
+    user: EndUser | None = None
+    safety_identifier: EndUser | None = None  # OpenAI's newer name for `user`
