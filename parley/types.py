@@ -105,6 +105,27 @@ class Reasoning:
     max_answer_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Infill:
+    """A model that fills in the middle (tokenization/infill.py): its three markers, as text and as
+    token ids, and the tokens that end the middle besides its end-of-sequence token."""
+
+    prefix: str
+    suffix: str
+    middle: str
+    prefix_id: int
+    suffix_id: int
+    middle_id: int
+    end_ids: list[int]
+
+    def text(self, before: str, after: str) -> str:
+        """The prompt, markers as text (the tokenizer reads them as their tokens)."""
+        return f"{self.prefix}{before}{self.suffix}{after}{self.middle}"
+
+    def ids(self, before: list[int], after: list[int]) -> list[int]:
+        return [self.prefix_id, *before, self.suffix_id, *after, self.middle_id]
+
+
 @dataclass
 class GenerationRequest:
     prompt: str | list[int]  # text, or token ids already encoded
@@ -197,6 +218,7 @@ class EngineInfo:
     template_variables: frozenset[str]  # the variables the chat template reads
     reasoning: Reasoning | None  # the model's thinking markers (phase and budget unset); None: it does not think
     tool_format: object  # how the model writes tool calls: a parley.tools.ToolFormat (types imports no higher layer)
+    infill: Infill | None = None  # its fill-in-the-middle markers; None: it does not fill in the middle
 
 
 @dataclass

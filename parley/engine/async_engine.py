@@ -42,6 +42,7 @@ from parley.models.loader import default_model_path, load_model
 from parley.sampling.sampler import Sampler
 from parley.structured import GrammarCompiler
 from parley.tokenization.chat_template import ChatTemplate
+from parley.tokenization.infill import find_infill
 from parley.tokenization.reasoning import find_reasoning
 from parley.tokenization.tokenizer import load_tokenizer
 from parley.tools.format import model_format
@@ -94,7 +95,7 @@ class AsyncEngine:
             config.max_concurrent_requests, config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens,
             config.waiting_served_ratio, config.max_waiting_tokens, tokenizer.chat_template,
             frozenset(chat_template.variables), find_reasoning(tokenizer),
-            model_format(chat_template, tokenizer.chat_template, self._special_token_id))
+            model_format(chat_template, tokenizer.chat_template, self._special_token_id), find_infill(tokenizer))
         self.adapters: LoRARegistry = core.adapters
         self._adapter_requests: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
