@@ -32,6 +32,8 @@ THINKING_TEMPLATE = (
     "{% elif not free_thinking %}{{ '<think>\n' }}{% endif %}{% endif %}"
 )
 THINK_TOKENS = ["<think>", "</think>"]  # added, not special, as in Qwen3's and DeepSeek-R1's tokenizers
+# Qwen2.5-Coder's fill-in-the-middle markers and two of the tokens that end a middle (special, as there)
+INFILL_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>")
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -275,9 +275,10 @@ def response_shape(shape, http: Request):
     return shape
 
 
-def mistral_model_card(max_context_length: int) -> dict:
+def mistral_model_card(max_context_length: int, fills_in_middle: bool) -> dict:
     """What Mistral's `models.list()` needs besides OpenAI's model object (its BaseModelCard)."""
-    return {"type": "base", "capabilities": {"completion_chat": True, "function_calling": True},
+    return {"type": "base", "capabilities": {"completion_chat": True, "function_calling": True,
+                                             "completion_fim": fills_in_middle},
             "max_context_length": max_context_length}
 
 

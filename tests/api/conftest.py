@@ -7,6 +7,8 @@
   `lenient_fake_server` the same with `--unknown-fields ignore`.
 - `thinker`: a tiny random model whose template thinks (tiny_model.THINKING_TEMPLATE), served as
   "thinker": everything it writes is thinking until a budget forces "</think>".
+- `infiller`: a tiny random Qwen2 whose vocabulary has Qwen2.5-Coder's fill-in-the-middle tokens
+  (INFILL_TOKENS), served as "coder".
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from server import API_KEY, CLIENT_TIMEOUT_S, CORS_ORIGIN, ServerProcess, start_default_server
-from tiny_model import make_tiny_model
+from tiny_model import INFILL_TOKENS, make_tiny_model
 
 HERE = Path(__file__).parent
 
@@ -56,12 +58,24 @@ def lenient_fake_server(tmp_path_factory):
     proc.stop()
 
 
+def tiny_server(tmp_path_factory, name: str, *args, **kwargs) -> ServerProcess:
+    """A started server on make_tiny_model(*args, **kwargs), in float32, served as `name`."""
+    model = make_tiny_model(tmp_path_factory.mktemp(name), *args, **kwargs)
+    return ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
+                          "--num-threads", "1", "--max-batch-total-tokens", "4096", "--served-model-name", name],
+                         tmp_path_factory.mktemp(f"{name}_server") / "server.log").start()
+
+
 @pytest.fixture(scope="session")
 def thinker(tmp_path_factory):
-    model = make_tiny_model(tmp_path_factory.mktemp("thinker"), seed=3, thinking=True)
-    proc = ServerProcess([sys.executable, "-m", "parley", "serve", "--model-id", model, "--dtype", "float32",
-                          "--num-threads", "1", "--max-batch-total-tokens", "4096", "--served-model-name", "thinker"],
-                         tmp_path_factory.mktemp("thinker_server") / "server.log").start()
+    proc = tiny_server(tmp_path_factory, "thinker", seed=3, thinking=True)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def infiller(tmp_path_factory):
+    proc = tiny_server(tmp_path_factory, "coder", "qwen2", seed=5, special_tokens=INFILL_TOKENS)
     yield proc
     proc.stop()
 

@@ -290,9 +290,3 @@ def test_completions_default_to_32_tokens_as_tgis_spec_says(http):
     r = http.post("/v1/completions", json={"model": "m", "prompt": "Once upon a time", "min_tokens": 32})
     choice, usage = r.json()["choices"][0], r.json()["usage"]
     assert (choice["finish_reason"], usage["completion_tokens"]) == ("length", 32), r.text
-
-
-def test_completions_refuse_a_suffix_the_model_has_no_template_for(http):
-    # TGI fills in the middle only with a model's completion template; the default model has none
-    r = http.post("/v1/completions", json={"model": "m", "prompt": "def f(", "suffix": "return x", "max_tokens": 4})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "suffix", r.text

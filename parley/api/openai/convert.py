@@ -88,15 +88,35 @@ async def completion_requests(body: CompletionRequest, engine: Engine,
     require(len(prompts) <= max_client_batch_size,
             f"Input validation error: `prompt` holds {len(prompts)} prompts; at most {max_client_batch_size} "
             "are allowed (max_client_batch_size)", "prompt")
-    require(body.suffix is None, "Input validation error: `suffix` is not supported by this model", "suffix")
     require(not (body.echo and body.stream), "Input validation error: `echo` is not supported with `stream`", "echo")
     require(not (body.echo and (body.n or 1) > 1), "Input validation error: `echo` takes one choice a prompt (`n`: 1)",
             "echo")
-    requests = [await generation_request(body, p, engine, add_special_tokens=True, top_n_tokens=body.logprobs or 0,
-                                         default_max_tokens=COMPLETION_MAX_TOKENS) for p in prompts]
+    require(not (body.echo and body.suffix is not None), "Input validation error: `echo` is not supported with "
+            "`suffix`", "echo")
+    requests = [await completion_request(body, p, engine, body.suffix, top_n_tokens=body.logprobs or 0) for p in prompts]
     for request in requests:  # the prompt's tokens come back with the answer: their logprobs computed
         request.decoder_input_details = request.prompt_top_tokens = bool(body.echo)
     return requests
+
+
+async def completion_request(body: SamplingFields, prompt: str | list[int], engine: Engine, suffix: str | None, *,
+                             top_n_tokens: int = 0,
+                             default_max_tokens: int | None = COMPLETION_MAX_TOKENS) -> GenerationRequest:
+    """A completion of `prompt`, or with a `suffix` what goes between the two, for a model that fills
+    in the middle (tokenization/infill.py): the prompt arranged around the gap with its markers, and
+    the middle ended by the tokens that end it. `default_max_tokens` as generation_request's."""
+    infill = engine.info.infill
+    if suffix is not None:
+        require(infill is not None, "Input validation error: `suffix` needs a model that fills in the middle; this "
+                "one's vocabulary has no fill-in-the-middle markers (such as <|fim_prefix|> or <fim_prefix>)",
+                "suffix")
+        prompt = infill.text(prompt, suffix) if isinstance(prompt, str) else infill.ids(
+            prompt, await engine.tokenize(suffix, add_special_tokens=False))
+    request = await generation_request(body, prompt, engine, add_special_tokens=True, top_n_tokens=top_n_tokens,
+                                       default_max_tokens=default_max_tokens)
+    if suffix is not None:
+        request.stopping.extra_eos_token_ids += infill.end_ids
+    return request
 
 
 def echo_texts(body: CompletionRequest) -> list[str | None] | None:

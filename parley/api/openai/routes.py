@@ -1,4 +1,5 @@
-"""OpenAI-style routes: chat completions (under every prefix an SDK uses), completions, models."""
+"""OpenAI-style routes: chat completions (under every prefix an SDK uses), completions, Mistral's
+fill-in-the-middle, models."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from parley.api.jsonio import JSONBody
 from parley.api.lora_routes import adapter_cards
 from parley.api.openai import convert, reasoning, responses
 from parley.api.openai.responses import ChatShape, CompletionShape, Envelope, Shape
-from parley.api.openai.schemas import CompletionRequest, SamplingFields
+from parley.api.openai.schemas import CompletionRequest, InfillRequest, SamplingFields
 from parley.api.openai.tool_calls import ToolChatShape, ToolPlan
 from parley.api.serving import STREAMING_RESPONSES, GenerationRoute, respond
 from parley.api.state import server_of
@@ -71,6 +72,19 @@ async def completions(body: CompletionRequest, http: Request) -> Response:
         return await _respond(http, body, requests, shape)
 
 
+async def fill_in_middle(body: InfillRequest, http: Request) -> Response:
+    """Mistral's `client.fim.complete` and `.stream`: a completion (of the gap, with a suffix),
+    answered as chat answers."""
+    server = server_of(http)
+    refuse_unknown_fields(body, 400, server.config.unknown_fields == "refuse")
+    dialects.check_model(http, body.model)
+    engine = server.ready_engine()
+    with fields_named(dialects.engine_names(body, prompt="prompt")):
+        request = await convert.completion_request(body, body.prompt, engine, body.suffix, default_max_tokens=None)
+        return await _respond(http, body, [request], ChatShape(engine.token_bytes, logprobs=False))
+
+
+router.add_api_route("/v1/fim/completions", fill_in_middle, methods=["POST"], summary="Fill in the middle (Mistral)")
 for path, dialect in CHAT_PATHS.items():
     router.add_api_route(path, chat_completions, methods=["POST"], summary="Chat completion (OpenAI)",
                          include_in_schema=path == "/v1/chat/completions",
@@ -85,8 +99,8 @@ models_router = APIRouter(tags=["OpenAI"], route_class=speaking(APIRoute, OPENAI
 @models_router.get("/v1/models", summary="The served model (each of its names) and its LoRA adapters")
 async def list_models(http: Request) -> Response:
     server = server_of(http)
-    max_context_length = server.ready_engine().info.max_total_tokens
+    info = server.ready_engine().info
     base = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "parley",
-            **dialects.mistral_model_card(max_context_length)}
+            **dialects.mistral_model_card(info.max_total_tokens, info.infill is not None)}
     aliases = [{**base, "id": name} for name in server.model_names[1:]]
     return JSONBody({"object": "list", "data": [base, *aliases, *adapter_cards(server.ready_engine(), base)]})

@@ -124,5 +124,17 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20, description="how many alternatives to report per token")
     echo: bool | None = Field(None, description="the prompt before the completion in `text`, and with `logprobs` "
                                                 "its tokens' logprobs and alternatives first (the first token's null)")
-    suffix: str | None = None
+    suffix: str | None = Field(None, description="the text after the gap: the model writes what goes between "
+                               "`prompt` and it (a model that fills in the middle only; docs/API.md)")
     seed: Seed | list[Seed] | None = Field(None, description="Friendli: a list gives one seed per choice")
+
+
+class InfillRequest(SamplingFields):
+    """Mistral's fill-in-the-middle (`client.fim.complete`): the completion of `prompt`, or with
+    `suffix` what goes between the two; answered in chat's shape."""
+
+    model_config = ConfigDict(extra="allow")  # kept only to be refused by name (errors.refuse_unknown_fields)
+
+    prompt: str
+    suffix: str | None = None
+    random_seed: Seed | None = Field(None, description="Mistral's seed")
