@@ -44,6 +44,7 @@ class StoppingCriteria:
     min_new_tokens: int = 0  # EOS and stop tokens are masked until this many tokens exist
     stop_sequences: list[str] = field(default_factory=list)
     extra_eos_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # the model's end-of-sequence tokens do not end it (they are generated as any token)
 
 
 @dataclass(frozen=True)

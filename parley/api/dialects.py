@@ -15,6 +15,9 @@ Which rules apply where:
 - Mistral's and Friendli's own fields (random_seed, safe_prompt, prediction, eos_token, seed lists,
   timeout_microseconds...) have names no other dialect gives another meaning, so every chat route
   honors them.
+- vLLM's fields (structured_outputs and its older guided_*, ignore_eos, stop_token_ids), which its
+  users send through the openai SDK's extra_body, are taken on every chat and completions route
+  (openai/schemas.py's SamplingFields; the grammars in openai/response_format.py).
 - Friendli (/dedicated/v1/...): `model` is "ENDPOINT_ID[:ADAPTER_ROUTE]". The adapter part selects
   the LoRA adapter; the endpoint id is not checked and alone means the base model. The
   `X-Friendli-Team` header is accepted and ignored (one server, one team). Every choice returns
@@ -52,6 +55,7 @@ from pydantic import ValidationError as SchemaError
 
 from parley.api.errors import (ANTHROPIC_ERRORS, OPENAI_ERRORS, TGI_ERRORS, ApiError, ErrorForm, refuse_unknown_fields,
                                require, validation_error)
+from parley.api.openai.response_format import grammar_field
 from parley.api.openai.schemas import ChatMessage, ChatRequest, ContentPart, Seed
 from parley.api.state import server_of
 from parley.types import FinalEvent, FinishReason, GenerationRequest
@@ -167,6 +171,8 @@ FIELDS: tuple[FieldMapping, ...] = (
     FieldMapping("adapter_id",            "adapter_id",                   "tgi; friendli's model suffix"),
     FieldMapping("user",                  "user",                         "openai; anthropic's metadata.user_id"),
     FieldMapping("safety_identifier",     "user",                         "openai (newer spelling)"),
+    FieldMapping("stop_token_ids",        "stopping.extra_eos_token_ids", "vllm",                 list),
+    FieldMapping("ignore_eos",            "stopping.ignore_eos",          "vllm"),
 )
 
 
@@ -182,7 +188,7 @@ def engine_names(body: BaseModel, translated: dict[str, str] | None = None, *, t
     is the `tools`' when there are tools); then the route's own. `translated`: for a chat body made
     from another API's request, its `wire_names` (`translated_chat_body`), which take the names on
     to that API's."""
-    names = {**CHAT_NAMES, "grammar": "tools"} if tools else dict(CHAT_NAMES)
+    names = {**CHAT_NAMES, "grammar": "tools" if tools else grammar_field(body)}
     for row in FIELDS:
         names.setdefault(row.internal.rpartition(".")[2], wire_name(body, row.internal) or row.wire)
     names.update(route_names)

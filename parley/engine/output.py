@@ -125,7 +125,8 @@ class OutputProcessor:
             req.waiting_siblings = []
 
         reason = None
-        is_eos = token_id in self.model_eos_ids or token_id in stopping.extra_eos_token_ids
+        is_eos = token_id in stopping.extra_eos_token_ids or (
+            token_id in self.model_eos_ids and not stopping.ignore_eos)
         if is_eos:
             reason = FinishReason.EOS_TOKEN
         elif state.detokenizer.stopped:

@@ -9,7 +9,7 @@ from parley.api.budget import room_for_output
 from parley.api.errors import require, validation_error
 from parley.api.openai import reasoning
 from parley.api.openai.schemas import ChatMessage, ChatRequest, CompletionRequest, SamplingFields
-from parley.api.openai.response_format import response_grammar
+from parley.api.openai.response_format import body_grammar
 from parley.api.openai.tool_calls import ToolPlan, template_inputs
 from parley.tokenization.reasoning import ANSWER, MAYBE, prompt_phase
 from parley.types import Engine, GenerationRequest, SamplingParams, StoppingCriteria
@@ -45,7 +45,7 @@ async def generation_request(body: SamplingFields, prompt: str | list[int], engi
             stop_sequences=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         ),
         n=body.n or 1,
-        grammar=response_grammar(body.response_format),
+        grammar=body_grammar(body),
         adapter_id=adapter_for_model(engine, body.model),  # a body's own adapter_id (dialects) wins
     )
     # seeds, output budget, top_k... : every vendor's spelling, through the one table

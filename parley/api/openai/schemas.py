@@ -77,6 +77,17 @@ class ChatMessage(BaseModel):
                                 "model continue it (the answer holds only the continuation)")
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of these (response_format.py)."""
+
+    model_config = ConfigDict(extra="forbid")  # whitespace_pattern, structural_tag...: a 422 naming them
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json", description="JSON valid against this schema")
+    regex: str | None = Field(None, description="text fully matching this pattern")
+    choice: list[str] | None = Field(None, min_length=1, description="exactly one of these strings")
+    grammar: str | None = Field(None, description="text of this grammar, in Lark's syntax as llguidance reads it")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+
+
 class SamplingFields(BaseModel):
     """What chat and completions share: the output budget, sampling and stopping."""
 
@@ -103,6 +114,16 @@ class SamplingFields(BaseModel):
         None, description="text, json_object, json_schema, TGI's json/regex, Friendli's regex (see docs/API.md)")
     user: EndUser | None = None
     safety_identifier: EndUser | None = None  # OpenAI's newer name for `user`
+    # vLLM's own fields, as its users send them through the openai SDK's extra_body (docs/API.md)
+    ignore_eos: bool | None = Field(None, description="vLLM: the model's end-of-sequence token does not end the "
+                                    "answer (it is generated as any token)")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="vLLM: tokens that end "
+                                                                     "the answer")
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older structured_outputs.json")
+    guided_regex: str | None = Field(None, description="vLLM's older structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="vLLM's older structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="vLLM's older structured_outputs.grammar")
 
 
 class ChatRequest(SamplingFields):

@@ -23,7 +23,7 @@ from typing import Any
 
 from parley.api.errors import require, validation_error
 from parley.api.openai.responses import ChatShape
-from parley.api.openai.response_format import response_grammar
+from parley.api.openai.response_format import body_grammar, grammar_field
 from parley.tokenization.chat_template import reads_tools
 from parley.tools import (
     StreamEvent,
@@ -72,8 +72,8 @@ class ToolPlan:
         # calls after the ones the model meant to make.
         require(not body.min_tokens, "Input validation error: `min_tokens` cannot be used with `tools`",
                 "min_tokens")
-        response_format = sent_as("response_format")
-        require(response_grammar(body.response_format) is None,
+        response_format = sent_as(grammar_field(body))
+        require(body_grammar(body) is None,
                 f"Input validation error: `{response_format}` and `tools` cannot be combined: drop one, or set "
                 '`tool_choice` to "none"', response_format)
         fmt = DEFAULT_FORMAT if engine is None else engine.info.tool_format
