@@ -144,6 +144,7 @@ class GenerationRequest:
     draft_text: str | None = None  # predicted output, verified as speculative draft tokens
     reasoning: Reasoning | None = None  # the model thinks first (see Reasoning)
     user: str | None = None  # whom it is for: waiting requests are admitted by turns among users (scheduler.py)
+    cache_salt: str | None = None  # requests share cached prompt blocks only with requests of the same salt
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -238,6 +238,8 @@ class AsyncEngine:
         if adapter is not None:
             prepared.lora_id, prepared.cache_salt = adapter.lora_id, adapter.cache_salt
             self._adapter_requests[adapter.name] += 1
+        if request.cache_salt is not None:  # a namespace of its own within the adapter's (or the base model's)
+            prepared.cache_salt = hash((prepared.cache_salt, "salt", request.cache_salt))
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.core.submit(prepared, Sink(loop, events.put_nowait))

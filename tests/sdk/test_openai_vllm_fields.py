@@ -1,10 +1,12 @@
 """vLLM's own fields, as its users send them through the openai SDK's `extra_body`: structured_outputs
-(and the guided_* fields before it), ignore_eos, stop_token_ids (response_format.py, dialects.FIELDS)."""
+(and the guided_* fields before it), ignore_eos, stop_token_ids,
+cache_salt (response_format.py, dialects.FIELDS)."""
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import openai
 import pytest
@@ -120,3 +122,18 @@ def test_stop_token_ids_end_the_answer(client):
     # as vLLM's: the answer ends at the token, which is in its text (it is not a special token)
     assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 1)
     assert stopped.choices[0].message.content == ","
+
+
+def test_cache_salt_keeps_prompts_apart_in_the_prefix_cache(client):
+    messages = [{"role": "user", "content": f"{uuid.uuid4().hex} " + "word " * 100}]  # cached by no earlier test
+
+    def cached(**extra_body) -> int:
+        usage = client.chat.completions.create(model="m", messages=messages, max_tokens=1,
+                                               extra_body=extra_body).usage
+        return usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+
+    assert cached(cache_salt="tenant a") == 0
+    assert cached(cache_salt="tenant a") >= 96  # its own earlier prompt
+    assert cached(cache_salt="tenant b") == 0  # another salt does not see it
+    assert cached() == 0  # nor does no salt
+    assert cached() >= 96

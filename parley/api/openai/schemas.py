@@ -120,6 +120,9 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="vLLM: tokens that end "
                                                                      "the answer")
     structured_outputs: StructuredOutputs | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description="vLLM: prompts share the prefix "
+                                   "cache only with requests of the same salt (so that one tenant cannot time "
+                                   "another's prompts)")
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older structured_outputs.json")
     guided_regex: str | None = Field(None, description="vLLM's older structured_outputs.regex")
     guided_choice: list[str] | None = Field(None, min_length=1, description="vLLM's older structured_outputs.choice")
