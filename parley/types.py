@@ -45,6 +45,7 @@ class StoppingCriteria:
     stop_sequences: list[str] = field(default_factory=list)
     extra_eos_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # the model's end-of-sequence tokens do not end it (they are generated as any token)
+    keep_stop: bool = False  # the stop sequence or token that ended it stays in its text
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,11 @@ class OutputProcessor:
         answers = state.thinking is None or state.thinking.advance(token_id)
         if answers and state.matcher is not None and not state.matcher.accept(token_id):
             raise GenerationError(f"token {token_id} rejected by the grammar: {state.matcher.error}")
-        text = state.detokenizer.add(token_id)
+        is_eos = token_id in stopping.extra_eos_token_ids or (
+            token_id in self.model_eos_ids and not stopping.ignore_eos)
+        # the token that ends the sequence is not in its text (unless asked): as vLLM's, whose users
+        # send non-special stop_token_ids (special ones, EOS as a rule, write no text anyway)
+        text = "" if is_eos and not stopping.keep_stop else state.detokenizer.add(token_id)
 
         if req.waiting_siblings and seq is req.sequences[0]:
             for sibling in req.waiting_siblings:  # the prompt is cached now: siblings reuse its blocks
@@ -125,8 +129,6 @@ class OutputProcessor:
             req.waiting_siblings = []
 
         reason = None
-        is_eos = token_id in stopping.extra_eos_token_ids or (
-            token_id in self.model_eos_ids and not stopping.ignore_eos)
         if is_eos:
             reason = FinishReason.EOS_TOKEN
         elif state.detokenizer.stopped:

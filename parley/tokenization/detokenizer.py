@@ -25,10 +25,13 @@ class IncrementalDetokenizer:
         stop_sequences: list[str],
         skip_special_tokens: bool = True,
         prompt_tail_ids: Iterable[int] = (),
+        keep_stop: bool = False,
     ):
+        """`keep_stop`: the stop sequence that ends the text stays in it."""
         self._decode = tokenizer.decode
         self._skip_special_tokens = skip_special_tokens
         self._stops = [s for s in stop_sequences if s]
+        self._keep_stop = keep_stop
         self._longest_stop = max(map(len, self._stops), default=0)
         # The prompt's last ids give the first generated token its context (e.g. its leading space).
         self._ids = list(prompt_tail_ids)
@@ -78,7 +81,7 @@ class IncrementalDetokenizer:
         if found:
             start, self.stop_sequence = min(found, key=lambda hit: hit[0])
             self.stopped = True
-            out, self._held = pending[:start], ""
+            out, self._held = pending[: start + (len(self.stop_sequence) if self._keep_stop else 0)], ""
         else:
             keep = 0 if final else self._stop_prefix_length(pending)
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]

@@ -119,13 +119,29 @@ def test_stop_token_ids_end_the_answer(client):
     assert (plain.choices[0].finish_reason, plain.usage.completion_tokens) == ("length", 3)
     stopped = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3,
                                              extra_body={**force, "stop_token_ids": [28]})
-    # as vLLM's: the answer ends at the token, which is in its text (it is not a special token)
+    # as vLLM's: the answer ends at the token, which is not in its text unless include_stop_str_in_output
     assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 1)
-    assert stopped.choices[0].message.content == ","
+    assert stopped.choices[0].message.content == ""
+    kept = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3, extra_body={
+        **force, "stop_token_ids": [28], "include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == ","
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_include_stop_str_in_output_keeps_the_stop_string(client, stream):
+    def answer(**extra_body) -> str:
+        r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=30, temperature=0,
+                                           stop=["sun"], stream=stream, extra_body=extra_body)
+        if not stream:
+            return r.choices[0].message.content
+        return "".join(chunk.choices[0].delta.content or "" for chunk in r if chunk.choices)
+    plain, kept = answer(), answer(include_stop_str_in_output=True)
+    assert "sun" not in plain and kept == plain + "sun", (plain, kept)
 
 
 def test_cache_salt_keeps_prompts_apart_in_the_prefix_cache(client):
-    messages = [{"role": "user", "content": f"{uuid.uuid4().hex} " + "word " * 100}]  # cached by no earlier test
+    # from its first block on, a prompt no earlier test cached (the template writes the system message first)
+    messages = [{"role": "system", "content": uuid.uuid4().hex}, {"role": "user", "content": "word " * 100}]
 
     def cached(**extra_body) -> int:
         usage = client.chat.completions.create(model="m", messages=messages, max_tokens=1,

@@ -119,6 +119,8 @@ class SamplingFields(BaseModel):
                                     "answer (it is generated as any token)")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="vLLM: tokens that end "
                                                                      "the answer")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM: the stop string or stop token that "
+                                                    "ended the answer stays in its text")
     structured_outputs: StructuredOutputs | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description="vLLM: prompts share the prefix "
                                    "cache only with requests of the same salt (so that one tenant cannot time "
