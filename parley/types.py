@@ -146,6 +146,7 @@ class GenerationRequest:
     reasoning: Reasoning | None = None  # the model thinks first (see Reasoning)
     user: str | None = None  # whom it is for: waiting requests are admitted by turns among users (scheduler.py)
     cache_salt: str | None = None  # requests share cached prompt blocks only with requests of the same salt
+    skip_special_tokens: bool = True  # False: special tokens write their text into the output
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -207,8 +207,8 @@ class EngineCore:
                 generator = torch.Generator(device=self.runner.device)
                 generator.manual_seed(seed)
             state = SequenceState(
-                IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, prompt_tail_ids=tail,
-                                       keep_stop=request.stopping.keep_stop),
+                IncrementalDetokenizer(self.tokenizer, request.stopping.stop_sequences, request.skip_special_tokens,
+                                       prompt_tail_ids=tail, keep_stop=request.stopping.keep_stop),
                 generator, seed, prepared.matchers[index] if prepared.matchers else None,
                 thinking=ThinkingState.start(request.reasoning) if request.reasoning else None)
             if (prepared.draft_ids or self.speculate) and verifies_exactly(request, state):

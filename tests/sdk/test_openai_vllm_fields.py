@@ -1,6 +1,6 @@
 """vLLM's own fields, as its users send them through the openai SDK's `extra_body`: structured_outputs
-(and the guided_* fields before it), ignore_eos, stop_token_ids,
-cache_salt (response_format.py, dialects.FIELDS)."""
+(and the guided_* fields before it), ignore_eos, stop_token_ids, include_stop_str_in_output,
+skip_special_tokens, cache_salt (response_format.py, dialects.FIELDS)."""
 
 from __future__ import annotations
 
@@ -153,3 +153,13 @@ def test_cache_salt_keeps_prompts_apart_in_the_prefix_cache(client):
     assert cached(cache_salt="tenant b") == 0  # another salt does not see it
     assert cached() == 0  # nor does no salt
     assert cached() >= 96
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_skip_special_tokens_false_writes_them(client, stream):
+    def answer(**extra_body) -> str:
+        r = client.completions.create(model="m", prompt="Hello", max_tokens=2, stream=stream,
+                                      extra_body={"logit_bias": {"1": 100}, **extra_body})  # <|im_start|>, special
+        return "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+    assert answer() == ""
+    assert answer(skip_special_tokens=False) == "<|im_start|><|im_start|>"

@@ -121,6 +121,8 @@ class SamplingFields(BaseModel):
                                                                      "the answer")
     include_stop_str_in_output: bool | None = Field(None, description="vLLM: the stop string or stop token that "
                                                     "ended the answer stays in its text")
+    skip_special_tokens: bool | None = Field(None, description="vLLM: false writes special tokens' text into the "
+                                             "answer (default true)")
     structured_outputs: StructuredOutputs | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description="vLLM: prompts share the prefix "
                                    "cache only with requests of the same salt (so that one tenant cannot time "
