@@ -118,7 +118,7 @@ class Infill:
     prefix_id: int
     suffix_id: int
     middle_id: int
-    end_ids: list[int]
+    end_ids: tuple[int, ...]
 
     def text(self, before: str, after: str) -> str:
         """The prompt, markers as text (the tokenizer reads them as their tokens)."""

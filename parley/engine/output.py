@@ -119,8 +119,8 @@ class OutputProcessor:
             raise GenerationError(f"token {token_id} rejected by the grammar: {state.matcher.error}")
         is_eos = token_id in stopping.extra_eos_token_ids or (
             token_id in self.model_eos_ids and not stopping.ignore_eos)
-        # the token that ends the sequence is not in its text (unless asked): as vLLM's, whose users
-        # send non-special stop_token_ids (special ones, EOS as a rule, write no text anyway)
+        # the token that ends the sequence writes no text unless the request keeps it: a stop token
+        # need not be a special one (special ones, the model's EOS as a rule, write none anyway)
         text = "" if is_eos and not stopping.keep_stop else state.detokenizer.add(token_id)
 
         if req.waiting_siblings and seq is req.sequences[0]:

@@ -33,5 +33,5 @@ def find_infill(tokenizer) -> Infill | None:
         ids = [vocabulary(marker) for marker in markers]
         if None not in ids:
             ends = [i for i in (vocabulary(end) for end in ENDS) if i is not None]
-            return Infill(*markers, *ids, end_ids=sorted(set(ends + ids)))
+            return Infill(*markers, *ids, end_ids=tuple(sorted(set(ends + ids))))
     return None
