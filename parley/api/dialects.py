@@ -16,9 +16,9 @@ Which rules apply where:
   timeout_microseconds...) have names no other dialect gives another meaning, so every chat route
   honors them.
 - vLLM's fields (structured_outputs and its older guided_*, ignore_eos, stop_token_ids,
-  include_stop_str_in_output, skip_special_tokens, cache_salt), which its users send through the
-  openai SDK's extra_body, are taken on every chat and completions route (openai/schemas.py's
-  SamplingFields; the grammars in openai/response_format.py).
+  include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, cache_salt), which its
+  users send through the openai SDK's extra_body, are taken on every chat and completions route
+  (openai/schemas.py's SamplingFields; the grammars in openai/response_format.py).
 - Friendli (/dedicated/v1/...): `model` is "ENDPOINT_ID[:ADAPTER_ROUTE]". The adapter part selects
   the LoRA adapter; the endpoint id is not checked and alone means the base model. The
   `X-Friendli-Team` header is accepted and ignored (one server, one team). Every choice returns
@@ -177,6 +177,7 @@ FIELDS: tuple[FieldMapping, ...] = (
     FieldMapping("cache_salt",            "cache_salt",                   "vllm"),
     FieldMapping("include_stop_str_in_output", "stopping.keep_stop",      "vllm"),
     FieldMapping("skip_special_tokens",   "skip_special_tokens",          "vllm"),
+    FieldMapping("truncate_prompt_tokens", "truncate",                    "vllm"),
 )
 
 

@@ -1,6 +1,6 @@
 """vLLM's own fields, as its users send them through the openai SDK's `extra_body`: structured_outputs
 (and the guided_* fields before it), ignore_eos, stop_token_ids, include_stop_str_in_output,
-skip_special_tokens, cache_salt (response_format.py, dialects.FIELDS)."""
+skip_special_tokens, truncate_prompt_tokens, cache_salt (response_format.py, dialects.FIELDS)."""
 
 from __future__ import annotations
 
@@ -163,3 +163,20 @@ def test_skip_special_tokens_false_writes_them(client, stream):
         return "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
     assert answer() == ""
     assert answer(skip_special_tokens=False) == "<|im_start|><|im_start|>"
+
+
+def test_truncate_prompt_tokens_reads_the_prompts_last_tokens(client):
+    """A prompt past the server's --max-total-tokens (2,048, tests/server.py) is read by its end."""
+    long = [100 + i % 500 for i in range(3000)]  # token ids, so that its end is known exactly
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="m", prompt=long, max_tokens=1)
+    r = client.completions.create(model="m", prompt=long, max_tokens=4, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": 8})
+    end = client.completions.create(model="m", prompt=long[-8:], max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == 8 and r.choices[0].text == end.choices[0].text
+    start = client.completions.create(model="m", prompt=long[:8], max_tokens=4, temperature=0)
+    assert start.choices[0].text != end.choices[0].text  # the two ends answer apart: which one was read shows
+    # the default output budget is what the context leaves after the truncated prompt (completions: 32 at most)
+    budget = client.completions.create(model="m", prompt=long,
+                                       extra_body={"truncate_prompt_tokens": 8, "min_tokens": 32})
+    assert budget.usage.completion_tokens == 32

@@ -52,7 +52,7 @@ async def generation_request(body: SamplingFields, prompt: str | list[int], engi
     given = dialects.apply(body, request)
     request.prompt = await engine.tokenize(prompt, add_special_tokens) if isinstance(prompt, str) else prompt
     if "stopping.max_new_tokens" not in given:
-        room = room_for_output(engine.info, len(request.prompt))
+        room = room_for_output(engine.info, len(request.prompt), request.truncate)
         request.stopping.max_new_tokens = min(room, default_max_tokens or room)
     return request
 

@@ -123,6 +123,8 @@ class SamplingFields(BaseModel):
                                                     "ended the answer stays in its text")
     skip_special_tokens: bool | None = Field(None, description="vLLM: false writes special tokens' text into the "
                                              "answer (default true)")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM: only the prompt's last this many "
+                                               "tokens are read (TGI's truncate)")
     structured_outputs: StructuredOutputs | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description="vLLM: prompts share the prefix "
                                    "cache only with requests of the same salt (so that one tenant cannot time "
