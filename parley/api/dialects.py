@@ -183,14 +183,14 @@ FIELDS: tuple[FieldMapping, ...] = (
 
 # What the engine's errors call a field (its GenerationRequest name, engine/validation.py) where every
 # chat body spells it alike; the fields vendors spell their own way are named through FIELDS.
-CHAT_NAMES = {"prompt": "messages", "stop_sequences": "stop", "top_n_tokens": "top_logprobs", "grammar": "response_format"}
+CHAT_NAMES = {"prompt": "messages", "stop_sequences": "stop", "top_n_tokens": "top_logprobs"}
 
 
 def engine_names(body: BaseModel, translated: dict[str, str] | None = None, *, tools: bool = False,
                  **route_names: str) -> dict[str, str]:
     """The engine's field names -> `body`'s, for the engine's errors (errors.fields_named): through
-    FIELDS, the wire field `body` gave (when it gave none, the first row's); CHAT_NAMES (a grammar
-    is the `tools`' when there are tools); then the route's own. `translated`: for a chat body made
+    FIELDS, the wire field `body` gave (when it gave none, the first row's); CHAT_NAMES; the grammar
+    as the field that gave it (response_format.grammar_field), or `tools`; then the route's own. `translated`: for a chat body made
     from another API's request, its `wire_names` (`translated_chat_body`), which take the names on
     to that API's."""
     names = {**CHAT_NAMES, "grammar": "tools" if tools else grammar_field(body)}
